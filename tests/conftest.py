@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models built from configs (no download), one per supported family."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import methods  # noqa: E402,F401  (registers the built-in methods)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A small config of the given family: 2 blocks, hidden 64, GQA where the family has it."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, max_position_embeddings=512)
+    per_family = {
+        "llama": dict(intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        "qwen2": dict(intermediate_size=160, num_attention_heads=4, num_key_value_heads=2),
+        "gemma3_text": dict(intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
+        "opt": dict(ffn_dim=160, num_attention_heads=4, word_embed_proj_dim=64, enable_bias=True),
+    }
+    kwargs = {**common, **per_family[family], **overrides}
+    if family == "opt":
+        kwargs["num_hidden_layers"] = kwargs.pop("num_hidden_layers")
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def calib_tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (8, 32), generator=g)
