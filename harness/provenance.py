@@ -1,0 +1,58 @@
+"""Where a number came from: commit, package versions, device, memory."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import resource
+import subprocess
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "hydra-core", "pandas", "triton", "numpy")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str:
+    """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> str:
+    """JSON of python and key package versions."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return json.dumps(found, sort_keys=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{cpu} x{torch.get_num_threads()} threads"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU allocation on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,175 @@
+"""One run, start to finish: validate, load, calibrate, quantize, apply, evaluate, write rows.
+
+Data flows one way: RunConfig -> model + tokens -> method artifacts -> evaluators -> tidy rows ->
+results/<run_id>/. A run whose results directory is already complete is skipped (resume), unless
+`force=true`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from harness import data as datasets_
+from harness.architectures import ModelLayout, apply_artifacts, layout_for
+from harness.config import ConfigError, RunConfig
+from harness.models import PACKAGED_NOTE, default_cache_dir, load_model, model_fingerprint, resolve_device
+from harness.perplexity import make_windows, perplexity
+from harness.provenance import device_name, git_sha, peak_memory_mb, versions
+from harness.results import is_complete, read_run, to_frame, write_run
+from methods import METHODS, build_method
+from methods.base import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def _quantizes(cfg: RunConfig) -> bool:
+    return cfg.method.name != "fp"
+
+
+def spec_of(cfg: RunConfig) -> QuantSpec:
+    return QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
+
+
+def result_key(cfg: RunConfig) -> dict:
+    """Everything that can change a run's numbers (and nothing else: paths, force and device are out)."""
+    used = {cfg.calib.source, *cfg.eval.ppl_sets} if METHODS[cfg.method.name].needs_calibration else {*cfg.eval.ppl_sets}
+    key = {
+        "model": dataclasses.asdict(cfg.model),
+        "method": dataclasses.asdict(cfg.method),
+        "data": {name: dataclasses.asdict(cfg.data.sources[name]) for name in sorted(used)},
+        "eval": dataclasses.asdict(cfg.eval),
+        "seed": cfg.seed,
+    }
+    if _quantizes(cfg):
+        key["spec"] = dataclasses.asdict(spec_of(cfg))
+    if METHODS[cfg.method.name].needs_calibration:
+        key["calib"] = dataclasses.asdict(cfg.calib)
+    return key
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(result_key(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_id(cfg: RunConfig) -> str:
+    label = spec_of(cfg).tag() if _quantizes(cfg) else "baseline"
+    return f"{cfg.model.name}-{cfg.method.name}-{label}-{config_hash(cfg)}"
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / run_id(cfg)
+
+
+def cache_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
+def short_group_layers(model: torch.nn.Module, layout: ModelLayout, spec: QuantSpec) -> dict[str, int]:
+    """{layer name: in_features} for layers whose last group is shorter than group_size."""
+    return {name: lin.in_features for name, lin in layout.quantizable_linears(model).items()
+            if spec.has_short_group(lin.in_features)}
+
+
+def _check_data(cfg: RunConfig, cache: Path) -> None:
+    names = set(cfg.eval.ppl_sets) | ({cfg.calib.source} if METHODS[cfg.method.name].needs_calibration else set())
+    for name in sorted(names):
+        datasets_.check_source(name, cfg.data.sources[name], cache)
+
+
+def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
+    """Run `cfg` (or reuse its finished results) and return its rows."""
+    out_dir = run_dir(cfg)
+    if is_complete(out_dir) and not cfg.force:
+        log.info("%s is complete: skipping (force=true re-runs it)", out_dir)
+        return read_run(out_dir)
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    cache = cache_dir_of(cfg)
+    _check_data(cfg, cache)  # missing data fails here, before the model loads
+    device = resolve_device(cfg.device)
+    method = build_method(cfg.method)
+    spec = spec_of(cfg)
+
+    model, tokenizer = load_model(cfg.model, device, cache)
+    layout = layout_for(model)
+    quant_rows: list[dict] = []
+    data_prints: dict[str, str] = {}
+    if _quantizes(cfg):
+        short = short_group_layers(model, layout, spec)
+        if short and cfg.strict_groups:
+            raise ConfigError(f"group_size={cfg.group_size} does not divide the input features of {len(short)} "
+                              f"layers (e.g. {next(iter(short))}: {next(iter(short.values()))}) and "
+                              "strict_groups=true; allowed: a group size dividing every layer, or strict_groups=false")
+        if short:
+            widths = sorted(set(short.values()))
+            log.warning("%d of %d layers have a short last group (in_features %s, group_size %d): the last "
+                        "group of each is shorter, as in the GPTQ reference", len(short),
+                        len(layout.quantizable_linears(model)), widths, cfg.group_size)
+        calib = None
+        if method.needs_calibration:
+            calib_set = datasets_.calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer,
+                                                     cache, cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
+            calib = calib_set.tokens
+            data_prints[f"calib:{cfg.calib.source}"] = calib_set.fingerprint
+        method.run_dir = out_dir
+        tq = time.perf_counter()
+        artifacts = method.quantize(model, layout, spec, calib, device)
+        quant_wall = time.perf_counter() - tq
+        apply_artifacts(model, artifacts)
+        bits_pw = sum(a.storage_bits_per_weight() * a.codes.numel() for a in artifacts.values()) / \
+            max(1, sum(a.codes.numel() for a in artifacts.values()))
+        quant_rows = [
+            {"suite": "quant", "task": "all", "metric": "quant_wall_s", "value": quant_wall},
+            {"suite": "quant", "task": "all", "metric": "quantized_layers", "value": len(artifacts)},
+            {"suite": "quant", "task": "all", "metric": "short_group_layers", "value": len(short),
+             "detail": json.dumps({"in_features": sorted(set(short.values()))}) if short else None},
+            {"suite": "quant", "task": "all", "metric": "storage_bits_per_weight", "value": bits_pw},
+        ]
+
+    ppl_rows: list[dict] = []
+    bos_id = tokenizer.bos_token_id if layout.spec.needs_bos else None
+    body = cfg.eval.seqlen - (bos_id is not None)
+    for name in cfg.eval.ppl_sets:
+        n_tokens = None if cfg.eval.max_windows is None else cfg.eval.max_windows * body
+        tokens = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, n_tokens)
+        data_prints[f"eval:{name}"] = tokens.fingerprint
+        result = perplexity(model, make_windows(tokens.tokens, cfg.eval.seqlen, cfg.eval.max_windows, bos_id),
+                            device, desc=f"ppl {name}")
+        log.info("ppl %-8s %.3f (%d windows, %d tokens, %.1fs)", name, result["ppl"], result["windows"],
+                 result["tokens"], result["wall_s"])
+        ppl_rows.append({"suite": "ppl", "task": name, "metric": "ppl", "value": result["ppl"], "n": result["tokens"]})
+        for metric in ("tokens", "windows", "wall_s"):
+            ppl_rows.append({"suite": "ppl", "task": name, "metric": metric, "value": result[metric]})
+
+    run_columns = {
+        "run_id": run_id(cfg), "config_hash": config_hash(cfg), "model": cfg.model.name, "method": cfg.method.name,
+        "bits": cfg.bits if _quantizes(cfg) else None,
+        "group_size": cfg.group_size if _quantizes(cfg) else None,
+        "symmetric": cfg.symmetric if _quantizes(cfg) else None,
+        "calib_source": cfg.calib.source if method.needs_calibration else None,
+        "calib_samples": cfg.calib.n_samples if method.needs_calibration else None,
+        "calib_seqlen": cfg.calib.seqlen if method.needs_calibration else None,
+        "seed": cfg.seed,
+        "git_sha": git_sha(), "versions": versions(), "model_fingerprint": model_fingerprint(model),
+        "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
+        "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device),
+    }
+    frame = to_frame({**run_columns, **row} for row in quant_rows + ppl_rows)
+    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg), "finished_at":
+            dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if cfg.model.source == "packaged":
+        meta["note"] = PACKAGED_NOTE
+    write_run(out_dir, frame, config_yaml or yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))),
+              meta)
+    log.info("wrote %s", out_dir)
+    return frame
