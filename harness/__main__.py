@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, RunConfig, register_configs
+from harness.config import RunConfig, register_configs
 from harness.summary import RUN_FILE, summary_table
 
 log = logging.getLogger("harness")
@@ -23,7 +23,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         run_cfg: RunConfig = OmegaConf.to_object(cfg)
-    except ConfigError as err:
+    except ValueError as err:  # ConfigError and the methods' and evaluators' own config checks
         log.error("config error: %s", err)
         sys.exit(2)
     from harness.run import execute, run_dir  # heavy imports (torch, transformers) only after validation

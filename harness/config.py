@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from harness.lmeval import LMEvalConfig
 from methods import METHOD_CONFIGS
 from methods.base import SUPPORTED_BITS
 
@@ -18,6 +19,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 MODEL_SOURCES = ("packaged", "hf")
 SOURCE_KINDS = ("wiki", "code", "prose", "textfile", "hf")
 DEVICES = ("auto", "cpu", "cuda")
+KERNELS = ("triton", "cpu_int4", "reference")
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,7 @@ class TextSourceConfig:
     kind: str = MISSING
     path: Optional[str] = None
     name: Optional[str] = None
+    data_files: Optional[str] = None  # hf: local files for a builder path such as "json", "csv", "text"
     eval_split: Optional[str] = None
     calib_split: Optional[str] = None
     text_field: str = "text"
@@ -99,13 +102,37 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
+class TimingConfig:
+    """Prefill and decode speed of the packed quantized model against the unquantized baseline, in one
+    process: prefill of `prompt_len` tokens and greedy decode of `decode_tokens` per batch size;
+    `gemm` adds the GEMM microbenchmark on the model's own linear shapes."""
+
+    prompt_len: int = 512
+    decode_tokens: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    warmup: int = 1
+    repeats: int = 3
+    gemm: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.prompt_len > 0, "eval.timing.prompt_len", self.prompt_len, "a positive integer")
+        _require(self.decode_tokens > 0, "eval.timing.decode_tokens", self.decode_tokens, "a positive integer")
+        _require(len(self.batch_sizes) > 0 and all(b > 0 for b in self.batch_sizes), "eval.timing.batch_sizes",
+                 self.batch_sizes, "a non-empty list of positive integers")
+        _require(self.repeats > 0, "eval.timing.repeats", self.repeats, "a positive integer")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity on each set in `ppl_sets`, GPTQ/AWQ protocol: non-overlapping windows of `seqlen`,
-    the first `max_windows` of them (None = all)."""
+    """What to evaluate. Perplexity on each set in `ppl_sets` (GPTQ/AWQ protocol: non-overlapping
+    windows of `seqlen`, the first `max_windows` of them, None = all); lm-eval tasks when `lm_eval` is
+    set; prefill/decode timing when `timing` is set."""
 
     ppl_sets: list[str] = field(default_factory=lambda: ["wiki", "code", "prose"])
     seqlen: int = 2048
     max_windows: Optional[int] = None
+    lm_eval: Optional[LMEvalConfig] = None
+    timing: Optional[TimingConfig] = None
 
     def __post_init__(self) -> None:
         _require(self.seqlen > 1, "eval.seqlen", self.seqlen, "an integer > 1")
@@ -126,6 +153,7 @@ class RunConfig:
     group_size: Optional[int] = 128
     symmetric: bool = False
     strict_groups: bool = False  # true: a group size that does not divide a layer is a config error
+    kernel: Optional[str] = None  # None: evaluate fake-quantized weights; else run packed QuantLinear layers
     seed: int = 0
     device: str = "auto"
     results_dir: str = "results"
@@ -139,6 +167,9 @@ class RunConfig:
         _require(self.group_size is None or self.group_size > 0, "group_size", self.group_size,
                  "a positive integer such as 32/64/128, or null / -1 for per-channel")
         _require(self.device in DEVICES, "device", self.device, str(list(DEVICES)))
+        _require(self.kernel is None or self.kernel in KERNELS, "kernel", self.kernel, f"null or one of {list(KERNELS)}")
+        _require(self.bits == 4 or self.kernel in (None, "reference"), "kernel", self.kernel,
+                 f"null or 'reference' when bits={self.bits} (the packed kernels are 4-bit)")
         _require(getattr(self.method, "name", None) in METHOD_CONFIGS, "method", getattr(self.method, "name", None),
                  str(sorted(METHOD_CONFIGS)))
         sources = self.data.sources

@@ -110,7 +110,7 @@ def hf_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[Docu
     if os.path.isdir(cfg.path) and not cfg.name and (Path(cfg.path) / "dataset_dict.json").exists():
         ds = datasets.load_from_disk(cfg.path)
     else:
-        ds = datasets.load_dataset(cfg.path, cfg.name)
+        ds = datasets.load_dataset(cfg.path, cfg.name, data_files=cfg.data_files)
     if split is None:
         split = next(iter(ds.keys())) if isinstance(ds, datasets.DatasetDict) else None
     table = ds[split] if split is not None else ds

@@ -46,9 +46,11 @@ def result_key(cfg: RunConfig) -> dict:
         "model": dataclasses.asdict(cfg.model),
         "method": dataclasses.asdict(cfg.method),
         "data": {name: dataclasses.asdict(cfg.data.sources[name]) for name in sorted(used)},
-        "eval": dataclasses.asdict(cfg.eval),
+        "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if v is not None},  # unset options leave the key
         "seed": cfg.seed,
     }
+    if cfg.kernel is not None:
+        key["kernel"] = cfg.kernel
     if _quantizes(cfg):
         key["spec"] = dataclasses.asdict(spec_of(cfg))
     if METHODS[cfg.method.name].needs_calibration:
@@ -133,7 +135,8 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
             {"suite": "quant", "task": "all", "metric": "quantized_layers", "value": len(artifacts)},
             {"suite": "quant", "task": "all", "metric": "short_group_layers", "value": len(short),
              "detail": json.dumps({"in_features": sorted(set(short.values()))}) if short else None},
-            {"suite": "quant", "task": "all", "metric": "storage_bits_per_weight", "value": bits_pw},
+            {"suite": "quant", "task": "all", "metric": "storage_bits_per_weight", "value": bits_pw,
+             "detail": json.dumps({"params": sum(a.codes.numel() for a in artifacts.values())})},
         ]
 
     ppl_rows: list[dict] = []

@@ -49,3 +49,49 @@ def tiny_llama():
 def calib_tokens():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (8, 32), generator=g)
+
+
+WORDS = ("the quick brown fox jumps over lazy dog while seven wizards quietly judge boxing matches "
+         "and a small model learns to predict every next token of this text").split()
+
+
+def random_text(n_words: int, seed: int = 0) -> str:
+    """Deterministic pseudo-text with paragraphs (blank-line separated)."""
+    import random
+
+    rng = random.Random(seed)
+    paragraphs = []
+    while n_words > 0:
+        k = min(n_words, rng.randint(20, 60))
+        paragraphs.append(" ".join(rng.choice(WORDS) for _ in range(k)) + ".")
+        n_words -= k
+    return "\n\n".join(paragraphs)
+
+
+def tiny_tokenizer():
+    """A small word-level fast tokenizer (no download) with BOS/EOS, vocabulary < 256."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 3, ".": 4}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny llama + tokenizer saved with save_pretrained: loadable as `model=hf model.path=<dir>`."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(random_text(6000))
+    return path

@@ -1,0 +1,99 @@
+"""A whole run on a tiny local model: rows, files, provenance, resume, the CLI and its errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import results
+from harness.run import execute, run_dir
+from test_config import make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_run_overrides(model_dir, text_file, tmp_path, *extra):
+    return [
+        "model=hf", f"model.path={model_dir}", "model.name=tiny", "device=cpu",
+        f"data.sources.textfile.path={text_file}", "calib.source=textfile", "eval.ppl_sets=[textfile]",
+        "eval.seqlen=32", "eval.max_windows=3", f"results_dir={tmp_path / 'results'}",
+        f"cache_dir={tmp_path / 'cache'}", *extra,
+    ]
+
+
+def test_rtn_run_writes_tidy_rows_with_provenance(tiny_model_dir, text_file, tmp_path):
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=3", "group_size=48"))
+    frame = execute(cfg)
+    assert list(frame.columns) == results.COLUMNS
+    ppl = frame[(frame.suite == "ppl") & (frame.metric == "ppl")]
+    assert len(ppl) == 1 and ppl["value"].iloc[0] > 1 and ppl["n"].iloc[0] == 3 * 31
+    quant = frame[frame.suite == "quant"].set_index("metric")["value"]
+    assert quant["quantized_layers"] == 14
+    assert quant["short_group_layers"] == 14  # in_features 64 and 160 are not multiples of 48
+    row = frame.iloc[0]
+    assert row.model == "tiny" and row.method == "rtn" and row.bits == 3 and row.group_size == 48
+    assert row.git_sha and json.loads(row.versions)["torch"] and row.device.startswith("cpu")
+    assert row.model_fingerprint and "eval:textfile" in json.loads(row.data_fingerprint)
+    out = run_dir(cfg)
+    assert results.is_complete(out) and (out / results.CONFIG_FILE).exists()
+    pd.testing.assert_frame_equal(results.load_results(out), frame)
+
+
+def test_finished_run_is_skipped_and_force_reruns(tiny_model_dir, text_file, tmp_path):
+    overrides = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=fp")
+    first = execute(make_config(*overrides))
+    again = execute(make_config(*overrides))
+    assert again["started_at"].iloc[0] == first["started_at"].iloc[0]  # read back, not recomputed
+    done = run_dir(make_config(*overrides)) / results.DONE_FILE
+    before = done.stat().st_mtime_ns
+    forced = execute(make_config(*overrides, "force=true"))
+    assert done.stat().st_mtime_ns != before  # really re-ran and rewrote the run
+    ppl = lambda f: f[f.metric == "ppl"]["value"].tolist()  # noqa: E731
+    assert ppl(forced) == ppl(first)  # deterministic
+    assert len(results.find_run_dirs(tmp_path / "results")) == 1
+
+
+def test_quantization_hurts_and_lower_bits_hurt_more(tiny_model_dir, text_file, tmp_path):
+    def ppl(*extra):
+        frame = execute(make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, *extra)))
+        return frame[(frame.suite == "ppl") & (frame.metric == "ppl")]["value"].iloc[0]
+
+    fp, w4, w2 = ppl("method=fp"), ppl("method=rtn", "bits=4", "group_size=32"), ppl("method=rtn", "bits=2", "group_size=32")
+    assert fp != w4 and abs(w2 - fp) > abs(w4 - fp)
+
+
+def test_strict_groups_rejects_a_group_size_that_does_not_divide(tiny_model_dir, text_file, tmp_path):
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "group_size=48",
+                                          "strict_groups=true"))
+    with pytest.raises(ValueError, match="strict_groups"):
+        execute(cfg)
+
+
+def test_missing_data_fails_before_the_model_loads(tmp_path):
+    cfg = make_config("model=hf", f"model.path={tmp_path / 'no-such-model'}", "eval.ppl_sets=[textfile]",
+                      f"data.sources.textfile.path={tmp_path / 'missing.txt'}", f"results_dir={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        execute(cfg)
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_sweep_writes_runs_and_a_summary(tiny_model_dir, text_file, tmp_path):
+    args = tiny_run_overrides(tiny_model_dir, text_file, tmp_path)
+    proc = _cli("-m", *args, "method=fp,rtn", "bits=4", "group_size=32,64", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = results.load_results(tmp_path / "results")
+    # fp does not depend on bits/group size: its two sweep points share one run
+    assert sorted(frame.drop_duplicates("run_id")["method"]) == ["fp", "rtn", "rtn"]
+    assert "sweep summary (3 runs" in proc.stdout + proc.stderr
+
+
+def test_cli_bad_value_exits_2_with_the_key_named(tmp_path):
+    proc = _cli("bits=5", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "bits=5 is invalid; allowed values: [2, 3, 4, 8]" in proc.stdout + proc.stderr
+    assert not any(tmp_path.glob("*-rtn-*"))
