@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import yaml
 
+from harness import cache as quant_cache
 from harness import data as datasets_
 from harness.architectures import ModelLayout, apply_artifacts, layout_for
 from harness.config import ConfigError, RunConfig
@@ -75,6 +76,18 @@ def cache_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
+def quantization_key(cfg: RunConfig, fingerprint: str, data_prints: dict) -> dict:
+    """What determines the quantized weights (not the evaluation): the cache key."""
+    key = {"model_fingerprint": fingerprint, "model": dataclasses.asdict(cfg.model),
+           "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
+           "code": quant_cache.code_fingerprint(), "device": cfg.device}
+    if METHODS[cfg.method.name].needs_calibration:
+        key["calib"] = dataclasses.asdict(cfg.calib)
+        key["calib_source"] = dataclasses.asdict(cfg.data.sources[cfg.calib.source])
+        key["calib_tokens"] = data_prints.get(f"calib:{cfg.calib.source}")
+    return key
+
+
 def short_group_layers(model: torch.nn.Module, layout: ModelLayout, spec: QuantSpec) -> dict[str, int]:
     """{layer name: in_features} for layers whose last group is shorter than group_size."""
     return {name: lin.in_features for name, lin in layout.quantizable_linears(model).items()
@@ -104,6 +117,7 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
 
     model, tokenizer = load_model(cfg.model, device, cache)
     layout = layout_for(model)
+    fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
     quant_rows: list[dict] = []
     data_prints: dict[str, str] = {}
     if _quantizes(cfg):
@@ -123,15 +137,28 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
                                                      cache, cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
             calib = calib_set.tokens
             data_prints[f"calib:{cfg.calib.source}"] = calib_set.fingerprint
-        method.run_dir = out_dir
-        tq = time.perf_counter()
-        artifacts = method.quantize(model, layout, spec, calib, device)
-        quant_wall = time.perf_counter() - tq
+        key = quantization_key(cfg, fingerprint, data_prints)
+        entry_path = cache / "quantized" / f"{quant_cache.key_hash(key)}.pt"
+        cached = None if cfg.force else quant_cache.load_entry(entry_path, key)
+        if cached is not None:
+            log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", entry_path)
+            artifacts, modified, meta = cached
+            model.load_state_dict(modified, strict=False)
+            quant_wall = meta["quant_wall_s"]  # the cost of producing them, not of reading the cache
+        else:
+            method.run_dir = out_dir
+            before = quant_cache.param_checksums(model)
+            tq = time.perf_counter()
+            artifacts = method.quantize(model, layout, spec, calib, device)
+            quant_wall = time.perf_counter() - tq
+            modified = quant_cache.changed_tensors(model, before, exclude=set(artifacts))
+            quant_cache.save_entry(entry_path, key, artifacts, modified, {"quant_wall_s": quant_wall})
         apply_artifacts(model, artifacts)
         bits_pw = sum(a.storage_bits_per_weight() * a.codes.numel() for a in artifacts.values()) / \
             max(1, sum(a.codes.numel() for a in artifacts.values()))
         quant_rows = [
-            {"suite": "quant", "task": "all", "metric": "quant_wall_s", "value": quant_wall},
+            {"suite": "quant", "task": "all", "metric": "quant_wall_s", "value": quant_wall,
+             "detail": json.dumps({"cached": cached is not None})},
             {"suite": "quant", "task": "all", "metric": "quantized_layers", "value": len(artifacts)},
             {"suite": "quant", "task": "all", "metric": "short_group_layers", "value": len(short),
              "detail": json.dumps({"in_features": sorted(set(short.values()))}) if short else None},
@@ -163,7 +190,7 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
         "calib_samples": cfg.calib.n_samples if method.needs_calibration else None,
         "calib_seqlen": cfg.calib.seqlen if method.needs_calibration else None,
         "seed": cfg.seed,
-        "git_sha": git_sha(), "versions": versions(), "model_fingerprint": model_fingerprint(model),
+        "git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
         "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
         "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device),
     }

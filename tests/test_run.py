@@ -97,3 +97,27 @@ def test_cli_bad_value_exits_2_with_the_key_named(tmp_path):
     assert proc.returncode == 2
     assert "bits=5 is invalid; allowed values: [2, 3, 4, 8]" in proc.stdout + proc.stderr
     assert not any(tmp_path.glob("*-rtn-*"))
+
+
+def test_eval_only_change_reuses_quantized_weights(tiny_model_dir, text_file, tmp_path):
+    base = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=3", "group_size=32")
+    first = execute(make_config(*base))
+    second = execute(make_config(*base, "eval.max_windows=2"))  # new run (eval differs), same quantization
+    cached = lambda f: json.loads(f[f.metric == "quant_wall_s"]["detail"].iloc[0])["cached"]  # noqa: E731
+    assert cached(first) is False and cached(second) is True
+    ppl = lambda f: f[f.metric == "ppl"]["value"].iloc[0]  # noqa: E731
+    third = execute(make_config(*base, "eval.max_windows=2", "force=true"))  # force bypasses the cache too
+    assert cached(third) is False and ppl(third) == ppl(second)
+    other = execute(make_config(*base[:-1], "group_size=16", "eval.max_windows=2"))  # spec change: new entry
+    assert cached(other) is False
+
+
+def test_cache_entry_with_a_different_key_is_never_reused(tmp_path):
+    import torch
+
+    from harness import cache
+
+    path = tmp_path / "entry.pt"
+    cache.save_entry(path, {"code": "a"}, {"x": torch.zeros(1)}, {}, {"quant_wall_s": 1.0})
+    assert cache.load_entry(path, {"code": "a"}) is not None
+    assert cache.load_entry(path, {"code": "b"}) is None
