@@ -47,7 +47,7 @@ def result_key(cfg: RunConfig) -> dict:
         "model": dataclasses.asdict(cfg.model),
         "method": dataclasses.asdict(cfg.method),
         "data": {name: dataclasses.asdict(cfg.data.sources[name]) for name in sorted(used)},
-        "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if v is not None},  # unset options leave the key
+        "eval": dataclasses.asdict(cfg.eval),
         "seed": cfg.seed,
     }
     if cfg.kernel is not None:
@@ -59,8 +59,16 @@ def result_key(cfg: RunConfig) -> dict:
     return key
 
 
+def _without_none(value):
+    """Drop None-valued entries recursively, so a new option that defaults to None keeps old hashes valid."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def config_hash(cfg: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(result_key(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = _without_none(result_key(cfg))
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def run_id(cfg: RunConfig) -> str:

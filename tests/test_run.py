@@ -121,3 +121,11 @@ def test_cache_entry_with_a_different_key_is_never_reused(tmp_path):
     cache.save_entry(path, {"code": "a"}, {"x": torch.zeros(1)}, {}, {"quant_wall_s": 1.0})
     assert cache.load_entry(path, {"code": "a"}) is not None
     assert cache.load_entry(path, {"code": "b"}) is None
+
+
+def test_submitit_local_launcher_runs_the_sweep(tiny_model_dir, text_file, tmp_path):
+    """The cluster path (submitit) with its local executor: each job in its own process."""
+    args = tiny_run_overrides(tiny_model_dir, text_file, tmp_path)
+    proc = _cli("-m", "hydra/launcher=submitit_local", *args, "method=fp,rtn", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(results.load_results(tmp_path / "results").drop_duplicates("run_id")["method"]) == ["fp", "rtn"]
