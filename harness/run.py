@@ -102,10 +102,130 @@ def short_group_layers(model: torch.nn.Module, layout: ModelLayout, spec: QuantS
             if spec.has_short_group(lin.in_features)}
 
 
-def _check_data(cfg: RunConfig, cache: Path) -> None:
+def preflight(cfg: RunConfig, cache: Path) -> None:
+    """Fail fast, before any model loads: missing data packages or files, unknown lm-eval tasks."""
     names = set(cfg.eval.ppl_sets) | ({cfg.calib.source} if METHODS[cfg.method.name].needs_calibration else set())
     for name in sorted(names):
         datasets_.check_source(name, cfg.data.sources[name], cache)
+    if cfg.eval.lm_eval is not None:
+        from harness.lmeval import check_tasks
+
+        check_tasks(cfg.eval.lm_eval)
+
+
+def _quant_row(metric: str, value: float, detail: dict | None = None) -> dict:
+    return {"suite": "quant", "task": "all", "metric": metric, "value": value,
+            "detail": json.dumps(detail) if detail else None}
+
+
+def quantize(cfg: RunConfig, model, tokenizer, layout: ModelLayout, fingerprint: str, cache: Path,
+             device: torch.device, out_dir: Path, data_prints: dict) -> tuple[dict, list[dict]]:
+    """Calibrate and quantize (or reuse a cached result); fake-quantize the model. Returns (artifacts, rows)."""
+    method, spec = build_method(cfg.method), spec_of(cfg)
+    short = short_group_layers(model, layout, spec)
+    if short and cfg.strict_groups:
+        raise ConfigError(f"group_size={cfg.group_size} does not divide the input features of {len(short)} "
+                          f"layers (e.g. {next(iter(short))}: {next(iter(short.values()))}) and "
+                          "strict_groups=true; allowed: a group size dividing every layer, or strict_groups=false")
+    if short:
+        log.warning("%d of %d layers have a short last group (in_features %s, group_size %d): the last group of "
+                    "each is shorter, as in the GPTQ reference", len(short), len(layout.quantizable_linears(model)),
+                    sorted(set(short.values())), cfg.group_size)
+    calib = None
+    if method.needs_calibration:
+        calib_set = datasets_.calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer,
+                                                 cache, cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
+        calib = calib_set.tokens
+        data_prints[f"calib:{cfg.calib.source}"] = calib_set.fingerprint
+    key = quantization_key(cfg, fingerprint, data_prints)
+    entry_path = cache / "quantized" / f"{quant_cache.key_hash(key)}.pt"
+    cached = None if cfg.force else quant_cache.load_entry(entry_path, key)
+    if cached is not None:
+        log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", entry_path)
+        artifacts, modified, meta = cached
+        model.load_state_dict(modified, strict=False)
+        quant_wall = meta["quant_wall_s"]  # the cost of producing them, not of reading the cache
+    else:
+        method.run_dir = out_dir
+        before = quant_cache.param_checksums(model)
+        start = time.perf_counter()
+        artifacts = method.quantize(model, layout, spec, calib, device)
+        quant_wall = time.perf_counter() - start
+        modified = quant_cache.changed_tensors(model, before, exclude=set(artifacts))
+        quant_cache.save_entry(entry_path, key, artifacts, modified, {"quant_wall_s": quant_wall})
+    apply_artifacts(model, artifacts)
+    n_weights = sum(a.codes.numel() for a in artifacts.values())
+    bits_pw = sum(a.storage_bits_per_weight() * a.codes.numel() for a in artifacts.values()) / max(1, n_weights)
+    rows = [
+        _quant_row("quant_wall_s", quant_wall, {"cached": cached is not None}),
+        _quant_row("quantized_layers", len(artifacts)),
+        _quant_row("short_group_layers", len(short), {"in_features": sorted(set(short.values()))} if short else None),
+        _quant_row("storage_bits_per_weight", bits_pw, {"params": n_weights}),
+    ]
+    return artifacts, rows
+
+
+def pack(cfg: RunConfig, model, artifacts: dict, backend: str) -> list[dict]:
+    """Swap the fake-quantized linears for packed QuantLinear layers; rows say which backend each got."""
+    from kernels.quant_linear import pack_model
+
+    used = pack_model(model, artifacts, backend)
+    fallbacks = sorted(name for name, b in used.items() if b != backend)
+    if fallbacks:
+        log.warning("kernel=%s: %d layers fell back to another backend: %s", backend, len(fallbacks), fallbacks[:5])
+    return [_quant_row("kernel_fallback_layers", len(fallbacks),
+                       {"kernel": backend, "fallbacks": {n: used[n] for n in fallbacks}} if fallbacks else {"kernel": backend})]
+
+
+def evaluate_perplexity(cfg: RunConfig, model, tokenizer, layout: ModelLayout, cache: Path, device: torch.device,
+                        data_prints: dict) -> list[dict]:
+    rows = []
+    bos_id = tokenizer.bos_token_id if layout.spec.needs_bos else None
+    body = cfg.eval.seqlen - (bos_id is not None)
+    for name in cfg.eval.ppl_sets:
+        n_tokens = None if cfg.eval.max_windows is None else cfg.eval.max_windows * body
+        tokens = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, n_tokens)
+        data_prints[f"eval:{name}"] = tokens.fingerprint
+        result = perplexity(model, make_windows(tokens.tokens, cfg.eval.seqlen, cfg.eval.max_windows, bos_id),
+                            device, desc=f"ppl {name}")
+        log.info("ppl %-8s %.3f (%d windows, %d tokens, %.1fs)", name, result["ppl"], result["windows"],
+                 result["tokens"], result["wall_s"])
+        rows.append({"suite": "ppl", "task": name, "metric": "ppl", "value": result["ppl"], "n": result["tokens"]})
+        rows += [{"suite": "ppl", "task": name, "metric": m, "value": result[m]} for m in ("tokens", "windows", "wall_s")]
+    return rows
+
+
+def default_kernel(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "cpu_int4"
+
+
+def evaluate_timing(cfg: RunConfig, model, cache: Path, device: torch.device,
+                    shapes: list[tuple[int, int]]) -> list[dict]:
+    """Prefill/decode speed of this (packed) model and of a freshly loaded unquantized baseline, same process."""
+    from harness.timing import gemm_microbench, time_generation
+
+    t = cfg.eval.timing
+    vocab = model.config.vocab_size
+
+    def timed(m, label: str) -> list[dict]:
+        rows = time_generation(m, vocab, t.prompt_len, t.decode_tokens, t.batch_sizes, device, t.warmup, t.repeats,
+                               cfg.seed)
+        return [{**r, "metric": f"{label}_{r['metric']}" if label else r["metric"]} for r in rows]
+
+    rows = timed(model, "")
+    if _quantizes(cfg):
+        baseline, _ = load_model(cfg.model, device, cache)
+        base_rows = timed(baseline, "baseline")
+        del baseline
+        by_key = {(r["task"], r["metric"].removeprefix("baseline_")): r["value"] for r in base_rows}
+        speedups = [{"suite": "timing", "task": r["task"], "metric": r["metric"].replace("tokens_per_s", "speedup_vs_baseline"),
+                     "value": r["value"] / by_key[(r["task"], r["metric"])], "detail": r.get("detail")}
+                    for r in rows if (r["task"], r["metric"]) in by_key]
+        rows += base_rows + speedups
+    if t.gemm:  # the model's own linear shapes, packed kernel against dense
+        rows += gemm_microbench(shapes, [1, 16, 128], cfg.group_size, [cfg.kernel or default_kernel(device)], device,
+                                t.repeats)
+    return rows
 
 
 def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
@@ -118,93 +238,47 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     cache = cache_dir_of(cfg)
-    _check_data(cfg, cache)  # missing data fails here, before the model loads
+    preflight(cfg, cache)
     device = resolve_device(cfg.device)
-    method = build_method(cfg.method)
-    spec = spec_of(cfg)
 
     model, tokenizer = load_model(cfg.model, device, cache)
     layout = layout_for(model)
     fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
-    quant_rows: list[dict] = []
+    shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
+    rows: list[dict] = []
     data_prints: dict[str, str] = {}
+    artifacts: dict = {}
     if _quantizes(cfg):
-        short = short_group_layers(model, layout, spec)
-        if short and cfg.strict_groups:
-            raise ConfigError(f"group_size={cfg.group_size} does not divide the input features of {len(short)} "
-                              f"layers (e.g. {next(iter(short))}: {next(iter(short.values()))}) and "
-                              "strict_groups=true; allowed: a group size dividing every layer, or strict_groups=false")
-        if short:
-            widths = sorted(set(short.values()))
-            log.warning("%d of %d layers have a short last group (in_features %s, group_size %d): the last "
-                        "group of each is shorter, as in the GPTQ reference", len(short),
-                        len(layout.quantizable_linears(model)), widths, cfg.group_size)
-        calib = None
-        if method.needs_calibration:
-            calib_set = datasets_.calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer,
-                                                     cache, cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
-            calib = calib_set.tokens
-            data_prints[f"calib:{cfg.calib.source}"] = calib_set.fingerprint
-        key = quantization_key(cfg, fingerprint, data_prints)
-        entry_path = cache / "quantized" / f"{quant_cache.key_hash(key)}.pt"
-        cached = None if cfg.force else quant_cache.load_entry(entry_path, key)
-        if cached is not None:
-            log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", entry_path)
-            artifacts, modified, meta = cached
-            model.load_state_dict(modified, strict=False)
-            quant_wall = meta["quant_wall_s"]  # the cost of producing them, not of reading the cache
-        else:
-            method.run_dir = out_dir
-            before = quant_cache.param_checksums(model)
-            tq = time.perf_counter()
-            artifacts = method.quantize(model, layout, spec, calib, device)
-            quant_wall = time.perf_counter() - tq
-            modified = quant_cache.changed_tensors(model, before, exclude=set(artifacts))
-            quant_cache.save_entry(entry_path, key, artifacts, modified, {"quant_wall_s": quant_wall})
-        apply_artifacts(model, artifacts)
-        bits_pw = sum(a.storage_bits_per_weight() * a.codes.numel() for a in artifacts.values()) / \
-            max(1, sum(a.codes.numel() for a in artifacts.values()))
-        quant_rows = [
-            {"suite": "quant", "task": "all", "metric": "quant_wall_s", "value": quant_wall,
-             "detail": json.dumps({"cached": cached is not None})},
-            {"suite": "quant", "task": "all", "metric": "quantized_layers", "value": len(artifacts)},
-            {"suite": "quant", "task": "all", "metric": "short_group_layers", "value": len(short),
-             "detail": json.dumps({"in_features": sorted(set(short.values()))}) if short else None},
-            {"suite": "quant", "task": "all", "metric": "storage_bits_per_weight", "value": bits_pw,
-             "detail": json.dumps({"params": sum(a.codes.numel() for a in artifacts.values())})},
-        ]
+        artifacts, quant_rows = quantize(cfg, model, tokenizer, layout, fingerprint, cache, device, out_dir, data_prints)
+        rows += quant_rows
+        if cfg.kernel is not None:  # evaluate through the packed layers themselves
+            rows += pack(cfg, model, artifacts, cfg.kernel)
+    rows += evaluate_perplexity(cfg, model, tokenizer, layout, cache, device, data_prints)
+    if cfg.eval.lm_eval is not None:
+        from harness.lmeval import run_lm_eval
 
-    ppl_rows: list[dict] = []
-    bos_id = tokenizer.bos_token_id if layout.spec.needs_bos else None
-    body = cfg.eval.seqlen - (bos_id is not None)
-    for name in cfg.eval.ppl_sets:
-        n_tokens = None if cfg.eval.max_windows is None else cfg.eval.max_windows * body
-        tokens = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, n_tokens)
-        data_prints[f"eval:{name}"] = tokens.fingerprint
-        result = perplexity(model, make_windows(tokens.tokens, cfg.eval.seqlen, cfg.eval.max_windows, bos_id),
-                            device, desc=f"ppl {name}")
-        log.info("ppl %-8s %.3f (%d windows, %d tokens, %.1fs)", name, result["ppl"], result["windows"],
-                 result["tokens"], result["wall_s"])
-        ppl_rows.append({"suite": "ppl", "task": name, "metric": "ppl", "value": result["ppl"], "n": result["tokens"]})
-        for metric in ("tokens", "windows", "wall_s"):
-            ppl_rows.append({"suite": "ppl", "task": name, "metric": metric, "value": result[metric]})
+        rows += run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
+    if cfg.eval.timing is not None:
+        if artifacts and cfg.kernel is None:  # fake-quant weights run at fp speed: time the packed model
+            rows += pack(cfg, model, artifacts, default_kernel(device))
+        rows += evaluate_timing(cfg, model, cache, device, shapes)
 
     run_columns = {
         "run_id": run_id(cfg), "config_hash": config_hash(cfg), "model": cfg.model.name, "method": cfg.method.name,
         "bits": cfg.bits if _quantizes(cfg) else None,
         "group_size": cfg.group_size if _quantizes(cfg) else None,
         "symmetric": cfg.symmetric if _quantizes(cfg) else None,
-        "calib_source": cfg.calib.source if method.needs_calibration else None,
-        "calib_samples": cfg.calib.n_samples if method.needs_calibration else None,
-        "calib_seqlen": cfg.calib.seqlen if method.needs_calibration else None,
+        "calib_source": cfg.calib.source if METHODS[cfg.method.name].needs_calibration else None,
+        "calib_samples": cfg.calib.n_samples if METHODS[cfg.method.name].needs_calibration else None,
+        "calib_seqlen": cfg.calib.seqlen if METHODS[cfg.method.name].needs_calibration else None,
         "seed": cfg.seed,
         "git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
         "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
         "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device),
     }
-    frame = to_frame({**run_columns, **row} for row in quant_rows + ppl_rows)
-    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg), "finished_at":
-            dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    frame = to_frame({**run_columns, **row} for row in rows)
+    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.model.source == "packaged":
         meta["note"] = PACKAGED_NOTE
     write_run(out_dir, frame, config_yaml or yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))),

@@ -129,3 +129,27 @@ def test_submitit_local_launcher_runs_the_sweep(tiny_model_dir, text_file, tmp_p
     proc = _cli("-m", "hydra/launcher=submitit_local", *args, "method=fp,rtn", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(results.load_results(tmp_path / "results").drop_duplicates("run_id")["method"]) == ["fp", "rtn"]
+
+
+def test_packed_reference_kernel_matches_fake_quant_perplexity(tiny_model_dir, text_file, tmp_path):
+    base = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=4", "group_size=32")
+    ppl = lambda f: f[f.metric == "ppl"]["value"].iloc[0]  # noqa: E731
+    fake, packed = execute(make_config(*base)), execute(make_config(*base, "kernel=reference"))
+    assert ppl(packed) == pytest.approx(ppl(fake), rel=1e-4)
+    row = packed[packed.metric == "kernel_fallback_layers"].iloc[0]
+    assert row.value == 0 and json.loads(row.detail)["kernel"] == "reference"
+
+
+def test_timing_rows_compare_packed_model_with_baseline(tiny_model_dir, text_file, tmp_path):
+    frame = execute(make_config(*tiny_run_overrides(
+        tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=4", "group_size=32", "kernel=reference",
+        "+eval/timing=default", "eval.timing.prompt_len=8", "eval.timing.decode_tokens=2", "eval.timing.repeats=1",
+        "eval.timing.warmup=0")))
+    timing = frame[frame.suite == "timing"]
+    metrics = set(timing.metric)
+    assert {"prefill_tokens_per_s", "decode_tokens_per_s", "baseline_decode_tokens_per_s",
+            "decode_speedup_vs_baseline"} <= metrics
+    assert (timing.value > 0).all()
+    quant = timing.set_index("metric")["value"]
+    assert quant["decode_speedup_vs_baseline"] == pytest.approx(
+        quant["decode_tokens_per_s"] / quant["baseline_decode_tokens_per_s"])
