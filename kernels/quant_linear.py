@@ -1,0 +1,134 @@
+"""QuantLinear: a drop-in nn.Linear replacement that stores packed weights and runs them on one backend.
+
+Backends:
+- "reference": GPTQ-packed weights (any bits, act-order allowed), unpacked and matmul'd in fp32 every call.
+- "triton": the W4A16 Triton kernel (fp16 activations; CUDA, or CPU under TRITON_INTERPRET=1).
+- "cpu_int4": torch's CPU int4 kernel (bf16 activations by default).
+`pack_model` swaps named nn.Linear modules for QuantLinear and falls back to "reference" for any layer the
+requested backend cannot take, reporting which backend each layer actually got.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+from torch import nn
+
+from kernels.cpu_int4 import FAST_DTYPE, cpu_int4_linear
+from kernels.pack import cpu_int4_group_size, pack_cpu_int4, pack_gptq, pack_triton_w4, triton_group_size
+from kernels.reference import gptq_linear
+from methods.base import QuantizedWeights
+
+BACKENDS = ("triton", "cpu_int4", "reference")
+log = logging.getLogger(__name__)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {list(BACKENDS)}")
+
+
+def unsupported_reason(backend: str, art: QuantizedWeights) -> str | None:
+    """Why `backend` cannot run this artifact (a short phrase), or None when it can."""
+    _check_backend(backend)
+    if backend == "reference":
+        return None
+    if art.bits != 4:
+        return f"bits={art.bits} (needs 4)"
+    if art.g_idx is not None:
+        return "act-order g_idx"
+    if backend == "triton" and triton_group_size(art) is None:
+        return f"group_size={art.group_size} (needs a multiple of 16 or per-channel)"
+    if backend == "cpu_int4" and cpu_int4_group_size(art) is None:
+        if art.out_features % 16:
+            return f"out_features={art.out_features} (needs a multiple of 16)"
+        return f"group_size={art.group_size} (needs a multiple of 32)"
+    return None
+
+
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """Raise ValueError when `backend` cannot run on `device` at all (not a per-layer fallback case)."""
+    _check_backend(backend)
+    device = torch.device(device)
+    if backend == "cpu_int4" and device.type != "cpu":
+        raise ValueError(f"backend='cpu_int4' runs on CPU only; the model is on {device}")
+    if backend == "triton" and device.type == "cpu":
+        from kernels.triton_w4a16 import is_interpreted  # lazy: imports triton
+
+        if not is_interpreted():
+            raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before "
+                             "kernels.triton_w4a16 is imported, for tests); on CPU use backend='cpu_int4' or "
+                             "'reference'")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W).T + b from packed weights; input [..., in] in any float dtype, output in the same dtype."""
+
+    def __init__(self, art: QuantizedWeights, bias: torch.Tensor | None = None, backend: str = "reference") -> None:
+        super().__init__()
+        reason = unsupported_reason(backend, art)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run this layer: {reason}; use backend='reference'")
+        self.in_features, self.out_features = art.in_features, art.out_features
+        self.bits, self.group_size, self.backend = art.bits, art.group_size, backend
+        if backend == "reference":
+            packed = pack_gptq(art, scale_dtype=torch.float32)  # fp32 scales: exactly the artifact
+        elif backend == "triton":
+            packed = pack_triton_w4(art)
+        else:
+            packed = pack_cpu_int4(art.to("cpu"), dtype=FAST_DTYPE)
+        for name, tensor in packed.items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "reference":
+            tensors = {k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+            return gptq_linear(x, tensors, self.bits, self.group_size, self.bias)
+        if self.backend == "cpu_int4":
+            return cpu_int4_linear(x, self.qweight, self.scales_and_zeros, self.in_features, self.bias)
+        from kernels.triton_w4a16 import w4a16_matmul  # lazy: imports triton
+
+        x2 = x.reshape(-1, self.in_features).to(torch.float16).contiguous()
+        y = w4a16_matmul(x2, self.qweight, self.scales, self.zeros, self.in_features).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size is None else self.group_size
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, backend={self.backend}"
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend: str) -> dict[str, str]:
+    """Replace each named nn.Linear by a QuantLinear in place; return {layer name: backend actually used}."""
+    _check_backend(backend)
+    linears = {}
+    for name, art in artifacts.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"pack_model: {name!r} is a {type(module).__name__}, expected nn.Linear")
+        if tuple(module.weight.shape) != (art.out_features, art.in_features):
+            raise ValueError(f"pack_model: {name!r} has weight {tuple(module.weight.shape)}, artifact is "
+                             f"{(art.out_features, art.in_features)}")
+        linears[name] = module
+    for device in {m.weight.device for m in linears.values()}:  # fail before replacing anything
+        check_backend_device(backend, device)
+
+    used, reasons = {}, Counter()
+    for name, module in linears.items():
+        art = artifacts[name]
+        reason = unsupported_reason(backend, art)
+        used[name] = backend if reason is None else "reference"
+        if reason is not None:
+            reasons[reason] += 1
+        device = module.weight.device
+        qlinear = QuantLinear(art.to(device), module.bias, used[name]).to(device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
+    if reasons:
+        log.warning("pack_model: %d of %d layers fell back from %s to reference: %s", sum(reasons.values()), len(used),
+                    backend, dict(reasons))
+    return used
