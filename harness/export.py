@@ -1,0 +1,194 @@
+"""Save quantized models as GPTQ or AutoAWQ-GEMM checkpoints, and read the artifacts back.
+
+A checkpoint directory holds `model.safetensors` (per quantized linear: `<name>.qweight`, `.qzeros`,
+`.scales` and, for GPTQ, `.g_idx`; every other tensor of the model as it is), `config.json` with a
+`quantization_config` that transformers understands, and the tokenizer when one is given. Packing is
+`kernels.pack`'s job; this module only names tensors, writes files and reads them back. Writes are
+atomic: everything goes to a temporary sibling directory that is renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kernels.pack import pack_awq_gemm, pack_gptq, unpack_awq_gemm, unpack_gptq
+from methods.base import QuantizedWeights, QuantSpec
+
+Format = Literal["gptq", "awq_gemm"]
+FORMATS = ("gptq", "awq_gemm")
+WEIGHTS_FILE = "model.safetensors"
+_PACKED_KEYS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq_gemm": ("qweight", "qzeros", "scales")}
+
+
+def quantization_config(fmt: Format, spec: QuantSpec, desc_act: bool, extra: dict[str, Any] | None = None) -> dict:
+    """The `quantization_config` dict of config.json for `fmt` (transformers' GPTQConfig / AwqConfig keys)."""
+    if fmt == "gptq":
+        qc = {"quant_method": "gptq", "bits": spec.bits,
+              "group_size": -1 if spec.group_size is None else spec.group_size,  # the checkpoint convention for per-channel
+              "desc_act": desc_act, "sym": spec.symmetric, "checkpoint_format": "gptq", "format": "gptq",
+              "act_group_aware": False}
+    elif fmt == "awq_gemm":
+        qc = {"quant_method": "awq", "version": "gemm", "bits": spec.bits, "group_size": spec.group_size,
+              "q_group_size": spec.group_size, "zero_point": not spec.symmetric}
+    else:
+        raise ValueError(f"export format fmt={fmt!r}; allowed values: {list(FORMATS)}")
+    return {**qc, **(extra or {})}
+
+
+def _check_artifacts(fmt: Format, artifacts: dict[str, QuantizedWeights], spec: QuantSpec, model: nn.Module) -> bool:
+    """Validate artifacts against spec and model; returns whether any carries an act-order g_idx."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format fmt={fmt!r}; allowed values: {list(FORMATS)}")
+    if not artifacts:
+        raise ValueError("save_quantized: no artifacts to save (method=fp quantizes nothing)")
+    if fmt == "awq_gemm" and spec.symmetric:
+        raise ValueError("save_quantized: fmt='awq_gemm' stores asymmetric weights only (zero_point=True); "
+                         "spec.symmetric=True needs fmt='gptq'")
+    for name, art in artifacts.items():
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(art.codes.shape):
+            raise ValueError(f"save_quantized: artifact {name} {tuple(art.codes.shape)} does not match the model's "
+                             f"module there ({type(lin).__name__})")
+        if (art.bits, art.group_size, art.symmetric) != (spec.bits, spec.group_size, spec.symmetric):
+            raise ValueError(f"save_quantized: artifact {name} is w{art.bits} g{art.group_size} sym={art.symmetric}, "
+                             f"spec is {spec}: one checkpoint holds one spec")
+    return any(art.g_idx is not None for art in artifacts.values())
+
+
+def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state dict minus `skip`, with tied (storage-sharing) tensors stored once, as save_pretrained does."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous().clone()
+    return out
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished tmp dir to out_dir; an existing out_dir is swapped out first, then deleted."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@torch.no_grad()
+def save_quantized(model: nn.Module, artifacts: dict[str, QuantizedWeights], out_dir: str | Path, fmt: Format,
+                   spec: QuantSpec, tokenizer=None, *, scale_dtype: torch.dtype = torch.float16,
+                   extra_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a GPTQ or AWQ-GEMM checkpoint of `model` with `artifacts` {linear name: artifact} to out_dir.
+
+    scale_dtype: fp16 is what checkpoints and kernels expect; float32 keeps scales bit-exact (GPTQ only, AWQ GEMM
+    scales are always fp16). extra_config: more keys for quantization_config (e.g. damp_percent).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"save_quantized: {out_dir} exists; pass overwrite=True to replace it")
+    desc_act = _check_artifacts(fmt, artifacts, spec, model)
+    tensors = _plain_tensors(model, skip={f"{name}.weight" for name in artifacts})
+    for name, art in artifacts.items():
+        packed = pack_gptq(art.to("cpu"), scale_dtype=scale_dtype) if fmt == "gptq" else pack_awq_gemm(art.to("cpu"))
+        for key in _PACKED_KEYS[fmt]:
+            tensors[f"{name}.{key}"] = packed[key].contiguous()
+
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(fmt, spec, desc_act, extra_config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quant_format": fmt})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _spec_from_quant_config(qc: dict, path: Path) -> tuple[Format, QuantSpec]:
+    method = qc.get("quant_method")
+    if method == "gptq":
+        group_size = qc["group_size"]
+        return "gptq", QuantSpec(int(qc["bits"]), None if group_size in (-1, None) else int(group_size), bool(qc["sym"]))
+    if method == "awq":
+        if qc.get("version", "gemm").lower() != "gemm":
+            raise ValueError(f"{path}: AWQ version={qc.get('version')!r}; only 'gemm' is supported")
+        group_size = qc.get("group_size", qc.get("q_group_size"))
+        return "awq_gemm", QuantSpec(int(qc["bits"]), int(group_size), not qc.get("zero_point", True))
+    raise ValueError(f"{path}: quantization_config.quant_method={method!r}; allowed values: ['awq', 'gptq']")
+
+
+def load_quantized(path: str | Path):
+    """Read a checkpoint written by save_quantized -> (config without quantization_config, {linear name: artifact}).
+
+    Build the skeleton with `AutoModelForCausalLM.from_config(config)`; `load_quantized_model` does that for you.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    if "quantization_config" not in raw:
+        raise ValueError(f"{path}/config.json has no quantization_config: not a quantized checkpoint")
+    fmt, spec = _spec_from_quant_config(raw["quantization_config"], path)
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    artifacts = {}
+    for name in names:
+        parts = {key: tensors[f"{name}.{key}"] for key in _PACKED_KEYS[fmt] if f"{name}.{key}" in tensors}
+        if fmt == "gptq":
+            art = unpack_gptq(parts, spec.bits, spec.group_size)
+        else:
+            art = unpack_awq_gemm(parts, spec.bits, spec.group_size)
+        art.symmetric = spec.symmetric
+        artifacts[name] = art
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return config, artifacts
+
+
+@torch.no_grad()
+def load_quantized_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Rebuild the model from a checkpoint with fake-quantized weights -> (model in eval mode, artifacts)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config, artifacts = load_quantized(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    packed = {f"{n}.{key}" for n in artifacts for key in _PACKED_KEYS["gptq"]}
+    plain = {k: v for k, v in load_file(str(path / WEIGHTS_FILE)).items() if k not in packed}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    state = model.state_dict()
+    stored = {(state[k].untyped_storage().data_ptr(), tuple(state[k].shape)) for k in plain if k in state}
+    untied_missing = [k for k in missing if k.removesuffix(".weight") not in artifacts
+                      and (state[k].untyped_storage().data_ptr(), tuple(state[k].shape)) not in stored]
+    if unexpected or untied_missing:
+        raise ValueError(f"{path}: checkpoint does not fit its config: missing {untied_missing}, unexpected {unexpected}")
+    for name, art in artifacts.items():
+        lin = model.get_submodule(name)
+        lin.weight.data = art.dequantize(dtype)
+    return model.to(device).eval(), artifacts

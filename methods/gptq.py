@@ -1,0 +1,328 @@
+"""GPTQ (Frantar et al. 2022), faithful to IST-DASLab/gptq and AutoGPTQ/GPTQModel.
+
+Two layers, kept apart:
+- the layer-level core (`HessianAccumulator`, `gptq_quantize_layer`): pure tensor maths on one weight
+  matrix and its Hessian; knows nothing about models (AWQ's `awq_gptq` variant calls it too);
+- the `GPTQ` method: walks the decoder blocks, collects each linear's Hessian in the architecture's
+  true-sequential order and writes the quantized weights back so later linears and blocks see them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.blockwise import BlockContext, iterate_blocks
+from methods.base import Method, QuantizedWeights, QuantSpec, register_method
+from methods.quant import qparams
+
+log = logging.getLogger(__name__)
+
+RANGE_RULES = ("minmax", "minmax_zero")
+
+
+class HessianAccumulator:
+    """Running mean of H = 2/n * sum_t x_t x_t^T over n input rows, in fp32 (the GPTQ proxy Hessian).
+
+    n counts token rows, as GPTQModel does (IST-DASLab counts sequences); the factor only rescales H,
+    and damping is relative to mean(diag(H)), so the quantized result does not depend on it.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str, name: str = "layer") -> None:
+        self.name = name
+        self.n = 0
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate activations x [..., in] (any float dtype)."""
+        if x.shape[-1] != self._H.shape[0]:
+            raise ValueError(f"{self.name}: activation width {x.shape[-1]} != in_features {self._H.shape[0]}")
+        x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        # Running mean: rescale what is there, then add the new rows with weight 2/n (fp32 keeps H exact enough).
+        self._H.mul_(self.n / (self.n + m))
+        self.n += m
+        self._H.addmm_(x.T, x, alpha=2.0 / self.n)
+
+    @property
+    def H(self) -> torch.Tensor:
+        """fp32 [in, in]; ValueError when no activation was ever added (empty calibration)."""
+        if self.n == 0:
+            raise ValueError(f"{self.name}: no calibration activations reached this layer (empty calibration), "
+                             "cannot build its GPTQ Hessian")
+        return self._H
+
+
+def _damped_inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment: float, max_damp_retries: int,
+                           name: str) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 for H [in, in] fp32 -> (Hinv, damp used, retries).
+
+    The first damp is `damp_percent` (the reference); on a failed factorization it grows by `damp_increment`
+    (GPTQModel's damp_auto_increment walk) at most `max_damp_retries` times.
+    """
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for retry in range(max_damp_retries + 1):
+        damp = damp_percent + retry * damp_increment
+        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
+        if info.item() == 0:
+            # Both steps must succeed: an extreme dynamic range can pass the first and fail the second.
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                if retry:
+                    log.warning("%s: Hessian Cholesky succeeded after %d damp retries at damp_percent=%.4f",
+                                name, retry, damp)
+                return U, damp, retry
+        log.warning("%s: Hessian not positive definite at damp_percent=%.4f%s", name, damp,
+                    "; raising the damping" if retry < max_damp_retries else "")
+        if damp_increment <= 0:
+            break
+    raise ValueError(f"{name}: GPTQ Hessian stays singular (not positive definite) after {max_damp_retries} damp "
+                     f"retries up to damp_percent={damp_percent + max_damp_retries * damp_increment:.4f}; "
+                     "use more calibration data or raise method.damp_percent / method.max_damp_retries")
+
+
+@torch.no_grad()
+def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+                        damp_percent: float = 0.01, desc_act: bool = False, static_groups: bool = False,
+                        range_rule: str = "minmax_zero", max_damp_retries: int = 10, damp_increment: float = 0.01,
+                        name: str = "layer") -> tuple[QuantizedWeights, dict]:
+    """GPTQ one weight W [out, in] (any float dtype) with Hessian H [in, in] -> (artifact, stats).
+
+    stats: damp_percent (used), damp_retries, loss (IST-DASLab's sum of (w-q)^2/Hinv_ii^2/2), n_dead.
+    The artifact's dequantize() equals, bit for bit in fp32, the weights the algorithm computed.
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"{name}: W {tuple(W.shape)} and H {tuple(H.shape)} do not match (need [out, in], [in, in])")
+    if range_rule not in RANGE_RULES:
+        raise ValueError(f"{name}: range_rule={range_rule!r}; allowed values: {list(RANGE_RULES)}")
+    if block_size <= 0:
+        raise ValueError(f"{name}: block_size={block_size} must be a positive integer")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name}: weight contains NaN/Inf")
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{name}: Hessian contains NaN/Inf (non-finite calibration activations?)")
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    out_features, columns = W.shape
+    gs = spec.group_size
+    maxq = spec.maxq
+
+    # Per-channel params come from the untouched W, before dead columns are zeroed (as the reference does).
+    if gs is None:
+        row_scale, row_zero = qparams(W, spec.bits, spec.symmetric, range_rule)
+
+    dead = torch.diag(H) == 0
+    n_dead = int(dead.sum())
+    if n_dead == columns:
+        raise ValueError(f"{name}: the Hessian is all zero (every input channel is dead): no calibration signal")
+    # An input that never fires carries no information: pin its curvature and drop its weights.
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static_params = None
+    if gs is not None and static_groups:
+        static_params = [qparams(W[:, s:s + gs], spec.bits, spec.symmetric, range_rule) for s in range(0, columns, gs)]
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, damp, retries = _damped_inverse_factor(H, damp_percent, damp_increment, max_damp_retries, name)
+    del H
+
+    codes = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    scales: list[torch.Tensor] = []
+    zeros: list[torch.Tensor] = []
+    if gs is None:
+        scale, zero = row_scale, row_zero
+    perm_list = perm.tolist() if perm is not None else None
+    q = torch.empty(out_features, dtype=torch.float32, device=W.device)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        # Work on the block transposed ([cols, out]) so each column is one contiguous row: fewer, cheaper kernels.
+        W1 = W[:, i1:i2].T.contiguous()
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if static_params is not None:
+                scale, zero = static_params[(perm_list[c] if desc_act else c) // gs]
+            elif gs is not None and c % gs == 0:
+                # Dynamic groups read W, which already holds the updates of earlier blocks but not yet those of
+                # earlier columns of this block: exactly the reference's find_params(W[:, c:c+gs]).
+                scale, zero = qparams(W[:, c:c + gs], spec.bits, spec.symmetric, range_rule)
+                scales.append(scale)
+                zeros.append(zero)
+            w, code, err = W1[i], Q1[i], Err1[i]
+            torch.div(w, scale, out=code).round_().add_(zero).clamp_(0, maxq)
+            torch.sub(code, zero, out=q).mul_(scale)  # the dequantized weight s * (code - z)
+            torch.sub(w, q, out=err).div_(Hinv1[i, i])
+            W1[i + 1:].sub_(torch.outer(Hinv1[i, i + 1:], err))
+        codes[:, i1:i2] = Q1.T
+        # Each err is already divided by Hinv_ii: the reference's (w - q)^2 / Hinv_ii^2 / 2 is err^2 / 2.
+        loss += Err1.square().sum() / 2
+        # Lazy batch update: the rest of the matrix sees this block's errors in one matmul.
+        W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
+
+    if gs is None:
+        scales, zeros = [row_scale], [row_zero]
+    elif static_params is not None:
+        scales, zeros = [s for s, _ in static_params], [z for _, z in static_params]
+    S = torch.stack(scales, dim=1)
+    Z = torch.stack(zeros, dim=1)
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if gs is not None:
+            # Column j was processed at position invperm[j]; dynamic groups are numbered in processing order,
+            # static groups keep the original contiguous numbering.
+            g_pos = torch.arange(columns, device=W.device) // gs
+            g_idx = (g_pos[invperm] if static_params is None else g_pos).to(torch.int32)
+
+    loss_value = float(loss)
+    if not math.isfinite(loss_value):
+        raise ValueError(f"{name}: GPTQ produced a non-finite loss ({loss_value}); check the Hessian and weights")
+    art = QuantizedWeights(codes=codes.to(torch.uint8), scales=S, zeros=Z.to(torch.uint8), bits=spec.bits,
+                           group_size=gs, symmetric=spec.symmetric, g_idx=g_idx)
+    stats = {"damp_percent": damp, "damp_retries": retries, "loss": loss_value, "n_dead": n_dead}
+    return art, stats
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """`method=gptq`. Defaults follow IST-DASLab/gptq (and AutoGPTQ); see conf/method/gptq.yaml and docs/gptq.md.
+
+    damp_percent: relative dampening, H += damp_percent * mean(diag H) * I.
+    block_size: columns per lazy batch update.
+    desc_act: act-order, process columns by descending diag(H); records g_idx.
+    static_groups: group params from the original W up front (instead of at each group boundary).
+    true_sequential: quantize the architecture's sequential groups in turn within a block (else all at once).
+    range_rule: "minmax_zero" (the reference quantizer, range includes 0) or "minmax".
+    damp_increment / max_damp_retries: if Cholesky fails, damp += damp_increment, at most this many times.
+    batch_size: calibration samples per block forward.
+    """
+
+    name: str = "gptq"
+    damp_percent: float = 0.01
+    block_size: int = 128
+    desc_act: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    range_rule: str = "minmax_zero"
+    damp_increment: float = 0.01
+    max_damp_retries: int = 10
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"method.damp_percent={self.damp_percent} must be in (0, 1)")
+        if not 0 <= self.damp_increment < 1:
+            raise ValueError(f"method.damp_increment={self.damp_increment} must be in [0, 1)")
+        for key in ("block_size", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"method.{key}={value!r} must be a positive integer")
+        if not isinstance(self.max_damp_retries, int) or self.max_damp_retries < 0:
+            raise ValueError(f"method.max_damp_retries={self.max_damp_retries!r} must be a non-negative integer")
+        if self.range_rule not in RANGE_RULES:
+            raise ValueError(f"method.range_rule={self.range_rule!r}; allowed values: {list(RANGE_RULES)}")
+
+
+class _GroupDone(Exception):
+    """Raised by an input hook once every linear of the current group has seen its input."""
+
+
+@torch.no_grad()
+def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.device) -> dict[str, HessianAccumulator]:
+    """Run the block over its calibration inputs and return {name: Hessian of that linear's inputs}.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, and the forward stops as
+    soon as the last linear of the group has its input (later layers of the block are not needed).
+    """
+    linears = {n: ctx.block.get_submodule(n) for n in names}
+    accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}  # linear -> linear whose accumulator it shares
+    seen: dict[tuple, str] = {}
+    held: list[torch.Tensor] = []  # keep this batch's inputs alive so an address is never reused within it
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
+        owner = seen.get(key)
+        if owner is None:
+            seen[key] = name
+            held.append(x)
+            if name not in accs:
+                accs[name] = HessianAccumulator(linears[name].in_features, device, name=ctx.full_name(name))
+            accs[name].add(x)
+            owner = name
+        if alias.setdefault(name, owner) != owner:
+            raise RuntimeError(f"{ctx.full_name(name)}: shared-input pattern changed between calibration batches")
+        if len(seen_names) == len(names) - 1 and name not in seen_names:
+            raise _GroupDone
+        seen_names.add(name)
+
+    seen_names: set[str] = set()
+    with ctx.input_hooks(list(names), on_input):
+        for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
+            seen.clear()
+            held.clear()
+            seen_names.clear()
+            try:
+                ctx.block(ctx.inputs[i:i + ctx.batch_size], **ctx.kwargs)
+            except _GroupDone:
+                pass
+    missing = [n for n in names if n not in alias]
+    if missing:
+        raise ValueError(f"{ctx.prefix}: no calibration activations reached {missing}")
+    return {n: accs[alias[n]] for n in names}
+
+
+@register_method("gptq", GPTQConfig)
+class GPTQ(Method):
+    """Blocks in order; within a block the sequential groups in turn; the next block sees quantized outputs.
+
+    Unlike methods that only return artifacts, GPTQ writes dequantize(artifact) into each linear as it goes
+    (later linears and blocks must see the quantized weights); applying the artifacts again is idempotent.
+    """
+
+    needs_calibration = True
+
+    def __init__(self, config: GPTQConfig) -> None:
+        super().__init__(config)
+        self.layer_stats: dict[str, dict] = {}
+
+    def quantize(self, model: nn.Module, layout, spec: QuantSpec, calib: torch.Tensor | None,
+                 device: torch.device) -> dict[str, QuantizedWeights]:
+        cfg = self.config
+        if calib is None or calib.numel() == 0:
+            raise ValueError("method=gptq needs calibration data; got none (calib is empty)")
+        artifacts: dict[str, QuantizedWeights] = {}
+        for ctx in iterate_blocks(model, layout, calib, device, desc="gptq", batch_size=cfg.batch_size):
+            linears = layout.block_linears(ctx.block)
+            groups = layout.spec.sequential if cfg.true_sequential else (tuple(linears),)
+            for group in groups:
+                hessians = collect_hessians(ctx, group, device)
+                for n in group:
+                    lin, full = linears[n], ctx.full_name(n)
+                    art, stats = gptq_quantize_layer(
+                        lin.weight.data.to(device), hessians[n].H, spec, block_size=cfg.block_size,
+                        damp_percent=cfg.damp_percent, desc_act=cfg.desc_act, static_groups=cfg.static_groups,
+                        range_rule=cfg.range_rule, max_damp_retries=cfg.max_damp_retries,
+                        damp_increment=cfg.damp_increment, name=full)
+                    lin.weight.data = art.dequantize(lin.weight.dtype).to(lin.weight.device)
+                    artifacts[full] = art.to("cpu")
+                    self.layer_stats[full] = {**stats, "n_tokens": hessians[n].n}
+                del hessians
+            ctx.next_inputs = ctx.forward()
+        return artifacts
