@@ -31,6 +31,8 @@ class ArchSpec:
     sequential: tuple[tuple[str, ...], ...]  # GPTQ true_sequential order; together these are every quantized linear
     scale_groups: tuple[ScaleGroup, ...]
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight): fold into (offset + weight)
+    # AWQ's clip search skips q/k: their outputs only meet through q.k^T, which the per-layer loss cannot see.
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     needs_bos: bool = False  # prepend BOS to every perplexity window (models trained with one at every sequence start)
 
     @property

@@ -121,9 +121,10 @@ class QuantizedWeights:
 class Method(ABC):
     """A weight-only quantization method.
 
-    `quantize` may change the model in place only in two ways: function-preserving transformations
-    (AWQ folds its scales into the preceding norms), and writing `artifact.dequantize()` into a linear's
-    weight (GPTQ does, so later layers see quantized inputs). The caller then applies the returned
+    `quantize` may change the model in place only in these ways: function-preserving transformations
+    (AWQ folds its scales into the preceding norms), clipping a linear's weights before quantizing it
+    (AWQ's clip search), and writing `artifact.dequantize()` into a linear's weight (GPTQ does, so later
+    layers see quantized inputs). The caller then applies the returned
     artifacts (fake-quant or packed kernels), which is idempotent with the latter.
     """
 
