@@ -18,7 +18,7 @@ def tiny_run_overrides(model_dir, text_file, tmp_path, *extra):
     return [
         "model=hf", f"model.path={model_dir}", "model.name=tiny", "device=cpu",
         f"data.sources.textfile.path={text_file}", "calib.source=textfile", "eval.ppl_sets=[textfile]",
-        "eval.seqlen=32", "eval.max_windows=3", f"results_dir={tmp_path / 'results'}",
+        "eval.seqlen=32", "eval.max_windows=3", "eval.lm_eval=null", f"results_dir={tmp_path / 'results'}",
         f"cache_dir={tmp_path / 'cache'}", *extra,
     ]
 
@@ -153,3 +153,19 @@ def test_timing_rows_compare_packed_model_with_baseline(tiny_model_dir, text_fil
     quant = timing.set_index("metric")["value"]
     assert quant["decode_speedup_vs_baseline"] == pytest.approx(
         quant["decode_tokens_per_s"] / quant["baseline_decode_tokens_per_s"])
+
+
+def test_lm_eval_rows_join_the_same_table(tiny_model_dir, text_file, tmp_path):
+    args = [a for a in tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn") if a != "eval.lm_eval=null"]
+    frame = execute(make_config(*args, "eval.lm_eval.tasks=[arc_easy]", "eval.lm_eval.limit=3"))
+    acc = frame[(frame.suite == "lm_eval") & (frame.metric == "acc")]
+    assert len(acc) == 1 and acc.task.iloc[0] == "arc_easy" and 0 <= acc.value.iloc[0] <= 1
+    assert acc.n.iloc[0] == 3 and acc.stderr.notna().all()
+    assert set(frame.suite) == {"quant", "ppl", "lm_eval"}
+
+
+def test_unknown_task_fails_before_the_model_loads(tmp_path):
+    cfg = make_config("model=hf", f"model.path={tmp_path / 'no-such-model'}", "eval.ppl_sets=[code]",
+                      "eval.lm_eval.tasks=[no_such_task]", "eval.lm_eval.passthrough=false", f"results_dir={tmp_path}")
+    with pytest.raises(ValueError, match="no_such_task"):
+        execute(cfg)
