@@ -10,7 +10,7 @@ run: setup        ## the default job on the packaged model
 test: setup       ## the test suite (what CI runs)
 	$(PY) -m pytest -q
 report: setup     ## the comparison sweep (resumable) and its report
-	$(PY) -m harness +experiment=paper_table
+	OMP_NUM_THREADS=1 $(PY) -m harness +experiment=paper_table  # one thread per parallel job
 	$(PY) -m harness.report results --main-calib wiki --out $(REPORT_DIR)
 robustness: setup ## calibrate on each domain, evaluate on each
 	$(PY) -m harness +experiment=calib_robustness

@@ -12,7 +12,7 @@ def packaged_ppl(tmp_path_factory):
     results_dir = tmp_path_factory.mktemp("results")
 
     def ppl(*overrides):
-        cfg = make_config("eval.seqlen=256", "eval.max_windows=4", "eval.ppl_sets=[wiki,code]", "device=cpu",
+        cfg = make_config("eval=ppl", "eval.seqlen=256", "eval.max_windows=4", "eval.ppl_sets=[wiki,code]", "device=cpu",
                           f"results_dir={results_dir}", *overrides)
         frame = execute(cfg)
         rows = frame[(frame.suite == "ppl") & (frame.metric == "ppl")]
@@ -28,3 +28,11 @@ def test_packaged_model_quality_orders_fp_w4_w3(packaged_ppl):
     for name in ("wiki", "code"):
         assert 1 < fp[name] < w4[name] < w3[name], (name, fp, w4, w3)
     assert fp["wiki"] < 60  # a working language model on Wikipedia text, not a random one (vocab 49152)
+
+
+def test_packed_cpu_int4_model_matches_fake_quant_perplexity(packaged_ppl):
+    """The packed model end to end: 210 QuantLinear layers on torch's int4 kernel (bf16 activations)."""
+    fake = packaged_ppl("method=rtn", "bits=4", "group_size=128")
+    packed = packaged_ppl("method=rtn", "bits=4", "group_size=128", "kernel=cpu_int4")
+    for name in fake:
+        assert packed[name] == pytest.approx(fake[name], rel=0.01), (name, fake, packed)
