@@ -6,8 +6,10 @@ results/<run_id>/. A run whose results directory is already complete is skipped 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -228,12 +230,40 @@ def evaluate_timing(cfg: RunConfig, model, cache: Path, device: torch.device,
     return rows
 
 
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """Hold an exclusive lock on a run directory; yields True if another process held it first.
+
+    Parallel sweep jobs can share a run (fp in a sweep over bits): the second waits for the first
+    instead of computing the same rows twice. The OS drops the lock when a process dies."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as handle:
+        waited = False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s is being computed by another process: waiting for it", out_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
     """Run `cfg` (or reuse its finished results) and return its rows."""
     out_dir = run_dir(cfg)
     if is_complete(out_dir) and not cfg.force:
         log.info("%s is complete: skipping (force=true re-runs it)", out_dir)
         return read_run(out_dir)
+    with run_lock(out_dir) as waited:
+        if waited and is_complete(out_dir):
+            return read_run(out_dir)
+        return _execute(cfg, out_dir, config_yaml)
+
+
+def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataFrame:
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)

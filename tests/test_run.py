@@ -169,3 +169,30 @@ def test_unknown_task_fails_before_the_model_loads(tmp_path):
                       "eval.lm_eval.tasks=[no_such_task]", "eval.lm_eval.passthrough=false", f"results_dir={tmp_path}")
     with pytest.raises(ValueError, match="no_such_task"):
         execute(cfg)
+
+
+def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(tiny_model_dir, text_file, tmp_path):
+    import fcntl
+    import threading
+
+    from harness.run import run_lock
+
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=fp"))
+    out = run_dir(cfg)
+    holder = open(_lock_path(out), "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another job is computing this run
+    got = {}
+    worker = threading.Thread(target=lambda: got.setdefault("frame", execute(cfg)))
+    worker.start()
+    worker.join(timeout=2)
+    assert worker.is_alive()  # it waits instead of computing the same rows
+    results.write_run(out, results.to_frame([{"run_id": "other", "suite": "ppl", "task": "textfile",
+                                              "metric": "ppl", "value": 1.0}]), "", {})
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert got["frame"]["run_id"].tolist() == ["other"]  # it read the finished run
+
+
+def _lock_path(out):
+    out.mkdir(parents=True, exist_ok=True)
+    return out / ".lock"
