@@ -19,8 +19,11 @@ def summary_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no rows)"
     frame = frame.assign(group_size=frame["group_size"].astype("string").fillna("-"),
-                         bits=frame["bits"].astype("string").fillna("-"))
+                         bits=frame["bits"].astype("string").fillna("-"),
+                         calib_source=frame["calib_source"].astype("string").fillna("-"))
     index = ["model", "method", "bits", "group_size"]
+    if frame["calib_source"].nunique() > 1:  # e.g. a calibration-robustness sweep: keep the runs apart
+        index.append("calib_source")
     parts = []
     ppl = frame[(frame["suite"] == "ppl") & (frame["metric"] == "ppl")]
     if not ppl.empty:
