@@ -24,6 +24,7 @@ from methods.awq_search import (act_mean, awq_scale, clip_weight, fold_scale_int
                                 weight_mean)
 from methods.base import Method, QuantizedWeights, QuantSpec, register_method
 from methods.quant import fake_quantize, quantize_weight
+from methods.gptq import GPTQ, GPTQConfig
 
 SEARCH_FORMAT = "awq_search/v1"
 SEARCH_FILE = "awq_search.pt"
@@ -360,50 +361,22 @@ class AWQ(Method):
         return artifacts
 
 
+def _gptq_half() -> GPTQConfig:
+    # AWQ's quantizer range, the one the clip thresholds were searched for ("minmax_zero" = GPTQ's own)
+    return GPTQConfig(range_rule="minmax")
+
+
 @dataclass(frozen=True)
 class AWQGPTQConfig:
     """`method=awq_gptq`: AWQ's scale + clip search (and fold), then GPTQ instead of round-to-nearest.
 
-    The AWQ keys mean what they mean for `method=awq`, the GPTQ keys what they mean for `method=gptq`
-    (see AWQConfig, methods.gptq.GPTQConfig). range_rule defaults to AWQ's "minmax" quantizer, the one the
-    clip thresholds were searched for; "minmax_zero" is GPTQ's own.
+    `awq` and `gptq` are the two methods' own configs (method.awq.n_grid=..., method.gptq.desc_act=...);
+    the GPTQ half defaults to AWQ's "minmax" quantizer range.
     """
 
     name: str = "awq_gptq"
-    n_grid: int = 20
-    duo_scaling: bool = True
-    auto_scale: bool = True
-    auto_clip: bool = True
-    clip_grid: int = 20
-    clip_max_shrink: float = 0.5
-    clip_n_tokens: Optional[int] = 512
-    batch_size: int = 8
-    load_search: Optional[str] = None
-    damp_percent: float = 0.01
-    block_size: int = 128
-    desc_act: bool = False
-    static_groups: bool = False
-    true_sequential: bool = True
-    range_rule: str = "minmax"
-    damp_increment: float = 0.01
-    max_damp_retries: int = 10
-
-    def __post_init__(self) -> None:
-        self.awq_config()  # each half validates its own keys
-        self.gptq_config()
-
-    def awq_config(self) -> AWQConfig:
-        return AWQConfig(n_grid=self.n_grid, duo_scaling=self.duo_scaling, auto_scale=self.auto_scale,
-                         auto_clip=self.auto_clip, clip_grid=self.clip_grid, clip_max_shrink=self.clip_max_shrink,
-                         clip_n_tokens=self.clip_n_tokens, batch_size=self.batch_size, load_search=self.load_search)
-
-    def gptq_config(self):
-        from methods.gptq import GPTQConfig
-
-        return GPTQConfig(damp_percent=self.damp_percent, block_size=self.block_size, desc_act=self.desc_act,
-                          static_groups=self.static_groups, true_sequential=self.true_sequential,
-                          range_rule=self.range_rule, damp_increment=self.damp_increment,
-                          max_damp_retries=self.max_damp_retries, batch_size=self.batch_size)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    gptq: GPTQConfig = field(default_factory=_gptq_half)
 
 
 @register_method("awq_gptq", AWQGPTQConfig)
@@ -414,9 +387,7 @@ class AWQGPTQ(Method):
     needs_calibration = True
 
     def quantize(self, model, layout, spec, calib, device) -> dict[str, QuantizedWeights]:
-        from methods.gptq import GPTQ
-
-        awq_config = self.config.awq_config()
+        awq_config = self.config.awq
         if awq_config.load_search is not None:
             search = AWQSearch.load(awq_config.load_search)
             search.check_matches(model, layout, spec)
@@ -427,7 +398,7 @@ class AWQGPTQ(Method):
             if run_dir is not None:
                 search.save(Path(run_dir) / SEARCH_FILE)
         self.search = search
-        gptq = GPTQ(self.config.gptq_config())
+        gptq = GPTQ(self.config.gptq)
         artifacts = gptq.quantize(model, layout, spec, calib, device)
         self.layer_stats = gptq.layer_stats
         return artifacts

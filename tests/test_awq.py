@@ -249,17 +249,26 @@ def test_load_search_errors(tmp_path):
 # ------------------------------------------------------------------------------------------ awq_gptq
 
 
-@pytest.mark.parametrize("key,value", [("range_rule", "nearest"), ("damp_percent", 0.0), ("n_grid", 0)])
-def test_awq_gptq_config_rejects_bad_values(key, value):
-    from methods.awq import AWQGPTQConfig
+@pytest.mark.parametrize("half,key,value", [("gptq", "range_rule", "nearest"), ("gptq", "damp_percent", 0.0),
+                                             ("awq", "n_grid", 0)])
+def test_awq_gptq_config_rejects_bad_values(half, key, value):
+    from methods.awq import AWQConfig
+    from methods.gptq import GPTQConfig
 
     with pytest.raises(ValueError, match=key):
-        AWQGPTQConfig(**{key: value})
+        {"awq": AWQConfig, "gptq": GPTQConfig}[half](**{key: value})
+
+
+def test_awq_gptq_config_composes_from_the_cli():
+    from test_config import make_config
+
+    cfg = make_config("method=awq_gptq", "method.awq.n_grid=10", "method.gptq.desc_act=true")
+    assert (cfg.method.awq.n_grid, cfg.method.gptq.desc_act, cfg.method.gptq.range_rule) == (10, True, "minmax")
 
 
 @torch.no_grad()
 def test_awq_gptq_beats_rtn_and_reloads(tmp_path):
-    from methods.awq import AWQGPTQConfig
+    from methods.awq import AWQConfig, AWQGPTQConfig
     from methods.rtn import RTN, RTNConfig
 
     model, layout = _outlier_model()
@@ -274,7 +283,7 @@ def test_awq_gptq_beats_rtn_and_reloads(tmp_path):
 
     rtn_err = logit_mse(RTN(RTNConfig()).quantize(model, layout, spec, ids, CPU), model)
     combo = copy.deepcopy(model)
-    method = build_method(AWQGPTQConfig(batch_size=4))
+    method = build_method(AWQGPTQConfig(awq=AWQConfig(batch_size=4)))
     method.run_dir = tmp_path
     artifacts = method.quantize(combo, layout, spec, ids, CPU)
     assert artifacts.keys() == layout.quantizable_linears(model).keys()
@@ -282,5 +291,5 @@ def test_awq_gptq_beats_rtn_and_reloads(tmp_path):
     assert err < rtn_err, f"awq_gptq logit MSE {err:.3e} >= RTN {rtn_err:.3e}"
     # the saved AWQ half re-applies: same artifacts without searching
     again = copy.deepcopy(model)
-    reloaded = build_method(AWQGPTQConfig(batch_size=4, load_search=str(tmp_path / SEARCH_FILE)))
+    reloaded = build_method(AWQGPTQConfig(awq=AWQConfig(batch_size=4, load_search=str(tmp_path / SEARCH_FILE))))
     _artifacts_equal(artifacts, reloaded.quantize(again, layout, spec, ids, CPU))
