@@ -30,6 +30,19 @@ def build_assets(directory: Path) -> tuple[Path, Path]:
 
 
 def run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
+    """Run the sweep single-threaded: float reductions split over threads differ in their last bits, and
+    GPTQ's error propagation carries such differences into the numbers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_sweep(assets, results_dir, cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
     from methods import METHODS
     from harness.run import execute
     from test_config import make_config
