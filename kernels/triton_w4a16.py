@@ -61,6 +61,19 @@ def _dequant_tile(qw_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, group, N,
 
 
 @triton.jit
+def _tile_product(x_ptr, qw_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, kt, mask_m, N, K,
+                  stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
+                  GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = x[offs_m, K tile kt] @ dequantized W[K tile kt, offs_n] (K beyond K masked)."""
+    offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+    w = _dequant_tile(qw_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, (kt * BLOCK_K) // GROUP_SIZE, N,
+                      stride_qk, stride_qn, stride_sg, stride_sn)
+    return tl.dot(x, w)
+
+
+@triton.jit
 def _w4a16_splitk_kernel(
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, part_ptr,  # pointers
     M, N, K, Kp,  # sizes
@@ -75,12 +88,8 @@ def _w4a16_splitk_kernel(
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(pid_k, Kp // BLOCK_K, SPLIT_K):
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, (kt * BLOCK_K) // GROUP_SIZE, N,
-                          stride_qk, stride_qn, stride_sg, stride_sn)
-        acc += tl.dot(x, w)
+        acc += _tile_product(x_ptr, qw_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, kt, mask_m, N, K,
+                             stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, BLOCK_K)
     tl.store(part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, acc,
              mask=mask_m[:, None] & (offs_n < N)[None, :])
 
@@ -108,12 +117,8 @@ def _w4a16_tiled_kernel(
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, Kp // BLOCK_K):
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, (kt * BLOCK_K) // GROUP_SIZE, N,
-                          stride_qk, stride_qn, stride_sg, stride_sn)
-        acc += tl.dot(x, w)
+        acc += _tile_product(x_ptr, qw_ptr, scales_ptr, zeros_ptr, offs_m, offs_n, kt, mask_m, N, K,
+                             stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, GROUP_SIZE, BLOCK_K)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(tl.float16),
              mask=mask_m[:, None] & (offs_n < N)[None, :])
 
