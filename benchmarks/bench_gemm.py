@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from harness.timing import available_backends, device_name, gemm_microbench
+    from harness.provenance import device_name
+    from harness.timing import available_backends, gemm_microbench
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -37,7 +37,9 @@ def versions() -> str:
     return json.dumps(found, sort_keys=True)
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU model and torch's thread count (the device column of every row)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     cpu = platform.processor() or platform.machine()

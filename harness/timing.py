@@ -7,32 +7,18 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from harness.provenance import device_name
 from kernels.cpu_int4 import DENSE_FROM_M
 from kernels.quant_linear import QuantLinear, check_backend_device, unsupported_reason
 from methods.base import QuantizedWeights
 
 SUITE = "timing"
-
-
-def device_name(device: torch.device | str) -> str:
-    """Human name of the device: the GPU's name, or the CPU model plus torch's thread count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device | str) -> None:
