@@ -38,13 +38,22 @@ def _quantizes(cfg: RunConfig) -> bool:
     return cfg.method.name != "fp"
 
 
+def _calibrates(cfg: RunConfig) -> bool:
+    return METHODS[cfg.method.name].needs_calibration
+
+
+def used_sources(cfg: RunConfig) -> set[str]:
+    """Names of the data sources this run reads: its eval sets, plus the calibration source if it calibrates."""
+    return set(cfg.eval.ppl_sets) | ({cfg.calib.source} if _calibrates(cfg) else set())
+
+
 def spec_of(cfg: RunConfig) -> QuantSpec:
     return QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
 
 
 def result_key(cfg: RunConfig) -> dict:
     """Everything that can change a run's numbers (and nothing else: paths, force and device are out)."""
-    used = {cfg.calib.source, *cfg.eval.ppl_sets} if METHODS[cfg.method.name].needs_calibration else {*cfg.eval.ppl_sets}
+    used = used_sources(cfg)
     key = {
         "model": dataclasses.asdict(cfg.model),
         "method": dataclasses.asdict(cfg.method),
@@ -56,7 +65,7 @@ def result_key(cfg: RunConfig) -> dict:
         key["kernel"] = cfg.kernel
     if _quantizes(cfg):
         key["spec"] = dataclasses.asdict(spec_of(cfg))
-    if METHODS[cfg.method.name].needs_calibration:
+    if _calibrates(cfg):
         key["calib"] = dataclasses.asdict(cfg.calib)
     return key
 
@@ -91,7 +100,7 @@ def quantization_key(cfg: RunConfig, fingerprint: str, data_prints: dict) -> dic
     key = {"model_fingerprint": fingerprint, "model": dataclasses.asdict(cfg.model),
            "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
            "code": quant_cache.code_fingerprint(), "device": cfg.device}
-    if METHODS[cfg.method.name].needs_calibration:
+    if _calibrates(cfg):
         key["calib"] = dataclasses.asdict(cfg.calib)
         key["calib_source"] = dataclasses.asdict(cfg.data.sources[cfg.calib.source])
         key["calib_tokens"] = data_prints.get(f"calib:{cfg.calib.source}")
@@ -106,8 +115,7 @@ def short_group_layers(model: torch.nn.Module, layout: ModelLayout, spec: QuantS
 
 def preflight(cfg: RunConfig, cache: Path) -> None:
     """Fail fast, before any model loads: missing data packages or files, unknown lm-eval tasks."""
-    names = set(cfg.eval.ppl_sets) | ({cfg.calib.source} if METHODS[cfg.method.name].needs_calibration else set())
-    for name in sorted(names):
+    for name in sorted(used_sources(cfg)):
         datasets_.check_source(name, cfg.data.sources[name], cache)
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import check_tasks
@@ -298,9 +306,9 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
         "bits": cfg.bits if _quantizes(cfg) else None,
         "group_size": cfg.group_size if _quantizes(cfg) else None,
         "symmetric": cfg.symmetric if _quantizes(cfg) else None,
-        "calib_source": cfg.calib.source if METHODS[cfg.method.name].needs_calibration else None,
-        "calib_samples": cfg.calib.n_samples if METHODS[cfg.method.name].needs_calibration else None,
-        "calib_seqlen": cfg.calib.seqlen if METHODS[cfg.method.name].needs_calibration else None,
+        "calib_source": cfg.calib.source if _calibrates(cfg) else None,
+        "calib_samples": cfg.calib.n_samples if _calibrates(cfg) else None,
+        "calib_seqlen": cfg.calib.seqlen if _calibrates(cfg) else None,
         "seed": cfg.seed,
         "git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
         "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
