@@ -7,6 +7,8 @@ project's fake-quant path (AutoAWQ's quantized forward needs CUDA): AutoAWQ runs
 
 Run with the AutoAWQ venv (scripts/setup_awq_reference.sh), from the repository root:
     /work/venv-awq/bin/python benchmarks/crosscheck_awq.py --specs w4g64 w3g64
+`--export-check` instead writes our AWQ GEMM checkpoint and reads it with AutoAWQ's unpacking (seconds with
+`--max-blocks 2`): the integer codes and zeros must be ours.
 Specs whose group size does not divide every layer (w3g128 on hidden 576) run ours and RTN only: AutoAWQ asserts.
 `--max-blocks K` quantizes only the first K decoder blocks with every method (the rest stay fp): AutoAWQ's
 element-wise clip search takes minutes per block on a shared CPU.
@@ -40,6 +42,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from harness.provenance import peak_rss_mb, reset_peak_rss  # noqa: E402
+
 
 def parse_spec(tag: str):
     """'w4g64' -> QuantSpec(4, 64); 'w4gC' -> per-channel."""
@@ -57,21 +61,6 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's resident high-water mark (VmHWM) so the peak covers quantization, not model loading."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_mb() -> float:
-    """VmHWM since the last _reset_peak_rss (falls back to ru_maxrss where clear_refs is unavailable)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _cpu_s() -> float:
@@ -109,12 +98,12 @@ def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | N
     layout = layout_for(model)
     _truncate(model, layout, max_blocks)
     rss0 = _rss_mb()
-    _reset_peak_rss()
+    reset_peak_rss()
     method = AWQ(AWQConfig(batch_size=calib.shape[0]))  # AutoAWQ runs all samples in one forward
     t0, c0 = time.perf_counter(), _cpu_s()
     artifacts = method.quantize(model, layout, spec, calib, torch.device("cpu"))
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     apply_artifacts(model, artifacts)
     scales = {f"{prefix}.{g.prev}": g.s for prefix, b in method.search.blocks.items() for g in b.scales}
     clips = {f"{prefix}.{n}": v for prefix, b in method.search.blocks.items() for n, v in b.clips.items()}
@@ -168,7 +157,7 @@ def worker_theirs(tag: str, calib: torch.Tensor, threads: int, max_blocks: int |
     _truncate(model, layout, max_blocks)
     record = _autoawq_shims(AwqQuantizer)
     rss0 = _rss_mb()
-    _reset_peak_rss()
+    reset_peak_rss()
     t0, c0 = time.perf_counter(), _cpu_s()
     # Token windows go in as lists of ids: get_calib_dataset concatenates and re-splits them into the same windows.
     quantizer = AwqQuantizer(SmolLM2AWQ, model, tokenizer, spec.bits, spec.group_size, True, "gemm", calib.tolist(),
@@ -180,7 +169,7 @@ def worker_theirs(tag: str, calib: torch.Tensor, threads: int, max_blocks: int |
         raise RuntimeError(f"AutoAWQ saw calibration {tuple(quantizer.inps.shape[:2])}, expected {tuple(calib.shape)}")
     quantizer.quantize()
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     blocks = layout.blocks(model)
     index = {id(b): layout.block_prefix(i) for i, b in enumerate(blocks)}
     with torch.no_grad():
@@ -231,6 +220,48 @@ def compare_search(ours: dict, theirs: dict) -> dict:
     return {"groups": rows, "clip_max_rel_diff": max(clip_rel), "clip_frac_equal": statistics.mean(clip_same)}
 
 
+def export_check(tags: list[str], calib: torch.Tensor, threads: int, max_blocks: int | None) -> None:
+    """Our AWQ GEMM export read back by AutoAWQ's own unpacking: its integer codes and zeros must be ours,
+    and its fp16 dequantization must equal ours computed in fp16 from the fp16 scales it stores."""
+    torch.set_num_threads(threads)
+    from awq.utils.packing_utils import dequantize_gemm, reverse_awq_order, unpack_awq
+    from safetensors.torch import load_file
+
+    from harness.architectures import apply_artifacts, layout_for
+    from harness.export import WEIGHTS_FILE, save_quantized
+    from methods.awq import AWQ, AWQConfig
+
+    print(f"{'spec':6} {'layers':>6} {'codes equal':>11} {'zeros equal':>11} {'W equal (fp16 math)':>19} "
+          f"{'max rel |W_autoawq - W_ours fp32|':>33}")
+    for tag in tags:
+        spec = parse_spec(tag)
+        model, tokenizer = _load(torch.device("cpu"))
+        layout = layout_for(model)
+        _truncate(model, layout, max_blocks)
+        artifacts = AWQ(AWQConfig()).quantize(model, layout, spec, calib, torch.device("cpu"))
+        apply_artifacts(model, artifacts)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_quantized(model, artifacts, Path(tmp) / "ckpt", "awq_gemm", spec, tokenizer)
+            tensors = load_file(str(Path(tmp) / "ckpt" / WEIGHTS_FILE))
+        codes_ok = zeros_ok = weights_ok = 0
+        max_rel = 0.0
+        for name, art in artifacts.items():
+            qweight, qzeros, scales = (tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales"))
+            iweight, izeros = reverse_awq_order(*unpack_awq(qweight, qzeros, spec.bits), spec.bits)
+            mask = 2**spec.bits - 1
+            codes_ok += torch.equal(torch.bitwise_and(iweight, mask).to(torch.uint8), art.codes.t())
+            zeros_ok += torch.equal(torch.bitwise_and(izeros, mask).to(torch.uint8), art.zeros.t())
+            w_theirs = dequantize_gemm(qweight, qzeros, scales, spec.bits, spec.group_size)  # fp16, as AutoAWQ does
+            g = art.group_index()
+            w_fp16 = ((art.codes.float() - art.zeros.float()[:, g]).half() * art.scales.half()[:, g]).t()
+            weights_ok += torch.equal(w_theirs, w_fp16)
+            w_ours = art.dequantize().t()
+            max_rel = max(max_rel, ((w_theirs.float() - w_ours).abs() / w_ours.abs().max()).max().item())
+        n = len(artifacts)
+        print(f"{tag:6} {n:6d} {f'{codes_ok}/{n}':>11} {f'{zeros_ok}/{n}':>11} {f'{weights_ok}/{n}':>19} "
+              f"{max_rel:33.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--specs", nargs="+", default=["w4g64", "w3g64"])
@@ -244,6 +275,8 @@ def main() -> None:
                         help="quantize only the first K decoder blocks (the rest stay fp) to fit a CPU budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "results" / "crosscheck_awq"))
+    parser.add_argument("--export-check", action="store_true",
+                        help="only: read our AWQ GEMM export with AutoAWQ's unpacking and compare codes and weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -273,6 +306,9 @@ def main() -> None:
               f"{'all' if args.max_blocks is None else f'first {args.max_blocks} (rest fp)'}. "
               f"Model: SmolLM2-135M-Instruct, {PACKAGED_NOTE}.")
     print(budget)
+    if args.export_check:
+        export_check(args.specs, calib, args.threads, args.max_blocks)
+        return
     fp_ppl = evaluate(model, layout, None, windows, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

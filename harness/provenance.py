@@ -53,6 +53,29 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu:{cpu} x{torch.get_num_threads()} threads"
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's resident-set high-water mark (Linux VmHWM), so peak_rss_mb covers what follows.
+
+    Needed in benchmark workers: ru_maxrss survives fork and exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or no permission: peak_rss_mb then covers the whole process life
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB since reset_peak_rss (VmHWM), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU allocation on CUDA, else the process's peak resident set size."""
     if device.type == "cuda":
