@@ -198,22 +198,30 @@ def pack_triton_w4(art: QuantizedWeights) -> dict[str, torch.Tensor]:
 
 # -------------------------------------------------------------------------------------------- CPU int4
 def cpu_int4_group_size(art: QuantizedWeights) -> int | None:
-    """Group size torch's CPU int4 op will run this artifact with, or None when it cannot (see pack_cpu_int4)."""
+    """Kernel group size g for torch's CPU int4 op, or None when it cannot run this artifact (see pack_cpu_int4).
+
+    g must divide our group size G so that no kernel group straddles two of ours. Among those, the largest that
+    also divides in_features is preferred: then K needs no padding, so activations are not padded every call
+    (e.g. SmolLM2's K=576 at G=128 runs as g=64, not as g=128 over a K padded to 640).
+    """
     if art.bits != 4 or art.g_idx is not None or art.out_features % 16:
         return None
-    if art.group_size is None:  # per-channel: any allowed size dividing the 32-padded K, params repeated per group
-        Kp = -(-art.in_features // 32) * 32
-        return next(g for g in CPU_INT4_GROUP_SIZES if Kp % g == 0)
-    return next((g for g in CPU_INT4_GROUP_SIZES if art.group_size % g == 0), None)
+    G = art.group_size
+    candidates = [g for g in CPU_INT4_GROUP_SIZES if G is None or G % g == 0]
+    if not candidates:
+        return None
+    K = art.in_features
+    return next((g for g in candidates if K % g == 0), candidates[-1] if G is None else candidates[0])
 
 
 def pack_cpu_int4(art: QuantizedWeights, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """Artifact -> {qweight uint8 (torch's opaque int4 pack of [N, Kp]), scales_and_zeros `dtype` [Kp/g, N, 2]}.
 
     torch's op computes W = (q - 8) * scale + zero with a float zero, so our integer zero point z maps
-    exactly (up to one rounding in `dtype`) to zero = (8 - z) * scale. Groups of our size G are split into
-    G/g kernel groups of an allowed size g with repeated parameters (also how per-channel is expressed);
-    K is zero-padded to a multiple of G (the matching activations are zero-padded at run time).
+    exactly (up to one rounding in `dtype`) to zero = (8 - z) * scale. Each kernel group of size g
+    (cpu_int4_group_size) takes the parameters of the group of ours it lies in (also how per-channel is
+    expressed); K is zero-padded to a multiple of g only when g does not divide it (the matching activations
+    are then zero-padded at run time).
     bf16 is the dtype with a fast kernel on CPU (fp32/fp16 inputs take a slow path); fp32 is exact.
     """
     g = cpu_int4_group_size(art)
@@ -221,15 +229,14 @@ def pack_cpu_int4(art: QuantizedWeights, dtype: torch.dtype = torch.bfloat16) ->
         raise ValueError(f"pack_cpu_int4: needs bits=4, no act-order g_idx, out_features % 16 == 0 and group_size a "
                          f"multiple of one of {list(CPU_INT4_GROUP_SIZES)} (or None); got bits={art.bits}, "
                          f"group_size={art.group_size}, out_features={art.out_features}")
-    K, N = art.in_features, art.out_features
-    G = art.group_size if art.group_size is not None else -(-K // g) * g
-    Kp = art.n_groups * G
+    K = art.in_features
+    Kp = -(-K // g) * g
     codes = torch.nn.functional.pad(art.codes.to(torch.int32), (0, Kp - K))
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
     scale = art.scales.float()
     zero = (8 - art.zeros.float()) * scale
-    repeat = G // g
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).repeat_interleave(repeat, dim=0)
+    ours = (torch.arange(Kp // g) * g) // (art.group_size or Kp)  # our group of each kernel group
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)[ours]
     # Kp = 2 * qweight.shape[1] and g = Kp / scales_and_zeros.shape[0]: both recoverable, so not stored
     return {"qweight": weight, "scales_and_zeros": scales_and_zeros.to(dtype).contiguous()}
 

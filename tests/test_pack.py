@@ -203,7 +203,8 @@ def test_triton_layout_rejects_unsupported():
         pack_triton_w4(random_art(8, 64, 4, 32, act_order=True))
 
 
-@pytest.mark.parametrize("group_size, inp, want_g", [(32, 64, 32), (128, 576, 128), (512, 1024, 256), (None, 200, 32),
+@pytest.mark.parametrize("group_size, inp, want_g", [(32, 64, 32), (128, 576, 64), (128, 640, 128), (128, 200, 128),
+                                                     (512, 1024, 256), (None, 200, 32), (None, 576, 64),
                                                      (None, 256, 256), (96, 192, 32), (16, 64, None)])
 def test_cpu_int4_group_size_choice(group_size, inp, want_g):
     art = random_art(out=16, inp=inp, bits=4, group_size=group_size)
@@ -214,7 +215,8 @@ def test_cpu_int4_group_size_choice(group_size, inp, want_g):
         return
     packed = pack_cpu_int4(art, dtype=torch.float32)
     Kp = packed["qweight"].shape[1] * 2
-    assert Kp % want_g == 0 and packed["scales_and_zeros"].shape == (Kp // want_g, 16, 2)
+    assert Kp == -(-inp // want_g) * want_g  # padded only as far as the kernel group needs
+    assert packed["scales_and_zeros"].shape == (Kp // want_g, 16, 2)
     # the float zero encodes the integer one exactly enough: (q - 8) * s + (8 - z) * s == (q - z) * s
     s, zero = packed["scales_and_zeros"][..., 0], packed["scales_and_zeros"][..., 1]
     first = s[0] * 8 - zero[0]  # = z * s for group 0
