@@ -114,6 +114,12 @@ class ModelLayout:
             raise TypeError(f"{self.model_type}: expected nn.Linear at {wrong} (already replaced by a packed layer?)")
         return found
 
+    def shared_input_groups(self, model: nn.Module) -> list[tuple[str, ...]]:
+        """Full names of the linears fed one tensor (each multi-linear scaling group: q/k/v, gate/up), per block;
+        packed kernels may run each group as one GEMM."""
+        return [tuple(f"{self.block_prefix(i)}.{name}" for name in group.layers)
+                for i in range(len(self.blocks(model))) for group in self.spec.scale_groups if len(group.layers) > 1]
+
     def quantizable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
         """{fully qualified name: linear} for every linear inside the decoder blocks (lm_head and embeddings stay)."""
         return {f"{self.block_prefix(i)}.{name}": lin

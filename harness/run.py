@@ -176,10 +176,11 @@ def quantize(cfg: RunConfig, model, tokenizer, layout: ModelLayout, fingerprint:
 
 
 def pack(cfg: RunConfig, model, artifacts: dict, backend: str) -> list[dict]:
-    """Swap the fake-quantized linears for packed QuantLinear layers; rows say which backend each got."""
+    """Swap the fake-quantized linears for packed QuantLinear layers (one GEMM per shared-input group: q/k/v,
+    gate/up); rows say which backend each got."""
     from kernels.quant_linear import pack_model
 
-    used = pack_model(model, artifacts, backend)
+    used = pack_model(model, artifacts, backend, layout_for(model).shared_input_groups(model))
     fallbacks = sorted(name for name, b in used.items() if b != backend)
     if fallbacks:
         log.warning("kernel=%s: %d layers fell back to another backend: %s", backend, len(fallbacks), fallbacks[:5])

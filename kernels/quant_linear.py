@@ -5,12 +5,16 @@ Backends:
 - "triton": the W4A16 Triton kernel (fp16 activations; CUDA, or CPU under TRITON_INTERPRET=1).
 - "cpu_int4": torch's CPU int4 kernel (bf16 activations by default).
 `pack_model` swaps named nn.Linear modules for QuantLinear and falls back to "reference" for any layer the
-requested backend cannot take, reporting which backend each layer actually got.
+requested backend cannot take, reporting which backend each layer actually got. Linears fed the very same
+tensor (q/k/v after a norm, gate/up) can run as one GEMM over their concatenated weights: each member
+becomes a slice of a SharedInputLinear. The math per output column is unchanged; a decode step makes
+fewer, larger kernel calls, and per-call overhead is what dominates small models' decode on CPU.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -101,9 +105,74 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, backend={self.backend}"
 
 
+def concat_artifacts(arts: Sequence[QuantizedWeights]) -> QuantizedWeights:
+    """Stack artifacts that read the same input along the output dimension (one GEMM computes them all)."""
+    first = arts[0]
+    for art in arts[1:]:
+        if (art.in_features, art.bits, art.group_size, art.symmetric) != (first.in_features, first.bits,
+                                                                           first.group_size, first.symmetric):
+            raise ValueError("concat_artifacts: members differ in in_features, bits, group_size or symmetry")
+        if art.g_idx is not None or first.g_idx is not None:
+            raise ValueError("concat_artifacts: act-order g_idx differs per layer; cannot share one GEMM")
+    return QuantizedWeights(torch.cat([a.codes for a in arts]), torch.cat([a.scales for a in arts]),
+                            torch.cat([a.zeros for a in arts]), first.bits, first.group_size, first.symmetric)
+
+
+class SharedInputLinear(nn.Module):
+    """One QuantLinear over several members' concatenated weights, called once per input tensor.
+
+    The first member called with a tensor computes every member's output; the others slice that result while
+    they are handed the very same, unmodified tensor. A member called twice, or with another tensor, triggers a
+    fresh computation, so any call pattern gives the right answer. The result is dropped as soon as every
+    member has taken its slice, so no activation outlives the block's forward."""
+
+    def __init__(self, linear: QuantLinear, n_members: int) -> None:
+        super().__init__()
+        self.linear, self.n_members = linear, n_members
+        self._input, self._version, self._output, self._served = None, None, None, set()
+
+    def output_for(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        if self._output is None or x is not self._input or x._version != self._version or member in self._served:
+            self._input, self._version, self._output, self._served = x, x._version, self.linear(x), set()
+        output = self._output
+        self._served.add(member)
+        if len(self._served) == self.n_members:
+            self._input = self._output = None
+        return output
+
+
+class SharedInputSlice(nn.Module):
+    """Stands in for one member linear: columns [start, stop) of its SharedInputLinear's output."""
+
+    def __init__(self, shared: SharedInputLinear, member: int, start: int, stop: int) -> None:
+        super().__init__()
+        self.shared, self.member, self.start, self.stop = shared, member, start, stop
+        self.in_features, self.out_features = shared.linear.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.output_for(x, self.member)[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns [{self.start}, {self.stop}) of a shared {self.shared.linear.extra_repr()}"
+
+
+def _fusable(names: Sequence[str], artifacts: dict[str, QuantizedWeights], linears: dict, backend: str) -> bool:
+    arts = [artifacts.get(n) for n in names]
+    if len(names) < 2 or any(a is None for a in arts) or not all(n in linears for n in names):
+        return False
+    try:
+        return unsupported_reason(backend, concat_artifacts(arts)) is None
+    except ValueError:
+        return False
+
+
 @torch.no_grad()
-def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend: str) -> dict[str, str]:
-    """Replace each named nn.Linear by a QuantLinear in place; return {layer name: backend actually used}."""
+def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend: str,
+               shared_inputs: Sequence[Sequence[str]] = ()) -> dict[str, str]:
+    """Replace each named nn.Linear by a QuantLinear in place; return {layer name: backend actually used}.
+
+    shared_inputs: groups of layer names fed the very same tensor; each group the backend can run as one GEMM
+    becomes a SharedInputLinear with a SharedInputSlice per member (others are packed one by one)."""
     _check_backend(backend)
     linears = {}
     for name, art in artifacts.items():
@@ -118,6 +187,21 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
         check_backend_device(backend, device)
 
     used, reasons = {}, Counter()
+    for names in shared_inputs:
+        if not _fusable(names, artifacts, linears, backend):
+            continue
+        members = [linears.pop(n) for n in names]
+        device = members[0].weight.device
+        bias = None
+        if any(m.bias is not None for m in members):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members])
+        shared = SharedInputLinear(QuantLinear(concat_artifacts([artifacts[n] for n in names]).to(device), bias,
+                                               backend).to(device), len(names))
+        start = 0
+        for index, (name, module) in enumerate(zip(names, members)):
+            _replace(model, name, SharedInputSlice(shared, index, start, start + module.out_features))
+            start += module.out_features
+            used[name] = backend
     for name, module in linears.items():
         art = artifacts[name]
         reason = unsupported_reason(backend, art)
@@ -125,10 +209,13 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
         if reason is not None:
             reasons[reason] += 1
         device = module.weight.device
-        qlinear = QuantLinear(art.to(device), module.bias, used[name]).to(device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
+        _replace(model, name, QuantLinear(art.to(device), module.bias, used[name]).to(device))
     if reasons:
         log.warning("pack_model: %d of %d layers fell back from %s to reference: %s", sum(reasons.values()), len(used),
                     backend, dict(reasons))
     return used
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -23,7 +23,8 @@ from conftest import tiny_model  # noqa: E402
 from harness.architectures import apply_artifacts, layout_for  # noqa: E402
 from kernels.cpu_int4 import cpu_int4_linear  # noqa: E402
 from kernels.pack import pack_cpu_int4, pack_triton_w4  # noqa: E402
-from kernels.quant_linear import QuantLinear, pack_model, unsupported_reason  # noqa: E402
+from kernels.quant_linear import (QuantLinear, SharedInputLinear, SharedInputSlice, pack_model,  # noqa: E402
+                                  unsupported_reason)
 from kernels.reference import w4a16_reference  # noqa: E402
 from methods.base import QuantizedWeights, QuantSpec  # noqa: E402
 from methods.quant import quantize_weight  # noqa: E402
@@ -207,6 +208,49 @@ def test_pack_model_logits_match_fake_quant(family, backend, tol):
     with torch.no_grad():
         got, want = model(ids).logits, fake(ids).logits
     assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_shared_input_groups_run_as_one_gemm_with_unchanged_logits(family):
+    """q/k/v and gate/up packed as one GEMM each: one kernel call per group, logits as with separate layers."""
+    backend = "triton" if DEVICE.type == "cuda" else "cpu_int4"
+    model, separate = tiny_model(family).to(DEVICE), tiny_model(family).to(DEVICE)
+    arts = _artifacts(model, 32)
+    groups = layout_for(model).shared_input_groups(model)
+    assert groups and all(len(g) > 1 for g in groups)
+    used = pack_model(model, arts, backend, groups)
+    pack_model(separate, arts, backend)
+    assert used == {name: backend for name in arts}
+    assert all(isinstance(model.get_submodule(n), SharedInputSlice) for g in groups for n in g)
+    shared = {id(model.get_submodule(g[0]).shared): model.get_submodule(g[0]).shared for g in groups}
+    calls = []
+    for s in shared.values():
+        s.linear.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        got, want = model(ids).logits, separate(ids).logits
+    assert len(calls) == len(groups)  # every member after the first reused its group's output
+    assert rel_err(got, want) < 1e-5
+    assert all(s._output is None and s._input is None for s in shared.values())  # nothing held after the forward
+
+
+def test_shared_input_recomputes_when_the_input_changes():
+    art = quantize_weight(torch.randn(48, 64), QuantSpec(4, 32), "minmax")
+    shared = SharedInputLinear(QuantLinear(art, None, "reference"), 2)
+    first, second = SharedInputSlice(shared, 0, 0, 16), SharedInputSlice(shared, 1, 16, 48)
+    dense = art.dequantize()
+    x = torch.randn(3, 64)
+    calls = []
+    shared.linear.register_forward_hook(lambda *_: calls.append(1))
+    torch.testing.assert_close(first(x), x @ dense[:16].T, rtol=1e-5, atol=1e-5)
+    x.mul_(2)  # in place: same tensor object, new version -> must not reuse the stale output
+    torch.testing.assert_close(second(x), x @ dense[16:].T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first(x), x @ dense[:16].T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first(x), x @ dense[:16].T, rtol=1e-5, atol=1e-5)  # a member called twice
+    assert len(calls) == 3
+    y = torch.randn(3, 64)
+    torch.testing.assert_close(second(y), y @ dense[16:].T, rtol=1e-5, atol=1e-5)  # another tensor
+    assert len(calls) == 4
 
 
 def test_pack_model_falls_back_and_reports(caplog):
