@@ -9,6 +9,8 @@ evaluated with the same perplexity code, so only the quantization differs. Scale
 Run with the reference venv (scripts/setup_gptq_reference.sh), from the repo root:
     /work/venv-gptq/bin/python benchmarks/crosscheck_gptq.py --configs w4g128 w3g128 --desc-act off
     /work/venv-gptq/bin/python benchmarks/crosscheck_gptq.py --layer-check     # layer-level, seconds
+    /work/venv-gptq/bin/python benchmarks/crosscheck_gptq.py --export-check --n-samples 4 --eval-windows 2
+        # our exported checkpoint loaded by GPTQModel's CPU kernel: logits against our fake-quant model
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from harness.provenance import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 
 def parse_config(tag: str) -> tuple[int, int | None]:
@@ -73,6 +77,7 @@ def worker_ours(args, out_dir: Path) -> dict:
     bits, group = parse_config(args.config)
     spec = QuantSpec(bits, group)
     base_rss = rss_mib()
+    reset_peak_rss()
     start, cpu0 = time.perf_counter(), cpu_seconds()
     method = GPTQ(GPTQConfig(desc_act=args.desc_act == "on", damp_percent=args.damp_percent))
     arts = method.quantize(model, layout_for(model), spec, calib.tokens, torch.device("cpu"))
@@ -80,7 +85,7 @@ def worker_ours(args, out_dir: Path) -> dict:
         pack_gptq(art)
     wall = time.perf_counter() - start
     cpu = cpu_seconds() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     save_quantized(model, arts, out_dir, "gptq", spec, tokenizer)
     retries = sum(s["damp_retries"] for s in method.layer_stats.values())
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak, "base_rss_mib": base_rss, "calib_fingerprint": calib.fingerprint,
@@ -105,11 +110,12 @@ def worker_theirs(args, out_dir: Path) -> dict:
     model = GPTQModel.load(location, qcfg, device="cpu", dtype=torch.float32)
     rows = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib.tokens]
     base_rss = rss_mib()
+    reset_peak_rss()
     start, cpu0 = time.perf_counter(), cpu_seconds()
     model.quantize(rows, batch_size=1)
     wall = time.perf_counter() - start
     cpu = cpu_seconds() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     model.save(str(out_dir))
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak, "base_rss_mib": base_rss, "calib_fingerprint": calib.fingerprint}
 
@@ -248,6 +254,88 @@ def layer_check() -> None:
         print(f"{bits:4} {str(group):>5} {str(desc_act):>8} {str(static):>6} {str(sym):>5} {dq:10.2e} {str(g_eq):>11}")
 
 
+# ----------------------------------------------------------------------------------------------- noise floor
+def noise_floor(args) -> None:
+    """Ours twice on the same calibration, once with 1 and once with 2 torch threads: only the floating-point
+    summation order differs. The ppl spread between the two is the resolution of any ours-vs-theirs comparison."""
+    from harness.config import ModelConfig
+    from harness.export import load_quantized_model
+    from harness.models import load_model
+
+    torch.set_num_threads(args.threads)
+    _, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
+    windows = eval_sets(args, tokenizer)
+    print(f"# noise floor: ours with 1 vs 2 threads; calibration {args.n_samples} x {args.seqlen}; "
+          f"eval {args.eval_windows} x {args.eval_seqlen} per set")
+    print(f"{'config':8} {'act':4} {'threads':>7} " + " ".join(f"{s:>8}" for s in args.eval_sets))
+    with tempfile.TemporaryDirectory(prefix="noise_floor_") as tmp:
+        for config in args.configs:
+            for desc_act in args.desc_act:
+                ppl = {}
+                for threads in (1, 2):
+                    out_dir = Path(tmp) / f"{config}_{desc_act}_{threads}"
+                    run_worker(argparse.Namespace(**{**vars(args), "threads": threads}), "ours", config, desc_act,
+                               out_dir)
+                    ppl[threads] = ppl_row(load_quantized_model(out_dir)[0], windows)
+                    print(f"{config:8} {desc_act:4} {threads:7d} " +
+                          " ".join(f"{ppl[threads][s]:8.3f}" for s in args.eval_sets), flush=True)
+                print(f"{config:8} {desc_act:4} {'2/1':>7} " +
+                      " ".join(f"{ppl[2][s] / ppl[1][s]:8.4f}" for s in args.eval_sets), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- export check
+def export_check(args) -> None:
+    """Our GPTQ checkpoint (symmetric, see below) loaded by GPTQModel's CPU torch kernel: logits against ours."""
+    import copy
+
+    from gptqmodel import BACKEND, GPTQModel
+
+    from harness.architectures import layout_for
+    from harness.config import ModelConfig
+    from harness.export import load_quantized_model, save_quantized
+    from harness.models import load_model
+    from methods.base import QuantSpec
+    from methods.gptq import GPTQ, GPTQConfig
+
+    torch.set_num_threads(args.threads)
+    base, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
+    windows = eval_sets(args, tokenizer)
+    calib = calibration(args, tokenizer)
+    print(f"# export check (symmetric GPTQ): calibration {args.n_samples} x {args.seqlen}; logits on {args.eval_windows} windows x "
+          f"{args.eval_seqlen} tokens per set; our checkpoint -> GPTQModel.load(backend=GPTQ_TORCH, CPU). Its torch "
+          f"kernel takes only fp16/bf16, so it runs bf16, next to our fake-quant model in bf16 and in fp32; "
+          f"ours bf16 vs fp32 is the scale of bf16 rounding alone.")
+    head = (f"{'config':8} {'act':4} {'max|dlogit| theirs-ours(bf16)':>30} {'ours bf16-fp32':>14} "
+            f"{'argmax agree':>12} " + " ".join(f"{f'{s} ours/bf16/theirs':>26}" for s in windows))
+    print(head)
+    with tempfile.TemporaryDirectory(prefix="export_check_") as tmp:
+        for config in args.configs:
+            bits, group = parse_config(config)
+            for desc_act in args.desc_act:
+                model = copy.deepcopy(base)
+                # symmetric: GPTQModel 7.6 refuses to load an asymmetric GPTQ-v1 checkpoint unless its own
+                # quantizer wrote it (quantization_config.meta), a guard against old AutoGPTQ's zero-point bug
+                spec = QuantSpec(bits, group, symmetric=True)
+                arts = GPTQ(GPTQConfig(desc_act=desc_act == "on")).quantize(model, layout_for(model), spec,
+                                                                            calib.tokens, torch.device("cpu"))
+                out_dir = Path(tmp) / f"{config}_{desc_act}"
+                save_quantized(model, arts, out_dir, "gptq", spec, tokenizer)
+                ours, _ = load_quantized_model(out_dir)  # the checkpoint's fp16 scales, as GPTQModel reads them
+                ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+                theirs = GPTQModel.load(str(out_dir), device="cpu", backend=BACKEND.GPTQ_TORCH, dtype=torch.bfloat16)
+                tokens = torch.cat(list(windows.values()))
+                with torch.no_grad():
+                    fp32 = ours(tokens).logits
+                    bf16 = ours_bf16(tokens).logits.float()
+                    their = theirs.model(tokens).logits.float()
+                d_theirs = (their - bf16).abs().max().item()
+                d_bf16 = (bf16 - fp32).abs().max().item()
+                agree = (their.argmax(-1) == bf16.argmax(-1)).float().mean().item()
+                ppl = [ppl_row(m, windows) for m in (ours, ours_bf16, theirs.model)]
+                cells = " ".join(f"{'/'.join(f'{p[s]:.3f}' for p in ppl):>26}" for s in windows)
+                print(f"{config:8} {desc_act:4} {d_theirs:30.3e} {d_bf16:14.3e} {agree:12.4f} {cells}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["w4g128", "w3g128", "w4g64", "w3g64"])
@@ -265,6 +353,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write all rows as JSON here")
     p.add_argument("--layer-check", action="store_true", help="only the layer-level comparison")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="only: ours with 1 vs 2 threads, to show how far summation order alone moves ppl")
+    p.add_argument("--export-check", action="store_true",
+                   help="only: load our exported GPTQ checkpoint with GPTQModel and compare logits")
     p.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--desc-act-one", help=argparse.SUPPRESS)
@@ -272,6 +364,10 @@ def main() -> None:
     args = p.parse_args()
     if args.layer_check:
         layer_check()
+    elif args.export_check:
+        export_check(args)
+    elif args.noise_floor:
+        noise_floor(args)
     elif args.worker:
         torch.set_num_threads(args.threads)
         args.desc_act = args.desc_act_one
