@@ -156,14 +156,17 @@ class SharedInputSlice(nn.Module):
         return f"columns [{self.start}, {self.stop}) of a shared {self.shared.linear.extra_repr()}"
 
 
-def _fusable(names: Sequence[str], artifacts: dict[str, QuantizedWeights], linears: dict, backend: str) -> bool:
+def _shared_artifact(names: Sequence[str], artifacts: dict[str, QuantizedWeights], linears: dict,
+                     backend: str) -> QuantizedWeights | None:
+    """The members' concatenated artifact when `backend` can run the group as one GEMM, else None."""
     arts = [artifacts.get(n) for n in names]
     if len(names) < 2 or any(a is None for a in arts) or not all(n in linears for n in names):
-        return False
+        return None
     try:
-        return unsupported_reason(backend, concat_artifacts(arts)) is None
+        shared = concat_artifacts(arts)
     except ValueError:
-        return False
+        return None
+    return shared if unsupported_reason(backend, shared) is None else None
 
 
 @torch.no_grad()
@@ -188,15 +191,15 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
 
     used, reasons = {}, Counter()
     for names in shared_inputs:
-        if not _fusable(names, artifacts, linears, backend):
+        art = _shared_artifact(names, artifacts, linears, backend)
+        if art is None:
             continue
         members = [linears.pop(n) for n in names]
         device = members[0].weight.device
         bias = None
         if any(m.bias is not None for m in members):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members])
-        shared = SharedInputLinear(QuantLinear(concat_artifacts([artifacts[n] for n in names]).to(device), bias,
-                                               backend).to(device), len(names))
+        shared = SharedInputLinear(QuantLinear(art.to(device), bias, backend).to(device), len(names))
         start = 0
         for index, (name, module) in enumerate(zip(names, members)):
             _replace(model, name, SharedInputSlice(shared, index, start, start + module.out_features))
