@@ -28,7 +28,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from harness.provenance import peak_rss_mb, reset_peak_rss  # noqa: E402
+from harness.provenance import cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 
 def parse_spec(tag: str):
@@ -53,19 +52,6 @@ def parse_spec(tag: str):
     if m is None:
         raise ValueError(f"--specs entry {tag!r}: expected w<bits>g<group size>, e.g. w4g64 or w3gC")
     return QuantSpec(int(m.group(1)), None if m.group(2) == "C" else int(m.group(2)))
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _load(device):
@@ -97,12 +83,12 @@ def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | N
     model, _ = _load(torch.device("cpu"))
     layout = layout_for(model)
     _truncate(model, layout, max_blocks)
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     reset_peak_rss()
     method = AWQ(AWQConfig(batch_size=calib.shape[0]))  # AutoAWQ runs all samples in one forward
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     artifacts = method.quantize(model, layout, spec, calib, torch.device("cpu"))
-    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = peak_rss_mb()
     apply_artifacts(model, artifacts)
     scales = {f"{prefix}.{g.prev}": g.s for prefix, b in method.search.blocks.items() for g in b.scales}
@@ -156,9 +142,9 @@ def worker_theirs(tag: str, calib: torch.Tensor, threads: int, max_blocks: int |
     layout = layout_for(model)
     _truncate(model, layout, max_blocks)
     record = _autoawq_shims(AwqQuantizer)
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     reset_peak_rss()
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     # Token windows go in as lists of ids: get_calib_dataset concatenates and re-splits them into the same windows.
     quantizer = AwqQuantizer(SmolLM2AWQ, model, tokenizer, spec.bits, spec.group_size, True, "gemm", calib.tolist(),
                              None, "text", duo_scaling=True, export_compatible=True,
@@ -168,7 +154,7 @@ def worker_theirs(tag: str, calib: torch.Tensor, threads: int, max_blocks: int |
     if tuple(quantizer.inps.shape[:2]) != tuple(calib.shape):
         raise RuntimeError(f"AutoAWQ saw calibration {tuple(quantizer.inps.shape[:2])}, expected {tuple(calib.shape)}")
     quantizer.quantize()
-    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = peak_rss_mb()
     blocks = layout.blocks(model)
     index = {id(b): layout.block_prefix(i) for i, b in enumerate(blocks)}

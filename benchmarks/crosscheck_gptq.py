@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from harness.provenance import peak_rss_mb, reset_peak_rss  # noqa: E402
+from harness.provenance import cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 
 def parse_config(tag: str) -> tuple[int, int | None]:
@@ -50,18 +49,6 @@ def calibration(args, tokenizer):
                               default_cache_dir(), args.n_samples, args.seqlen, args.seed)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads): less sensitive to other load than wall time."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
 # ----------------------------------------------------------------------------------------------- workers
 def worker_ours(args, out_dir: Path) -> dict:
     from harness.architectures import layout_for
@@ -76,7 +63,7 @@ def worker_ours(args, out_dir: Path) -> dict:
     calib = calibration(args, tokenizer)
     bits, group = parse_config(args.config)
     spec = QuantSpec(bits, group)
-    base_rss = rss_mib()
+    base_rss = rss_mb()
     reset_peak_rss()
     start, cpu0 = time.perf_counter(), cpu_seconds()
     method = GPTQ(GPTQConfig(desc_act=args.desc_act == "on", damp_percent=args.damp_percent))
@@ -109,7 +96,7 @@ def worker_theirs(args, out_dir: Path) -> dict:
                           static_groups=False, true_sequential=True)
     model = GPTQModel.load(location, qcfg, device="cpu", dtype=torch.float32)
     rows = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib.tokens]
-    base_rss = rss_mib()
+    base_rss = rss_mb()
     reset_peak_rss()
     start, cpu0 = time.perf_counter(), cpu_seconds()
     model.quantize(rows, batch_size=1)

@@ -64,16 +64,38 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB since reset_peak_rss (VmHWM), else ru_maxrss."""
+def _proc_status_mb(field: str) -> float | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in MiB, or None where there is no such file or field."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux)."""
+    value = _proc_status_mb("VmRSS")
+    if value is None:
+        raise RuntimeError("no VmRSS in /proc/self/status: current RSS is only read on Linux")
+    return value
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB since reset_peak_rss (VmHWM), else ru_maxrss."""
+    value = _proc_status_mb("VmHWM")
+    if value is not None:
+        return value
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): less sensitive to other load than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_memory_mb(device: torch.device) -> float:
