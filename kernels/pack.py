@@ -214,8 +214,24 @@ def cpu_int4_group_size(art: QuantizedWeights) -> int | None:
     return next((g for g in candidates if K % g == 0), candidates[-1] if G is None else candidates[0])
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Our own 4-bit layout: codes uint8 [N, K] in [0, 16) -> uint8 [N, ceil(K/2)], byte j = q[2j] | q[2j+1] << 4."""
+    N, K = codes.shape
+    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, K % 2))
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [N, ceil(K/2)] -> uint8 [N, K]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
+
+
 def pack_cpu_int4(art: QuantizedWeights, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Artifact -> {qweight uint8 (torch's opaque int4 pack of [N, Kp]), scales_and_zeros `dtype` [Kp/g, N, 2]}.
+    """Artifact -> torch's opaque int4 pack for its op, plus the artifact itself in our own layout.
+
+    {qweight uint8 (torch's pack of [N, Kp]; its byte layout depends on the CPU kernel family and is never read
+    back), scales_and_zeros `dtype` [Kp/g, N, 2] (the op's parameters), codes uint8 [N, ceil(K/2)] (pack_nibbles),
+    scales fp32 [N, n_groups], zeros uint8 [N, n_groups] (the artifact's, exact: the dense path dequantizes them)}.
 
     torch's op computes W = (q - 8) * scale + zero with a float zero, so our integer zero point z maps
     exactly (up to one rounding in `dtype`) to zero = (8 - z) * scale. Each kernel group of size g
@@ -238,24 +254,5 @@ def pack_cpu_int4(art: QuantizedWeights, dtype: torch.dtype = torch.bfloat16) ->
     ours = (torch.arange(Kp // g) * g) // (art.group_size or Kp)  # our group of each kernel group
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)[ours]
     # Kp = 2 * qweight.shape[1] and g = Kp / scales_and_zeros.shape[0]: both recoverable, so not stored
-    return {"qweight": weight, "scales_and_zeros": scales_and_zeros.to(dtype).contiguous()}
-
-
-def unpack_cpu_int4_codes(qweight: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Read codes back from torch's CPU int4 pack: uint8 [N, Kp/2] -> uint8 [N, Kp].
-
-    Layout found by experiment on torch 2.13 (pinned by tests/test_pack.py): rows come in blocks of 32 stored as
-    [Kp, 16] bytes, byte (k, j) = q[32b + j, k] | q[32b + 16 + j, k] << 4; a last block of 16 rows is stored as
-    [Kp, 8] bytes, byte (k, j) = q[2j, k] | q[2j + 1, k] << 4.
-    """
-    N, Kp = out_features, qweight.shape[1] * 2
-    if qweight.shape[0] != N or N % 16:
-        raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {N} rows (a multiple of 16)")
-    flat = qweight.reshape(-1)
-    n_blocks = N // 32
-    main = flat[: n_blocks * Kp * 16].view(n_blocks, Kp, 16)
-    codes = [torch.stack([main & 15, main >> 4], dim=1).transpose(2, 3).reshape(n_blocks * 32, Kp)]
-    if N % 32:
-        tail = flat[n_blocks * Kp * 16:].view(Kp, 8)
-        codes.append(torch.stack([tail & 15, tail >> 4], dim=-1).reshape(Kp, 16).t())
-    return torch.cat(codes).contiguous()
+    return {"qweight": weight, "scales_and_zeros": scales_and_zeros.to(dtype).contiguous(),
+            "codes": pack_nibbles(art.codes), "scales": scale.contiguous(), "zeros": art.zeros.to(torch.uint8).contiguous()}

@@ -19,13 +19,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels.cpu_int4 import FAST_DTYPE, cpu_int4_linear
+from kernels.cpu_int4 import DENSE_FROM_M, FAST_DTYPE, cpu_int4_linear
 from kernels.pack import cpu_int4_group_size, pack_cpu_int4, pack_gptq, pack_triton_w4, triton_group_size
 from kernels.reference import gptq_linear
 from methods.base import QuantizedWeights
 
 BACKENDS = ("triton", "cpu_int4", "reference")
+# The pack-time self-check: largest relative (Frobenius) error of a packed layer against x @ dequantize(artifact).T.
+# reference: the same fp32 maths; triton: fp16 activations and scales; cpu_int4: bf16 activations and scales.
+# A wrong layout gives errors of order 1 (1.3-1.8 on the AVX-512 layout bug), so these bounds separate cleanly.
+CHECK_TOLERANCE = {"reference": 1e-5, "triton": 1e-2, "cpu_int4": 2e-2}
 log = logging.getLogger(__name__)
+
+
+class PackCheckError(RuntimeError):
+    """A packed layer disagrees with its artifact: raised at pack time, before any evaluation uses it."""
 
 
 def _check_backend(backend: str) -> None:
@@ -91,7 +99,8 @@ class QuantLinear(nn.Module):
             tensors = {k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
             return gptq_linear(x, tensors, self.bits, self.group_size, self.bias)
         if self.backend == "cpu_int4":
-            return cpu_int4_linear(x, self.qweight, self.scales_and_zeros, self.in_features, self.bias)
+            packed = {k: getattr(self, k) for k in ("qweight", "scales_and_zeros", "codes", "scales", "zeros")}
+            return cpu_int4_linear(x, packed, self.in_features, self.group_size, self.bias)
         from kernels.triton_w4a16 import w4a16_matmul  # lazy: imports triton
 
         x2 = x.reshape(-1, self.in_features).to(torch.float16).contiguous()
@@ -103,6 +112,39 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, backend={self.backend}"
+
+
+def check_sizes(backend: str) -> tuple[int, ...]:
+    """Activation rows M that reach every regime `backend` runs in (decode-sized and prefill-sized)."""
+    _check_backend(backend)
+    if backend == "cpu_int4":
+        return (1, DENSE_FROM_M)  # torch's int4 op, then the dense path from our own copy of the artifact
+    if backend == "triton":
+        return (1, 17)  # the split-K kernel (M <= 16), then the tiled one
+    return (1,)
+
+
+@torch.no_grad()
+def verify_packed(name: str, layer: QuantLinear, art: QuantizedWeights, seed: int = 0) -> float:
+    """Check `layer` once against x @ dequantize(art).T (+ bias) at every size of check_sizes; return the largest
+    relative error. Raises PackCheckError naming the layer, the backend and the error when it exceeds the
+    backend's CHECK_TOLERANCE (or is not finite)."""
+    device = layer.scales.device
+    w = art.dequantize(torch.float32).to(device)
+    bias = None if layer.bias is None else layer.bias.float()
+    tol, worst = CHECK_TOLERANCE[layer.backend], 0.0
+    for m in check_sizes(layer.backend):
+        x = torch.randn(m, art.in_features, generator=torch.Generator().manual_seed(seed)).to(device)
+        ref = torch.nn.functional.linear(x, w, bias)
+        err = ((layer(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        if not err <= tol:  # also catches NaN
+            raise PackCheckError(
+                f"pack check failed: layer {name!r} on backend {layer.backend!r} at M={m}: relative error {err:.3g} "
+                f"against its dequantized artifact exceeds {tol:g}. The packed path computes wrong numbers on this "
+                f"machine (torch {torch.__version__}, CPU kernel family "
+                f"{torch.backends.cpu.get_cpu_capability()}); no result is computed through it.")
+        worst = max(worst, err)
+    return worst
 
 
 def concat_artifacts(arts: Sequence[QuantizedWeights]) -> QuantizedWeights:
@@ -174,6 +216,9 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
                shared_inputs: Sequence[Sequence[str]] = ()) -> dict[str, str]:
     """Replace each named nn.Linear by a QuantLinear in place; return {layer name: backend actually used}.
 
+    Every packed layer is checked against its artifact (verify_packed) before it replaces anything: a backend that
+    computes wrong numbers on this machine raises PackCheckError before its layer is used.
+
     shared_inputs: groups of layer names fed the very same tensor; each group the backend can run as one GEMM
     becomes a SharedInputLinear with a SharedInputSlice per member (others are packed one by one)."""
     _check_backend(backend)
@@ -200,6 +245,7 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
         if any(m.bias is not None for m in members):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members])
         shared = SharedInputLinear(QuantLinear(art.to(device), bias, backend).to(device), len(names))
+        verify_packed("+".join(names), shared.linear, art)
         start = 0
         for index, (name, module) in enumerate(zip(names, members)):
             _replace(model, name, SharedInputSlice(shared, index, start, start + module.out_features))
@@ -212,7 +258,9 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
         if reason is not None:
             reasons[reason] += 1
         device = module.weight.device
-        _replace(model, name, QuantLinear(art.to(device), module.bias, used[name]).to(device))
+        layer = QuantLinear(art.to(device), module.bias, used[name]).to(device)
+        verify_packed(name, layer, art)
+        _replace(model, name, layer)
     if reasons:
         log.warning("pack_model: %d of %d layers fell back from %s to reference: %s", sum(reasons.values()), len(used),
                     backend, dict(reasons))
