@@ -230,12 +230,13 @@ def layer_check() -> None:
                                      static_groups=static, sym=sym, damp_percent=0.01, act_group_aware=False,
                                      offload_to_disk=False, fallback=None))
         ref.quantizer.configure(perchannel=True)
-        acc = HessianAccumulator(inp, "cpu")
+        acc = HessianAccumulator(inp, "cpu", dtype=torch.float32)  # the reference's precision, for a like-for-like check
         for x in X:
             ref.add_batch(x[None], None)
             acc.add(x[None])
         Q_ref, _, _, g_ref, *_ = ref.quantize(blocksize=128)
-        art, _ = gptq_quantize_layer(W, acc.H, QuantSpec(bits, group, sym), desc_act=desc_act, static_groups=static)
+        art, _ = gptq_quantize_layer(W, acc.H, QuantSpec(bits, group, sym), desc_act=desc_act, static_groups=static,
+                                     dtype=torch.float32)
         dq = (art.dequantize() - Q_ref.float()).abs().max().item()
         g_eq = torch.equal(art.group_index().to(torch.int32), g_ref.to(torch.int32)) if group else "-"
         print(f"{bits:4} {str(group):>5} {str(desc_act):>8} {str(static):>6} {str(sym):>5} {dq:10.2e} {str(g_eq):>11}")

@@ -75,7 +75,7 @@ class GroupScale:
 
     prev: str
     layers: tuple[str, ...]
-    s: torch.Tensor  # fp32 [in_features of layers]
+    s: torch.Tensor  # [in_features of layers], fp32 (fp64 for an fp64 model)
     alpha: Optional[float] = None
     loss: Optional[float] = None
 
@@ -85,7 +85,7 @@ class BlockSearch:
     """Everything searched for one decoder block."""
 
     scales: list[GroupScale] = field(default_factory=list)
-    clips: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> max_val fp32 [out, n_groups]
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> max_val [out, n_groups], as s
 
 
 @dataclass

@@ -23,22 +23,28 @@ def group_segments(in_features: int, group_size: int | None) -> list[tuple[int, 
     return segments
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The precision the searches compute in: fp32, or fp64 for an fp64 model (whose discrete choices must then not
+    flip under last-bit differences between CPU kernel families)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def act_mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-input-channel mean of |x| over all tokens: x [..., in] -> fp32 [in]."""
+    """Per-input-channel mean of |x| over all tokens: x [..., in] -> [in] in work_dtype(x)."""
     x = x.reshape(-1, x.shape[-1])
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for chunk in torch.split(x, 65536):  # fp64 accumulation: sums over 10^5+ tokens stay exact enough
         total += chunk.abs().sum(0, dtype=torch.float64)
-    return (total / x.shape[0]).float()
+    return (total / x.shape[0]).to(work_dtype(x))
 
 
 def weight_mean(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """AutoAWQ's w_mean: |w| normalised by its quantization group's max, averaged over output rows.
 
-    w [out, in] (the scaled layers' weights concatenated along out) -> fp32 [in]. The short last group is
-    normalised by its own max, as it is quantized on its own.
+    w [out, in] (the scaled layers' weights concatenated along out) -> [in] in work_dtype(w). The short last group
+    is normalised by its own max, as it is quantized on its own.
     """
-    w = w.float().abs()
+    w = w.to(work_dtype(w)).abs()
     out = w.shape[0]
     parts = []
     for start, n, width in group_segments(w.shape[1], group_size):
@@ -48,15 +54,16 @@ def weight_mean(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def awq_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """Candidate per-input-channel scale s [in] fp32 for one grid point alpha in [0, 1).
+    """Candidate per-input-channel scale s [in] (in x_mean's dtype, at least fp32) for one grid point alpha in [0, 1).
 
     duo (w_mean given, AutoAWQ's default): s = x_mean^alpha / (w_mean^(1-alpha) + 1e-4);
     llm-awq (w_mean None):               s = x_mean^alpha.
     Both are clamped to >= 1e-4 and normalised by sqrt(max(s) * min(s)) so the scale is centred around 1.
     """
-    s = x_mean.float().pow(alpha)
+    dtype = work_dtype(x_mean)
+    s = x_mean.to(dtype).pow(alpha)
     if w_mean is not None:
-        s = s / (w_mean.float().pow(1 - alpha) + 1e-4)
+        s = s / (w_mean.to(dtype).pow(1 - alpha) + 1e-4)
     s = s.clamp(min=1e-4)
     s = s / (s.max() * s.min()).sqrt()
     # As in the references: a channel whose scale overflowed is left unscaled rather than poisoning the layer.
@@ -83,7 +90,7 @@ def sample_tokens(x: torch.Tensor, n_tokens: int | None) -> torch.Tensor:
 
 
 def _fake_quantize_rows(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """AWQ quantize-dequantize of every row of w [rows, width] as one group (fp32 out)."""
+    """AWQ quantize-dequantize of every row of w [rows, width] as one group (in w's dtype, at least fp32)."""
     scale, zero = qparams(w, spec.bits, spec.symmetric, "minmax")
     return dequantize_codes(quantize_codes(w, scale[:, None], zero[:, None], spec.bits), scale[:, None], zero[:, None])
 
@@ -91,7 +98,8 @@ def _fake_quantize_rows(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5,
                 oc_batch: int = 1024) -> torch.Tensor:
-    """Best clipping threshold per (output row, group): w [out, in], x [T, in] -> max_val fp32 [out, n_groups].
+    """Best clipping threshold per (output row, group): w [out, in], x [T, in] -> max_val [out, n_groups] in
+    work_dtype(w).
 
     For i < int(max_shrink * n_grid): max_val = amax * (1 - i / n_grid); clamp w to [-max_val, max_val], quantize,
     and score mean over tokens of (x_g . (Q(w_g) - w_g))^2 per group g, computed as dw_g^T (X_g^T X_g / T) dw_g.
@@ -99,7 +107,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int =
     out, inp = w.shape
     if x.shape[-1] != inp:
         raise ValueError(f"clip search: inputs have {x.shape[-1]} features, weight has {inp}")
-    w = w.float()
+    w = w.to(work_dtype(w))
     x = x.reshape(-1, inp).to(torch.float64)
     n_steps = int(max_shrink * n_grid)
     parts = []

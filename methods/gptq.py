@@ -22,37 +22,39 @@ from methods.quant import qparams
 log = logging.getLogger(__name__)
 
 RANGE_RULES = ("minmax", "minmax_zero")
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class HessianAccumulator:
-    """Running mean of H = 2/n * sum_t x_t x_t^T over n input rows, in fp32 (the GPTQ proxy Hessian).
+    """Running mean of H = 2/n * sum_t x_t x_t^T over n input rows (the GPTQ proxy Hessian), in `dtype`.
 
     n counts token rows, as GPTQModel does (IST-DASLab counts sequences); the factor only rescales H,
     and damping is relative to mean(diag(H)), so the quantized result does not depend on it.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str, name: str = "layer") -> None:
+    def __init__(self, in_features: int, device: torch.device | str, name: str = "layer",
+                 dtype: torch.dtype = torch.float64) -> None:
         self.name = name
         self.n = 0
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Accumulate activations x [..., in] (any float dtype)."""
         if x.shape[-1] != self._H.shape[0]:
             raise ValueError(f"{self.name}: activation width {x.shape[-1]} != in_features {self._H.shape[0]}")
-        x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=self._H.dtype)
         m = x.shape[0]
         if m == 0:
             return
-        # Running mean: rescale what is there, then add the new rows with weight 2/n (fp32 keeps H exact enough).
+        # Running mean: rescale what is there, then add the new rows with weight 2/n.
         self._H.mul_(self.n / (self.n + m))
         self.n += m
         self._H.addmm_(x.T, x, alpha=2.0 / self.n)
 
     @property
     def H(self) -> torch.Tensor:
-        """fp32 [in, in]; ValueError when no activation was ever added (empty calibration)."""
+        """[in, in] in the accumulator's dtype; ValueError when no activation was ever added (empty calibration)."""
         if self.n == 0:
             raise ValueError(f"{self.name}: no calibration activations reached this layer (empty calibration), "
                              "cannot build its GPTQ Hessian")
@@ -61,7 +63,7 @@ class HessianAccumulator:
 
 def _damped_inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment: float, max_damp_retries: int,
                            name: str) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 for H [in, in] fp32 -> (Hinv, damp used, retries).
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 for H [in, in] -> (Hinv, damp used, retries).
 
     The first damp is `damp_percent` (the reference); on a failed factorization it grows by `damp_increment`
     (GPTQModel's damp_auto_increment walk) at most `max_damp_retries` times.
@@ -92,11 +94,13 @@ def _damped_inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment:
 def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
                         damp_percent: float = 0.01, desc_act: bool = False, static_groups: bool = False,
                         range_rule: str = "minmax_zero", max_damp_retries: int = 10, damp_increment: float = 0.01,
-                        name: str = "layer") -> tuple[QuantizedWeights, dict]:
+                        dtype: torch.dtype = torch.float64, name: str = "layer") -> tuple[QuantizedWeights, dict]:
     """GPTQ one weight W [out, in] (any float dtype) with Hessian H [in, in] -> (artifact, stats).
 
+    `dtype` is the precision of the inverse and the column loop: float64 keeps the rounding choices from flipping
+    under last-bit differences of H (thread count, CPU kernel family); float32 is the reference's precision.
+    Scales are computed in fp32 (as stored), so the artifact's codes are exactly the ones the loop chose.
     stats: damp_percent (used), damp_retries, loss (IST-DASLab's sum of (w-q)^2/Hinv_ii^2/2), n_dead.
-    The artifact's dequantize() equals, bit for bit in fp32, the weights the algorithm computed.
     """
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"{name}: W {tuple(W.shape)} and H {tuple(H.shape)} do not match (need [out, in], [in, in])")
@@ -108,15 +112,15 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
         raise ValueError(f"{name}: weight contains NaN/Inf")
     if not torch.isfinite(H).all():
         raise ValueError(f"{name}: Hessian contains NaN/Inf (non-finite calibration activations?)")
-    W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    W = W.detach().to(dtype).clone()
+    H = H.detach().to(device=W.device, dtype=dtype).clone()
     out_features, columns = W.shape
     gs = spec.group_size
     maxq = spec.maxq
 
     # Per-channel params come from the untouched W, before dead columns are zeroed (as the reference does).
     if gs is None:
-        row_scale, row_zero = qparams(W, spec.bits, spec.symmetric, range_rule)
+        row_scale, row_zero = _qparams(W, spec, range_rule)
 
     dead = torch.diag(H) == 0
     n_dead = int(dead.sum())
@@ -128,7 +132,7 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
 
     static_params = None
     if gs is not None and static_groups:
-        static_params = [qparams(W[:, s:s + gs], spec.bits, spec.symmetric, range_rule) for s in range(0, columns, gs)]
+        static_params = [_qparams(W[:, s:s + gs], spec, range_rule) for s in range(0, columns, gs)]
 
     perm = None
     if desc_act:
@@ -139,13 +143,13 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
     del H
 
     codes = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    loss = torch.zeros((), dtype=dtype, device=W.device)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     if gs is None:
         scale, zero = row_scale, row_zero
     perm_list = perm.tolist() if perm is not None else None
-    q = torch.empty(out_features, dtype=torch.float32, device=W.device)
+    q = torch.empty(out_features, dtype=dtype, device=W.device)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         # Work on the block transposed ([cols, out]) so each column is one contiguous row: fewer, cheaper kernels.
@@ -160,7 +164,7 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
             elif gs is not None and c % gs == 0:
                 # Dynamic groups read W, which already holds the updates of earlier blocks but not yet those of
                 # earlier columns of this block: exactly the reference's find_params(W[:, c:c+gs]).
-                scale, zero = qparams(W[:, c:c + gs], spec.bits, spec.symmetric, range_rule)
+                scale, zero = _qparams(W[:, c:c + gs], spec, range_rule)
                 scales.append(scale)
                 zeros.append(zero)
             w, code, err = W1[i], Q1[i], Err1[i]
@@ -178,7 +182,7 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
         scales, zeros = [row_scale], [row_zero]
     elif static_params is not None:
         scales, zeros = [s for s, _ in static_params], [z for _, z in static_params]
-    S = torch.stack(scales, dim=1)
+    S = torch.stack(scales, dim=1).float()  # exact: the scales were fp32 values all along
     Z = torch.stack(zeros, dim=1)
     g_idx = None
     if perm is not None:
@@ -199,6 +203,12 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
     return art, stats
 
 
+def _qparams(w: torch.Tensor, spec: QuantSpec, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """qparams in fp32 (the precision they are stored in), returned in w's dtype for the column loop."""
+    scale, zero = qparams(w, spec.bits, spec.symmetric, rule)
+    return scale.to(w.dtype), zero.to(w.dtype)
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """`method=gptq`. Defaults follow IST-DASLab/gptq (and AutoGPTQ); see conf/method/gptq.yaml and docs/gptq.md.
@@ -211,6 +221,9 @@ class GPTQConfig:
     range_rule: "minmax_zero" (the reference quantizer, range includes 0) or "minmax".
     damp_increment / max_damp_retries: if Cholesky fails, damp += damp_increment, at most this many times.
     batch_size: calibration samples per block forward.
+    hessian_dtype: precision of the Hessian, its inverse and the column loop. "float64" (default, a deliberate
+        difference from the fp32 reference): results do not move with thread count or CPU kernel family;
+        "float32": the reference's precision (faster; see docs/gptq.md for both).
     """
 
     name: str = "gptq"
@@ -223,8 +236,11 @@ class GPTQConfig:
     damp_increment: float = 0.01
     max_damp_retries: int = 10
     batch_size: int = 1
+    hessian_dtype: str = "float64"
 
     def __post_init__(self) -> None:
+        if self.hessian_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"method.hessian_dtype={self.hessian_dtype!r}; allowed values: {list(COMPUTE_DTYPES)}")
         if not 0 < self.damp_percent < 1:
             raise ValueError(f"method.damp_percent={self.damp_percent} must be in (0, 1)")
         if not 0 <= self.damp_increment < 1:
@@ -244,7 +260,8 @@ class _GroupDone(Exception):
 
 
 @torch.no_grad()
-def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.device) -> dict[str, HessianAccumulator]:
+def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.device,
+                     dtype: torch.dtype = torch.float64) -> dict[str, HessianAccumulator]:
     """Run the block over its calibration inputs and return {name: Hessian of that linear's inputs}.
 
     Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, and the forward stops as
@@ -263,7 +280,7 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
             seen[key] = name
             held.append(x)
             if name not in accs:
-                accs[name] = HessianAccumulator(linears[name].in_features, device, name=ctx.full_name(name))
+                accs[name] = HessianAccumulator(linears[name].in_features, device, name=ctx.full_name(name), dtype=dtype)
             accs[name].add(x)
             owner = name
         if alias.setdefault(name, owner) != owner:
@@ -312,14 +329,15 @@ class GPTQ(Method):
             linears = layout.block_linears(ctx.block)
             groups = layout.spec.sequential if cfg.true_sequential else (tuple(linears),)
             for group in groups:
-                hessians = collect_hessians(ctx, group, device)
+                dtype = COMPUTE_DTYPES[cfg.hessian_dtype]
+                hessians = collect_hessians(ctx, group, device, dtype)
                 for n in group:
                     lin, full = linears[n], ctx.full_name(n)
                     art, stats = gptq_quantize_layer(
                         lin.weight.data.to(device), hessians[n].H, spec, block_size=cfg.block_size,
                         damp_percent=cfg.damp_percent, desc_act=cfg.desc_act, static_groups=cfg.static_groups,
                         range_rule=cfg.range_rule, max_damp_retries=cfg.max_damp_retries,
-                        damp_increment=cfg.damp_increment, name=full)
+                        damp_increment=cfg.damp_increment, dtype=dtype, name=full)
                     lin.weight.data = art.dequantize(lin.weight.dtype).to(lin.weight.device)
                     artifacts[full] = art.to("cpu")
                     self.layer_stats[full] = {**stats, "n_tokens": hessians[n].n}

@@ -40,7 +40,29 @@ def test_hessian_running_mean_matches_closed_form():
     for chunk in (X[:7], X[7:150].reshape(11, 13, 16), X[150:]):
         acc.add(chunk)
     assert acc.n == 300
-    torch.testing.assert_close(acc.H, 2 / 300 * X.T @ X, rtol=1e-5, atol=1e-5)
+    assert acc.H.dtype == torch.float64  # the default: stable under thread count and CPU kernel family
+    torch.testing.assert_close(acc.H, 2 / 300 * X.double().T @ X.double(), rtol=1e-12, atol=1e-12)
+
+
+def test_default_precision_is_independent_of_thread_count():
+    """float64 Hessian maths: the codes GPTQ picks under 1 and 2 threads are the same (the single-thread run is
+    the reference); fp32 maths is what the references use and what moved between thread counts."""
+    W = torch.randn(96, 256, generator=torch.Generator().manual_seed(3))
+    X = correlated_inputs(4096, 256)
+    old = torch.get_num_threads()
+
+    def run(n):
+        torch.set_num_threads(n)
+        acc = HessianAccumulator(256, "cpu")
+        for chunk in X.split(512):
+            acc.add(chunk)
+        return gptq_quantize_layer(W, acc.H, QuantSpec(3, 64))[0]
+
+    try:
+        ref, art = run(1), run(2)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(art.codes, ref.codes) and torch.equal(art.scales, ref.scales)
 
 
 def test_empty_calibration_is_an_error():
