@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import RunConfig, register_configs
+from harness.config import ConfigError, RunConfig, register_configs
 from harness.summary import RUN_FILE, summary_table
 
 log = logging.getLogger("harness")
@@ -28,7 +28,11 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     from harness.run import execute, run_dir  # heavy imports (torch, transformers) only after validation
 
-    frame = execute(run_cfg, OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        frame = execute(run_cfg, OmegaConf.to_yaml(cfg, resolve=True))
+    except ConfigError as err:  # found by the preflight, before any model loads (or by a check on the model)
+        log.error("config error: %s", err)
+        sys.exit(2)
     Path(HydraConfig.get().runtime.output_dir, RUN_FILE).write_text(str(run_dir(run_cfg).resolve()) + "\n")
     log.info("summary (%s):\n%s", run_dir(run_cfg), summary_table(frame))
 

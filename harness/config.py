@@ -15,7 +15,7 @@ from harness.lmeval import LMEvalConfig
 from methods import METHOD_CONFIGS
 from methods.base import SUPPORTED_BITS
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: bit-stable discrete choices (the CI gate)
 MODEL_SOURCES = ("packaged", "hf")
 SOURCE_KINDS = ("wiki", "code", "prose", "textfile", "hf")
 DEVICES = ("auto", "cpu", "cuda")
@@ -209,10 +209,11 @@ def _writable(node) -> None:
 
 
 def register_configs() -> None:
-    """Register the run schema and one `<method>_schema` per registered method in Hydra's ConfigStore."""
+    """Register the run schema and one schema per registered method (group schema/method, so that Hydra's list of
+    available `method=` options names the methods only) in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=_schema(RunConfig))
     for name, cls in METHOD_CONFIGS.items():
-        cs.store(group="method", name=f"{name}_schema", node=_schema(cls))
+        cs.store(group="schema/method", name=name, node=_schema(cls))

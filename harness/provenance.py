@@ -38,7 +38,8 @@ def versions() -> str:
 
 
 def device_name(device: torch.device | str) -> str:
-    """The GPU's name, or the CPU model and torch's thread count (the device column of every row)."""
+    """The GPU's name, or the CPU model, torch's CPU kernel family (ATEN_CPU_CAPABILITY picks it; results can differ
+    between families), whether bf16 is native, and the thread count (the device column of every row)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
@@ -50,7 +51,11 @@ def device_name(device: torch.device | str) -> str:
                 break
     except OSError:
         pass
-    return f"cpu:{cpu} x{torch.get_num_threads()} threads"
+    from kernels.cpu_int4 import native_bf16
+
+    family = torch.backends.cpu.get_cpu_capability().lower()
+    bf16 = "native bf16" if native_bf16() else "no native bf16"
+    return f"cpu:{cpu} [{family}, {bf16}] x{torch.get_num_threads()} threads"
 
 
 def reset_peak_rss() -> None:

@@ -24,8 +24,9 @@ from harness import cache as quant_cache
 from harness import data as datasets_
 from harness.architectures import ModelLayout, apply_artifacts, layout_for
 from harness.config import ConfigError, RunConfig
-from harness.models import PACKAGED_NOTE, default_cache_dir, load_model, model_fingerprint, resolve_device
-from harness.perplexity import make_windows, perplexity
+from harness.models import (PACKAGED_NOTE, check_model_location, default_cache_dir, load_model, model_fingerprint,
+                            resolve_device)
+from harness.perplexity import check_agreement, make_windows, perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.results import is_complete, read_run, to_frame, write_run
 from methods import METHODS, build_method
@@ -113,10 +114,22 @@ def short_group_layers(model: torch.nn.Module, layout: ModelLayout, spec: QuantS
             if spec.has_short_group(lin.in_features)}
 
 
-def preflight(cfg: RunConfig, cache: Path) -> None:
-    """Fail fast, before any model loads: missing data packages or files, unknown lm-eval tasks."""
+def preflight(cfg: RunConfig, cache: Path, device: torch.device) -> None:
+    """Fail fast with a ConfigError, before any model loads: a model that cannot be found, a kernel that cannot run
+    on the device, missing data packages or files, a source that cannot be split, unknown lm-eval tasks."""
+    from kernels.quant_linear import check_backend_device
+
+    check_model_location(cfg.model)
+    if cfg.kernel is not None:
+        try:
+            check_backend_device(cfg.kernel, device)
+        except ValueError as err:
+            raise ConfigError(f"kernel={cfg.kernel!r} cannot run on device {device}: {err}") from None
     for name in sorted(used_sources(cfg)):
-        datasets_.check_source(name, cfg.data.sources[name], cache)
+        try:
+            datasets_.check_source(name, cfg.data.sources[name], cache)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from None
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import check_tasks
 
@@ -175,30 +188,59 @@ def quantize(cfg: RunConfig, model, tokenizer, layout: ModelLayout, fingerprint:
     return artifacts, rows
 
 
-def pack(cfg: RunConfig, model, artifacts: dict, backend: str) -> list[dict]:
+def probe_window(cfg: RunConfig, windows: dict[str, torch.Tensor], vocab_size: int) -> tuple[str, torch.Tensor]:
+    """(label, one window [1, seqlen]) on which the packed model is checked against the fake-quantized one: the
+    first window of the first eval set, or seeded random tokens when no set is evaluated."""
+    if windows:
+        name = next(iter(windows))
+        return f"eval set {name!r}, window 0", windows[name][:1]
+    g = torch.Generator().manual_seed(cfg.seed)
+    return "random tokens", torch.randint(0, vocab_size, (1, cfg.eval.seqlen), generator=g)
+
+
+def pack(cfg: RunConfig, model, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor],
+         device: torch.device) -> list[dict]:
     """Swap the fake-quantized linears for packed QuantLinear layers (one GEMM per shared-input group: q/k/v,
-    gate/up); rows say which backend each got."""
+    gate/up), each checked against its artifact; then check the packed model's ppl on the probe window against
+    the fake-quantized model's (DisagreementError beyond PACKED_PPL_RTOL). Rows say which backend each layer got
+    and the ppl ratio packed / fake-quantized on the probe."""
     from kernels.quant_linear import pack_model
 
+    label, window = probe
+    reference = perplexity(model, window, device, desc="probe: fake-quant")["nll"]
     used = pack_model(model, artifacts, backend, layout_for(model).shared_input_groups(model))
+    packed = perplexity(model, window, device, desc="probe: packed")["nll"]
+    check_agreement(f"kernel={backend}, {label}", packed, reference)
     fallbacks = sorted(name for name, b in used.items() if b != backend)
     if fallbacks:
         log.warning("kernel=%s: %d layers fell back to another backend: %s", backend, len(fallbacks), fallbacks[:5])
-    return [_quant_row("kernel_fallback_layers", len(fallbacks),
-                       {"kernel": backend, "fallbacks": {n: used[n] for n in fallbacks}} if fallbacks else {"kernel": backend})]
+    detail = {"kernel": backend, "fallbacks": {n: used[n] for n in fallbacks}} if fallbacks else {"kernel": backend}
+    if backend == "cpu_int4":
+        from kernels.cpu_int4 import DENSE_FROM_M, dense_dtype
+
+        detail["dense_from_m"], detail["dense_dtype"] = DENSE_FROM_M, str(dense_dtype()).removeprefix("torch.")
+    return [_quant_row("kernel_fallback_layers", len(fallbacks), detail),
+            _quant_row("packed_ppl_ratio", float(torch.tensor(packed - reference).exp()), {"probe": label})]
 
 
-def evaluate_perplexity(cfg: RunConfig, model, tokenizer, layout: ModelLayout, cache: Path, device: torch.device,
-                        data_prints: dict) -> list[dict]:
-    rows = []
+def eval_windows(cfg: RunConfig, tokenizer, layout: ModelLayout, cache: Path,
+                 data_prints: dict) -> dict[str, torch.Tensor]:
+    """{eval set: windows [n, seqlen]} for every set in eval.ppl_sets (tokenized once per run)."""
     bos_id = tokenizer.bos_token_id if layout.spec.needs_bos else None
     body = cfg.eval.seqlen - (bos_id is not None)
+    windows = {}
     for name in cfg.eval.ppl_sets:
         n_tokens = None if cfg.eval.max_windows is None else cfg.eval.max_windows * body
         tokens = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, n_tokens)
         data_prints[f"eval:{name}"] = tokens.fingerprint
-        result = perplexity(model, make_windows(tokens.tokens, cfg.eval.seqlen, cfg.eval.max_windows, bos_id),
-                            device, desc=f"ppl {name}")
+        windows[name] = make_windows(tokens.tokens, cfg.eval.seqlen, cfg.eval.max_windows, bos_id)
+    return windows
+
+
+def evaluate_perplexity(model, windows: dict[str, torch.Tensor], device: torch.device) -> list[dict]:
+    rows = []
+    for name, w in windows.items():
+        result = perplexity(model, w, device, desc=f"ppl {name}")
         log.info("ppl %-8s %.3f (%d windows, %d tokens, %.1fs)", name, result["ppl"], result["windows"],
                  result["tokens"], result["wall_s"])
         rows.append({"suite": "ppl", "task": name, "metric": "ppl", "value": result["ppl"], "n": result["tokens"]})
@@ -214,6 +256,7 @@ def evaluate_timing(cfg: RunConfig, model, cache: Path, device: torch.device,
                     shapes: list[tuple[int, int]]) -> list[dict]:
     """Prefill/decode speed of this (packed) model and of a freshly loaded unquantized baseline, same process."""
     from harness.timing import gemm_microbench, time_generation
+    from kernels.cpu_int4 import native_bf16
 
     t = cfg.eval.timing
     vocab = model.config.vocab_size
@@ -226,13 +269,19 @@ def evaluate_timing(cfg: RunConfig, model, cache: Path, device: torch.device,
     rows = timed(model, "")
     if _quantizes(cfg):
         baseline, _ = load_model(cfg.model, device, cache)
-        base_rows = timed(baseline, "baseline")
-        del baseline
-        by_key = {(r["task"], r["metric"].removeprefix("baseline_")): r["value"] for r in base_rows}
-        speedups = [{"suite": "timing", "task": r["task"], "metric": r["metric"].replace("tokens_per_s", "speedup_vs_baseline"),
-                     "value": r["value"] / by_key[(r["task"], r["metric"])], "detail": r.get("detail")}
-                    for r in rows if (r["task"], r["metric"]) in by_key]
-        rows += base_rows + speedups
+        baselines = [("baseline", baseline)]
+        if baseline.dtype != torch.bfloat16 and (device.type == "cuda" or native_bf16()):
+            baselines.append(("baseline_bf16", baseline))  # where bf16 is native it is the fair 16-bit baseline
+        for label, base in baselines:
+            base = base.to(torch.bfloat16) if label.endswith("bf16") else base
+            base_rows = timed(base, label)
+            by_key = {(r["task"], r["metric"].removeprefix(f"{label}_")): r["value"] for r in base_rows}
+            speedup = f"speedup_vs_{label}"
+            rows += base_rows + [
+                {"suite": "timing", "task": r["task"], "metric": r["metric"].replace("tokens_per_s", speedup),
+                 "value": r["value"] / by_key[(r["task"], r["metric"])], "detail": r.get("detail")}
+                for r in rows if not r["metric"].startswith("baseline") and (r["task"], r["metric"]) in by_key]
+        del baseline, baselines
     if t.gemm:  # the model's own linear shapes, packed kernel against dense
         rows += gemm_microbench(shapes, [1, 16, 128], cfg.group_size, [cfg.kernel or default_kernel(device)], device,
                                 t.repeats)
@@ -277,8 +326,8 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     cache = cache_dir_of(cfg)
-    preflight(cfg, cache)
     device = resolve_device(cfg.device)
+    preflight(cfg, cache, device)
 
     model, tokenizer = load_model(cfg.model, device, cache)
     layout = layout_for(model)
@@ -287,19 +336,21 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
     rows: list[dict] = []
     data_prints: dict[str, str] = {}
     artifacts: dict = {}
+    windows = eval_windows(cfg, tokenizer, layout, cache, data_prints)
+    probe = probe_window(cfg, windows, model.config.vocab_size)
     if _quantizes(cfg):
         artifacts, quant_rows = quantize(cfg, model, tokenizer, layout, fingerprint, cache, device, out_dir, data_prints)
         rows += quant_rows
         if cfg.kernel is not None:  # evaluate through the packed layers themselves
-            rows += pack(cfg, model, artifacts, cfg.kernel)
-    rows += evaluate_perplexity(cfg, model, tokenizer, layout, cache, device, data_prints)
+            rows += pack(cfg, model, artifacts, cfg.kernel, probe, device)
+    rows += evaluate_perplexity(model, windows, device)
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import run_lm_eval
 
         rows += run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
     if cfg.eval.timing is not None:
         if artifacts and cfg.kernel is None:  # fake-quant weights run at fp speed: time the packed model
-            rows += pack(cfg, model, artifacts, default_kernel(device))
+            rows += pack(cfg, model, artifacts, default_kernel(device), probe, device)
         rows += evaluate_timing(cfg, model, cache, device, shapes)
 
     run_columns = {

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from harness.provenance import device_name
-from kernels.cpu_int4 import DENSE_FROM_M
+from kernels.cpu_int4 import DENSE_FROM_M, dense_dtype, native_bf16
 from kernels.quant_linear import QuantLinear, check_backend_device, unsupported_reason
 from methods.base import QuantizedWeights
 
@@ -97,7 +97,8 @@ def time_generation(model: nn.Module, vocab_size: int, prompt_len: int, decode_t
             prefill.append(B * prompt_len / t_prefill)
             decode.append(B * decode_tokens / t_decode)
         task = f"generate_bs{B}_p{prompt_len}"
-        common = {"batch_size": B, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "device": name}
+        common = {"batch_size": B, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "device": name,
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         for metric, samples in (("prefill_tokens_per_s", prefill), ("decode_tokens_per_s", decode)):
             s = summarize(samples)
             rows.append(_row(task, metric, s["median"], repeats, {**common, "p10": s["p10"], "p90": s["p90"]}))
@@ -148,14 +149,19 @@ def _time_sample(fn: Callable[[], object], device: torch.device, inner: int) -> 
 def gemm_microbench(shapes: Sequence[tuple[int, int]], ms: Sequence[int], group_size: int | None,
                     backends: Sequence[str], device: torch.device | str, repeats: int = 5, warmup: int = 2,
                     min_sample_s: float = 0.02, seed: int = 0) -> list[dict]:
-    """Latency of x [M, in] @ W.T for each (in, out) shape, M and backend, next to a dense baseline
-    (fp16 on GPU, fp32 on CPU) timed round-robin in the same loop -> rows: ms per backend and dense/backend speedup."""
+    """Latency of x [M, in] @ W.T for each (in, out) shape, M and backend, next to dense baselines timed round-robin
+    in the same loop -> rows: ms per backend and dense/backend speedups.
+
+    `dense` is fp16 on GPU and fp32 on CPU; `dense_bf16` joins it where bf16 is native (every GPU, CPUs with
+    AVX512-BF16 or AMX), since there bf16 is the fair 16-bit baseline."""
     device = torch.device(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"gemm_microbench: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
     for backend in backends:
         check_backend_device(backend, device)
-    dense_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dense = {"dense": torch.float16 if device.type == "cuda" else torch.float32}
+    if device.type == "cuda" or native_bf16():
+        dense["dense_bf16"] = torch.bfloat16
     name = device_name(device)
     rows = []
     for in_features, out_features in shapes:
@@ -166,11 +172,12 @@ def gemm_microbench(shapes: Sequence[tuple[int, int]], ms: Sequence[int], group_
                 raise ValueError(f"gemm_microbench: backend={backend!r} cannot run {in_features}x{out_features}: "
                                  f"{reason}")
         layers = {b: QuantLinear(art, None, b).to(device) for b in backends}
-        w_dense = art.dequantize(dense_dtype).to(device)
+        w_dense = {k: art.dequantize(dtype).to(device) for k, dtype in dense.items()}
         for M in ms:
-            x = torch.randn(M, in_features, generator=torch.Generator().manual_seed(seed)).to(device, dense_dtype)
-            calls = {"dense": lambda: nn.functional.linear(x, w_dense)}
-            calls.update({b: (lambda layer=layer: layer(x)) for b, layer in layers.items()})
+            x32 = torch.randn(M, in_features, generator=torch.Generator().manual_seed(seed)).to(device)
+            xs = {k: x32.to(dtype) for k, dtype in dense.items()}
+            calls = {k: (lambda k=k: nn.functional.linear(xs[k], w_dense[k])) for k in dense}
+            calls.update({b: (lambda layer=layer: layer(xs["dense"])) for b, layer in layers.items()})
             for fn in calls.values():
                 for _ in range(warmup):
                     fn()
@@ -184,13 +191,15 @@ def gemm_microbench(shapes: Sequence[tuple[int, int]], ms: Sequence[int], group_
             stats = {k: summarize(v) for k, v in samples.items()}
             for k, s in stats.items():
                 detail = {**common, "p10": s["p10"], "p90": s["p90"], "inner": inner[k],
-                          "weights": str(dense_dtype).replace("torch.", "") if k == "dense" else "w4"}
+                          "weights": str(dense[k]).removeprefix("torch.") if k in dense else "w4"}
                 if k == "cpu_int4":  # which of its two paths ran (kernels.cpu_int4.cpu_int4_linear)
-                    detail["path"] = "dequant_fp32_gemm" if M >= DENSE_FROM_M else "int4_kernel"
+                    detail["path"] = (f"dequant_{str(dense_dtype()).removeprefix('torch.')}_gemm" if M >= DENSE_FROM_M
+                                      else "int4_kernel")
                 rows.append(_row(task, f"ms_{k}", s["median"], repeats, detail))
             for b in backends:
-                rows.append(_row(task, f"speedup_{b}_vs_dense", stats["dense"]["median"] / stats[b]["median"], repeats,
-                                 {**common, "definition": "median dense ms / median backend ms"}))
+                for k in dense:
+                    rows.append(_row(task, f"speedup_{b}_vs_{k}", stats[k]["median"] / stats[b]["median"], repeats,
+                                     {**common, "definition": f"median {k} ms / median {b} ms"}))
     return rows
 
 

@@ -23,26 +23,32 @@ def build_assets(directory: Path) -> tuple[Path, Path]:
     from conftest import random_text, tiny_model, tiny_tokenizer
 
     model_dir, text = directory / "tiny-llama", directory / "corpus.txt"
-    tiny_model("llama", seed=0, initializer_range=0.3).save_pretrained(model_dir)
+    model = tiny_model("llama", seed=0, initializer_range=0.3)
+    portable_init(model, std=0.3, seed=0)
+    model.save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     text.write_text(random_text(8000, seed=0))
     return model_dir, text
 
 
-def run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
-    """Run the sweep single-threaded: float reductions split over threads differ in their last bits, and
-    GPTQ's error propagation carries such differences into the numbers."""
+def portable_init(model, std: float, seed: int) -> None:
+    """Redraw every weight matrix from numpy's generator: torch's CPU normal_ takes a different code path per CPU
+    kernel family (ATEN_CPU_CAPABILITY), so the same seed gives weights that differ in their last bits."""
+    import numpy as np
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run_sweep(assets, results_dir, cache_dir)
-    finally:
-        torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.dim() >= 2:  # norms keep their ones (and biases their zeros)
+                param.copy_(torch.from_numpy(rng.normal(0.0, std, tuple(param.shape))))
 
 
-def _run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
+def run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
+    """Run the sweep in float64. Float reductions differ in their last bits between thread counts and CPU kernel
+    families (ATEN_CPU_CAPABILITY); in fp32 that flips discrete choices (AWQ's grid argmin, a rounding at a
+    boundary, GPTQ's error propagation) on this tiny model, in float64 it does not, so the committed baseline
+    reproduces on every machine while a real change of the maths still moves the numbers."""
     from methods import METHODS
     from harness.run import execute
     from test_config import make_config
@@ -52,7 +58,8 @@ def _run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
         if method not in METHODS:
             continue
         execute(make_config(
-            "model=hf", f"model.path={model_dir}", "model.name=tiny", "device=cpu", f"method={method}",
+            "model=hf", f"model.path={model_dir}", "model.name=tiny", "model.dtype=float64", "device=cpu",
+            f"method={method}",
             f"bits={bits}", f"group_size={'null' if group_size is None else group_size}",
             f"data.sources.textfile.path={text}", "calib.source=textfile", "calib.n_samples=8", "calib.seqlen=64",
             "eval.ppl_sets=[textfile]", "eval.seqlen=64", "eval.max_windows=6", "eval.lm_eval=null",

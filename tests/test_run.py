@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from harness import results
+from harness.config import ConfigError
 from harness.run import execute, run_dir
 from test_config import make_config
 
@@ -71,11 +72,64 @@ def test_strict_groups_rejects_a_group_size_that_does_not_divide(tiny_model_dir,
         execute(cfg)
 
 
-def test_missing_data_fails_before_the_model_loads(tmp_path):
-    cfg = make_config("model=hf", f"model.path={tmp_path / 'no-such-model'}", "eval.ppl_sets=[textfile]",
+def _never_load(monkeypatch):
+    """Make any model load fail loudly: the errors under test must come from the preflight."""
+    import harness.run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(harness.run, "load_model", refuse)
+
+
+def test_missing_data_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    cfg = make_config("model=hf", f"model.path={tiny_model_dir}", "eval.ppl_sets=[textfile]",
                       f"data.sources.textfile.path={tmp_path / 'missing.txt'}", f"results_dir={tmp_path}")
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(ConfigError, match="missing.txt"):
         execute(cfg)
+
+
+def test_missing_local_model_path_is_named(tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    cfg = make_config("model=hf", f"model.path={tmp_path / 'no-such-model'}", "eval.ppl_sets=[code]",
+                      f"results_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="no-such-model'?: no such local directory"):
+        execute(cfg)
+
+
+def test_triton_kernel_without_cuda_is_a_config_error(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: kernel=triton is valid here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import kernels.triton_w4a16 as triton_w4a16
+
+    if triton_w4a16.is_interpreted():
+        monkeypatch.setattr(triton_w4a16, "is_interpreted", lambda: False)
+    _never_load(monkeypatch)
+    cfg = make_config("model=hf", f"model.path={tiny_model_dir}", "eval.ppl_sets=[code]", "device=cpu",
+                      "kernel=triton", f"results_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="kernel='triton' cannot run on device cpu"):
+        execute(cfg)
+
+
+def test_one_sentence_per_line_file_is_split_by_size(tiny_model_dir, tmp_path):
+    from conftest import WORDS
+
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(" ".join(WORDS[i % 7:i % 7 + 8]) + "." for i in range(1500)) + "\n")
+    frame = execute(make_config(*tiny_run_overrides(tiny_model_dir, corpus, tmp_path, "method=rtn", "group_size=32")))
+    assert frame[frame.metric == "ppl"]["value"].iloc[0] > 1
+
+
+def test_a_file_that_cannot_be_split_fails_in_the_preflight(tiny_model_dir, tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("just one short line\n")
+    with pytest.raises(ConfigError, match="1 document"):
+        execute(make_config(*tiny_run_overrides(tiny_model_dir, corpus, tmp_path, "method=rtn")))
 
 
 def _cli(*args, cwd=ROOT):
@@ -90,6 +144,21 @@ def test_cli_sweep_writes_runs_and_a_summary(tiny_model_dir, text_file, tmp_path
     # fp does not depend on bits/group size: its two sweep points share one run
     assert sorted(frame.drop_duplicates("run_id")["method"]) == ["fp", "rtn", "rtn"]
     assert "sweep summary (3 runs" in proc.stdout + proc.stderr
+
+
+def test_cli_missing_textfile_exits_2_in_one_line(tiny_model_dir, tmp_path):
+    proc = _cli("model=hf", f"model.path={tiny_model_dir}", "eval.ppl_sets=[textfile]", "device=cpu",
+                f"data.sources.textfile.path={tmp_path / 'missing.txt'}", f"results_dir={tmp_path}",
+                f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "config error" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_method_lists_only_methods(tmp_path):
+    proc = _cli("method=foo", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "rtn" in out and "gptq" in out and "_schema" not in out
 
 
 def test_cli_bad_value_exits_2_with_the_key_named(tmp_path):
@@ -138,6 +207,24 @@ def test_packed_reference_kernel_matches_fake_quant_perplexity(tiny_model_dir, t
     assert ppl(packed) == pytest.approx(ppl(fake), rel=1e-4)
     row = packed[packed.metric == "kernel_fallback_layers"].iloc[0]
     assert row.value == 0 and json.loads(row.detail)["kernel"] == "reference"
+    ratio = packed[packed.metric == "packed_ppl_ratio"]["value"].iloc[0]
+    assert ratio == pytest.approx(1.0, rel=1e-4)
+
+
+def test_a_packed_model_that_disagrees_with_fake_quant_writes_no_result(tiny_model_dir, text_file, tmp_path,
+                                                                       monkeypatch):
+    """Layers that pass their own check can still be wired wrongly; the model-level probe catches it."""
+    import kernels.quant_linear as ql
+    from harness.perplexity import DisagreementError
+
+    real = ql.QuantLinear.forward
+    monkeypatch.setattr(ql, "verify_packed", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(ql.QuantLinear, "forward", lambda self, x: real(self, x) * 1.5)
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=4",
+                                          "group_size=32", "kernel=reference"))
+    with pytest.raises(DisagreementError, match="fake-quantized"):
+        execute(cfg)
+    assert not results.is_complete(run_dir(cfg))
 
 
 def test_timing_rows_compare_packed_model_with_baseline(tiny_model_dir, text_file, tmp_path):
@@ -164,8 +251,9 @@ def test_lm_eval_rows_join_the_same_table(tiny_model_dir, text_file, tmp_path):
     assert set(frame.suite) == {"quant", "ppl", "lm_eval"}
 
 
-def test_unknown_task_fails_before_the_model_loads(tmp_path):
-    cfg = make_config("model=hf", f"model.path={tmp_path / 'no-such-model'}", "eval.ppl_sets=[code]",
+def test_unknown_task_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    _never_load(monkeypatch)
+    cfg = make_config("model=hf", f"model.path={tiny_model_dir}", "eval.ppl_sets=[code]",
                       "eval.lm_eval.tasks=[no_such_task]", "eval.lm_eval.passthrough=false", f"results_dir={tmp_path}")
     with pytest.raises(ValueError, match="no_such_task"):
         execute(cfg)

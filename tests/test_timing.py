@@ -59,8 +59,11 @@ def test_time_generation_rejects_bad_arguments(kwargs, match):
 def test_gemm_microbench_rows_and_ratio():
     rows = gemm_microbench([(64, 32), (96, 48)], [1, 3], 32, ["cpu_int4", "reference"], "cpu", repeats=2, warmup=1,
                            min_sample_s=0.001)
+    from kernels.cpu_int4 import native_bf16
+
     by = {(r["task"], r["metric"]): r for r in rows}
-    assert len(rows) == 2 * 2 * 5  # per (shape, M): dense, 2 backends, 2 speedups
+    n_dense = 2 if native_bf16() else 1  # fp32, and bf16 where the CPU has it natively
+    assert len(rows) == 2 * 2 * (n_dense + 2 + 2 * n_dense)  # per (shape, M): dense, 2 backends, their speedups
     for shape in ("64x32", "96x48"):
         for m in (1, 3):
             task = f"gemm_{shape}_m{m}"
@@ -73,6 +76,10 @@ def test_gemm_microbench_rows_and_ratio():
                 check_row(speedup)
                 assert speedup["value"] == pytest.approx(ms_d["value"] / ms_b["value"])
             assert json.loads(by[(task, "ms_dense")]["detail"])["weights"] == "float32"
+            if native_bf16():
+                assert json.loads(by[(task, "ms_dense_bf16")]["detail"])["weights"] == "bfloat16"
+                assert by[(task, "speedup_cpu_int4_vs_dense_bf16")]["value"] == pytest.approx(
+                    by[(task, "ms_dense_bf16")]["value"] / by[(task, "ms_cpu_int4")]["value"])
             assert json.loads(by[(task, "ms_cpu_int4")]["detail"])["path"] == "int4_kernel"
 
 
