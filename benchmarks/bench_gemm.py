@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, ROOT)
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096,576x576,576x192,576x1536,1536x576"
 
@@ -62,11 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from harness.provenance import device_name
-    from harness.timing import available_backends, gemm_microbench
+    from harness.timing import gemm_microbench
+    from kernels.backends import default_backend
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    backends = args.backends.split(",") if args.backends else available_backends(args.device)
+    backends = args.backends.split(",") if args.backends else [default_backend(args.device)]
     rows = gemm_microbench([_shape(s) for s in args.shapes.split(",")], [int(m) for m in args.ms.split(",")],
                            args.group_size or None, backends, args.device, repeats=args.repeats, warmup=args.warmup)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; group_size={args.group_size or 'channel'}; "

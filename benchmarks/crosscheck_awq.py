@@ -29,24 +29,21 @@ import multiprocessing as mp
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import torch
+
+from harness.provenance import cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from harness.provenance import cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 
 def parse_spec(tag: str):
     """'w4g64' -> QuantSpec(4, 64); 'w4gC' -> per-channel."""
-    from methods.base import QuantSpec
+    from core.spec import QuantSpec
 
     m = re.fullmatch(r"w(\d)g(\d+|C)", tag)
     if m is None:
@@ -76,8 +73,8 @@ def _truncate(model, layout, max_blocks: int | None) -> None:
 def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | None, out_path: str) -> None:
     """Quantize with methods/awq.py; write fake-quant block weights, scales, clips, wall time and memory."""
     torch.set_num_threads(threads)
-    from harness.architectures import apply_artifacts, layout_for
-    from methods.awq import AWQ, AWQConfig
+    from structure.architectures import apply_artifacts, layout_for
+    from methods.awq import AWQ, SEARCH_FILE, AWQConfig, AWQSearch
 
     spec = parse_spec(tag)
     model, _ = _load(torch.device("cpu"))
@@ -87,12 +84,13 @@ def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | N
     reset_peak_rss()
     method = AWQ(AWQConfig(batch_size=calib.shape[0]))  # AutoAWQ runs all samples in one forward
     t0, c0 = time.perf_counter(), cpu_seconds()
-    artifacts = method.quantize(model, layout, spec, calib, torch.device("cpu"))
+    result = method.quantize(model, layout, spec, calib, torch.device("cpu"))
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = peak_rss_mb()
-    apply_artifacts(model, artifacts)
-    scales = {f"{prefix}.{g.prev}": g.s for prefix, b in method.search.blocks.items() for g in b.scales}
-    clips = {f"{prefix}.{n}": v for prefix, b in method.search.blocks.items() for n, v in b.clips.items()}
+    apply_artifacts(model, result.artifacts)
+    search = AWQSearch.from_state(result.extras[SEARCH_FILE])
+    scales = {f"{prefix}.{g.prev}": g.s for prefix, b in search.blocks.items() for g in b.scales}
+    clips = {f"{prefix}.{n}": v for prefix, b in search.blocks.items() for n, v in b.clips.items()}
     torch.save({"state": _blocks_state(model, layout), "scales": scales, "clips": clips, "wall_s": wall, "cpu_s": cpu,
                 "rss_base_mb": rss0, "rss_peak_mb": peak}, out_path)
 
@@ -131,8 +129,8 @@ def worker_theirs(tag: str, calib: torch.Tensor, threads: int, max_blocks: int |
     from awq.models.llama import LlamaAWQForCausalLM
     from awq.quantize.quantizer import AwqQuantizer
 
-    from harness.architectures import layout_for
-    from methods.quant import fake_quantize
+    from structure.architectures import layout_for
+    from core.quant import fake_quantize
 
     class SmolLM2AWQ(LlamaAWQForCausalLM):  # the static helpers only; the model object is ours
         model_type = "llama"
@@ -213,7 +211,7 @@ def export_check(tags: list[str], calib: torch.Tensor, threads: int, max_blocks:
     from awq.utils.packing_utils import dequantize_gemm, reverse_awq_order, unpack_awq
     from safetensors.torch import load_file
 
-    from harness.architectures import apply_artifacts, layout_for
+    from structure.architectures import apply_artifacts, layout_for
     from harness.export import WEIGHTS_FILE, save_quantized
     from methods.awq import AWQ, AWQConfig
 
@@ -224,7 +222,7 @@ def export_check(tags: list[str], calib: torch.Tensor, threads: int, max_blocks:
         model, tokenizer = _load(torch.device("cpu"))
         layout = layout_for(model)
         _truncate(model, layout, max_blocks)
-        artifacts = AWQ(AWQConfig()).quantize(model, layout, spec, calib, torch.device("cpu"))
+        artifacts = AWQ(AWQConfig()).quantize(model, layout, spec, calib, torch.device("cpu")).artifacts
         apply_artifacts(model, artifacts)
         with tempfile.TemporaryDirectory() as tmp:
             save_quantized(model, artifacts, Path(tmp) / "ckpt", "awq_gemm", spec, tokenizer)
@@ -267,7 +265,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    from harness.architectures import layout_for
+    from structure.architectures import layout_for
     from harness.config import DataConfig
     from harness.data import calibration_tokens, eval_tokens
     from harness.models import PACKAGED_NOTE, default_cache_dir
@@ -304,7 +302,7 @@ def main() -> None:
             autoawq_ok = spec.group_size is not None and all(
                 lin.in_features % spec.group_size == 0 for lin in layout.quantizable_linears(model).values())
             layout.blocks(model).load_state_dict(fp_state)
-            rtn = RTN(RTNConfig()).quantize(model, layout, spec, None, device)
+            rtn = RTN(RTNConfig()).quantize(model, layout, spec, None, device).artifacts
             if args.max_blocks is not None:
                 keep = {layout.block_prefix(i) + "." for i in range(args.max_blocks)}
                 rtn = {k: a for k, a in rtn.items() if any(k.startswith(p) for p in keep)}

@@ -23,13 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from harness.provenance import cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from harness.provenance import cpu_seconds, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 
 def parse_config(tag: str) -> tuple[int, int | None]:
@@ -51,12 +49,12 @@ def calibration(args, tokenizer):
 
 # ----------------------------------------------------------------------------------------------- workers
 def worker_ours(args, out_dir: Path) -> dict:
-    from harness.architectures import layout_for
+    from structure.architectures import layout_for
     from harness.config import ModelConfig
     from harness.export import save_quantized
     from harness.models import load_model
     from kernels.pack import pack_gptq
-    from methods.base import QuantSpec
+    from core.spec import QuantSpec
     from methods.gptq import GPTQ, GPTQConfig
 
     model, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
@@ -67,14 +65,15 @@ def worker_ours(args, out_dir: Path) -> dict:
     reset_peak_rss()
     start, cpu0 = time.perf_counter(), cpu_seconds()
     method = GPTQ(GPTQConfig(desc_act=args.desc_act == "on", damp_percent=args.damp_percent))
-    arts = method.quantize(model, layout_for(model), spec, calib.tokens, torch.device("cpu"))
+    result = method.quantize(model, layout_for(model), spec, calib.tokens, torch.device("cpu"))
+    arts = result.artifacts
     for art in arts.values():  # GPTQModel packs inside quantize(): pack ours too so both times cover the same work
         pack_gptq(art)
     wall = time.perf_counter() - start
     cpu = cpu_seconds() - cpu0
     peak = peak_rss_mb()
     save_quantized(model, arts, out_dir, "gptq", spec, tokenizer)
-    retries = sum(s["damp_retries"] for s in method.layer_stats.values())
+    retries = sum(s["damp_retries"] for s in result.stats.values())
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak, "base_rss_mib": base_rss, "calib_fingerprint": calib.fingerprint,
             "damp_retries": retries}
 
@@ -143,12 +142,12 @@ def ppl_row(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
 def main_parent(args) -> None:
     import copy
 
-    from harness.architectures import apply_artifacts, layout_for
+    from structure.architectures import apply_artifacts, layout_for
     from harness.config import ModelConfig
     from harness.export import load_quantized_model
     from harness.models import load_model
-    from methods.base import QuantSpec
-    from methods.quant import quantize_weight
+    from core.spec import QuantSpec
+    from core.quant import quantize_weight
 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
@@ -212,7 +211,7 @@ def layer_check() -> None:
     from gptqmodel.quantization.gptq import GPTQ as RefGPTQ
     from torch import nn
 
-    from methods.base import QuantSpec
+    from core.spec import QuantSpec
     from methods.gptq import HessianAccumulator, gptq_quantize_layer
 
     torch.manual_seed(0)
@@ -278,11 +277,11 @@ def export_check(args) -> None:
 
     from gptqmodel import BACKEND, GPTQModel
 
-    from harness.architectures import layout_for
+    from structure.architectures import layout_for
     from harness.config import ModelConfig
     from harness.export import load_quantized_model, save_quantized
     from harness.models import load_model
-    from methods.base import QuantSpec
+    from core.spec import QuantSpec
     from methods.gptq import GPTQ, GPTQConfig
 
     torch.set_num_threads(args.threads)
@@ -305,7 +304,7 @@ def export_check(args) -> None:
                 # quantizer wrote it (quantization_config.meta), a guard against old AutoGPTQ's zero-point bug
                 spec = QuantSpec(bits, group, symmetric=True)
                 arts = GPTQ(GPTQConfig(desc_act=desc_act == "on")).quantize(model, layout_for(model), spec,
-                                                                            calib.tokens, torch.device("cpu"))
+                                                                            calib.tokens, torch.device("cpu")).artifacts
                 out_dir = Path(tmp) / f"{config}_{desc_act}"
                 save_quantized(model, arts, out_dir, "gptq", spec, tokenizer)
                 ours, _ = load_quantized_model(out_dir)  # the checkpoint's fp16 scales, as GPTQModel reads them

@@ -11,27 +11,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import methods  # noqa: E402,F401  (registers the built-in methods)
-from harness.architectures import apply_artifacts, layout_for  # noqa: E402
-from harness.config import ModelConfig  # noqa: E402
-from harness.lmeval import LMEvalConfig, check_tasks, run_lm_eval  # noqa: E402
-from harness.models import load_model  # noqa: E402
-from methods.base import QuantSpec  # noqa: E402
-from methods.rtn import RTN, RTNConfig  # noqa: E402
+import methods  # noqa: F401  (registers the built-in methods)
+from structure.architectures import apply_artifacts, layout_for
+from harness.config import ModelConfig
+from harness.lmeval import LMEvalConfig, check_tasks, run_lm_eval
+from harness.models import load_model
+from core.spec import QuantSpec
+from methods.rtn import RTN, RTNConfig
 
 
 def quantized_copy(model: torch.nn.Module, bits: int, group_size: int, device: torch.device) -> torch.nn.Module:
     """A deep copy of `model` with every decoder linear fake-quantized by RTN (AWQ-paper min/max)."""
     q = copy.deepcopy(model)
-    artifacts = RTN(RTNConfig()).quantize(q, layout_for(q), QuantSpec(bits, group_size), None, device)
+    artifacts = RTN(RTNConfig()).quantize(q, layout_for(q), QuantSpec(bits, group_size), None, device).artifacts
     apply_artifacts(q, artifacts)
     return q
 

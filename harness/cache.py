@@ -1,25 +1,25 @@
 """A cache of quantization results keyed by everything that produced them.
 
-Quantizing is the expensive step; evaluating is not. A cache entry holds the artifacts plus any
-other parameter the method changed (AWQ folds scales into norms), keyed by a hash of the model
-fingerprint, method options, quant spec, calibration config and data fingerprint, seed, and the
-source code of the quantization path. Changing an eval setting reuses it; changing code or
-config never silently does.
+Quantizing is the expensive step; evaluating is not. An entry holds a method's whole QuantizationResult
+(artifacts, the tensors it changed in place, its statistics and extras such as AWQ's search), keyed by the
+model fingerprint, method options, quant spec, calibration config and tokens, seed, and the source code of the
+quantization path. Changing an eval setting reuses it; changing code or config never silently does.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import torch
 
+from harness.identity import stable_hash
 from harness.results import atomic_write_bytes
+from methods.base import QuantizationResult
 
 REPO = Path(__file__).resolve().parent.parent
 # The code that determines a quantized model: any edit here invalidates every cache entry.
-QUANT_CODE = ("methods", "harness/blockwise.py", "harness/architectures.py", "harness/data.py", "harness/models.py")
+QUANT_CODE = ("core", "structure", "methods", "harness/data.py", "harness/models.py")
 
 
 def code_fingerprint() -> str:
@@ -33,35 +33,25 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+def entry_path(cache_dir: Path, key: dict) -> Path:
+    return Path(cache_dir) / "quantized" / f"{stable_hash(key, 20)}.pt"
 
 
-@torch.no_grad()
-def param_checksums(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """{parameter/buffer name: (sum, sum of squares)}, to find what a method changed in place."""
-    return {name: (t.double().sum().item(), t.double().pow(2).sum().item()) for name, t in model.state_dict().items()}
-
-
-def changed_tensors(model: torch.nn.Module, before: dict, exclude: set[str]) -> dict[str, torch.Tensor]:
-    """Tensors whose checksum differs from `before`, except those under the excluded module names."""
-    after = param_checksums(model)
-    state = model.state_dict()
-    return {name: state[name].detach().cpu().clone() for name, sums in after.items()
-            if sums != before.get(name) and name.rsplit(".", 1)[0] not in exclude}
-
-
-def save_entry(path: Path, key: dict, artifacts: dict, modified: dict[str, torch.Tensor], meta: dict) -> None:
+def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) -> None:
     buffer = io.BytesIO()
-    torch.save({"key": key, "artifacts": artifacts, "modified": modified, "meta": meta}, buffer)
+    torch.save({"key": key, "artifacts": result.artifacts, "modified": result.modified, "stats": result.stats,
+                "extras": result.extras, "meta": meta}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_entry(path: Path, key: dict) -> tuple[dict, dict, dict] | None:
-    """(artifacts, modified tensors, meta) if a valid entry for exactly `key` exists, else None."""
+def load_entry(path: Path, key: dict) -> tuple[QuantizationResult, dict] | None:
+    """(result, meta) if a valid entry for exactly `key` exists, else None."""
     if not path.exists():
         return None
     entry = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_entry
-    if json.dumps(entry.get("key"), sort_keys=True, default=str) != json.dumps(key, sort_keys=True, default=str):
+    if stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
         return None  # a hash collision or a foreign file: never reuse it
-    return entry["artifacts"], entry["modified"], entry["meta"]
+    if "stats" not in entry:
+        return None  # written before results carried stats and extras: recompute rather than lose them
+    result = QuantizationResult(entry["artifacts"], entry["modified"], entry["stats"], entry["extras"])
+    return result, entry["meta"]

@@ -11,15 +11,15 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from core.spec import SUPPORTED_BITS
+from harness.data import SOURCES
 from harness.lmeval import LMEvalConfig
-from methods import METHOD_CONFIGS
-from methods.base import SUPPORTED_BITS
+from kernels.backends import BACKENDS
+from methods import METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: bit-stable discrete choices (the CI gate)
 MODEL_SOURCES = ("packaged", "hf")
-SOURCE_KINDS = ("wiki", "code", "prose", "textfile", "hf")
 DEVICES = ("auto", "cpu", "cuda")
-KERNELS = ("triton", "cpu_int4", "reference")
 
 
 class ConfigError(ValueError):
@@ -67,7 +67,7 @@ class TextSourceConfig:
     eval_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.kind in SOURCE_KINDS, "data.sources.<name>.kind", self.kind, str(list(SOURCE_KINDS)))
+        _require(self.kind in SOURCES, "data.sources.<name>.kind", self.kind, str(SOURCES.names()))
         _require(0.0 < self.eval_fraction < 1.0, "data.sources.<name>.eval_fraction", self.eval_fraction, "0 < x < 1")
 
 
@@ -167,11 +167,12 @@ class RunConfig:
         _require(self.group_size is None or self.group_size > 0, "group_size", self.group_size,
                  "a positive integer such as 32/64/128, or null / -1 for per-channel")
         _require(self.device in DEVICES, "device", self.device, str(list(DEVICES)))
-        _require(self.kernel is None or self.kernel in KERNELS, "kernel", self.kernel, f"null or one of {list(KERNELS)}")
+        _require(self.kernel is None or self.kernel in BACKENDS, "kernel", self.kernel,
+                 f"null or one of {BACKENDS.names()}")
         _require(self.bits == 4 or self.kernel in (None, "reference"), "kernel", self.kernel,
                  f"null or 'reference' when bits={self.bits} (the packed kernels are 4-bit)")
-        _require(getattr(self.method, "name", None) in METHOD_CONFIGS, "method", getattr(self.method, "name", None),
-                 str(sorted(METHOD_CONFIGS)))
+        _require(getattr(self.method, "name", None) in METHODS, "method", getattr(self.method, "name", None),
+                 str(METHODS.names()))
         sources = self.data.sources
         _require(self.calib.source in sources, "calib.source", self.calib.source, str(sorted(sources)))
         for name in self.eval.ppl_sets:
@@ -215,5 +216,5 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=_schema(RunConfig))
-    for name, cls in METHOD_CONFIGS.items():
-        cs.store(group="schema/method", name=name, node=_schema(cls))
+    for name, cls in METHODS.items():
+        cs.store(group="schema/method", name=name, node=_schema(cls.config_class))

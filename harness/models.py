@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from harness.config import DTYPES as DTYPE_NAMES
 from harness.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_NOTE = ("weights dequantized from a 4-bit GGUF (Q4_1) file: the fp baseline is a dequantized "
                  "4-bit model, not the original bf16 checkpoint")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def default_cache_dir() -> Path:

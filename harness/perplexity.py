@@ -3,12 +3,19 @@ ppl = exp(mean token NLL over all windows). Models that need BOS get it at the s
 (the window then holds seqlen - 1 text tokens)."""
 from __future__ import annotations
 
+import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from harness.config import RunConfig
+from harness.data import eval_tokens
+
+log = logging.getLogger(__name__)
 
 
 def make_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None, bos_id: int | None) -> torch.Tensor:
@@ -53,6 +60,32 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.devi
         raise FloatingPointError(f"{desc}: non-finite mean NLL ({mean_nll}); the model produced NaN/Inf logits")
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": n_predicted, "windows": int(windows.shape[0]),
             "wall_s": time.perf_counter() - start, "window_nll": window_nll}
+
+
+def eval_windows(cfg: RunConfig, tokenizer, needs_bos: bool, cache: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """({eval set: windows [n, seqlen]}, {"eval:<set>": token fingerprint}) for every set in eval.ppl_sets,
+    tokenized once per run."""
+    bos_id = tokenizer.bos_token_id if needs_bos else None
+    body = cfg.eval.seqlen - (bos_id is not None)
+    windows, prints = {}, {}
+    for name in cfg.eval.ppl_sets:
+        n_tokens = None if cfg.eval.max_windows is None else cfg.eval.max_windows * body
+        tokens = eval_tokens(name, cfg.data.sources[name], tokenizer, cache, n_tokens)
+        prints[f"eval:{name}"] = tokens.fingerprint
+        windows[name] = make_windows(tokens.tokens, cfg.eval.seqlen, cfg.eval.max_windows, bos_id)
+    return windows, prints
+
+
+def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor], device: torch.device) -> list[dict]:
+    """The ppl evaluator: rows ppl (n = predicted tokens), tokens, windows and wall_s per eval set."""
+    rows = []
+    for name, w in windows.items():
+        result = perplexity(model, w, device, desc=f"ppl {name}")
+        log.info("ppl %-8s %.3f (%d windows, %d tokens, %.1fs)", name, result["ppl"], result["windows"],
+                 result["tokens"], result["wall_s"])
+        rows.append({"suite": "ppl", "task": name, "metric": "ppl", "value": result["ppl"], "n": result["tokens"]})
+        rows += [{"suite": "ppl", "task": name, "metric": m, "value": result[m]} for m in ("tokens", "windows", "wall_s")]
+    return rows
 
 
 def check_agreement(what: str, packed_nll: float, reference_nll: float, rtol: float = PACKED_PPL_RTOL) -> None:

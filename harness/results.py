@@ -51,6 +51,12 @@ def to_frame(rows: Iterable[dict]) -> pd.DataFrame:
     return frame.astype({k: v for k, v in _DTYPES.items()})
 
 
+def quant_row(metric: str, value: float, detail: dict | None = None) -> dict:
+    """A `suite=quant` row (about the quantized model itself, not an evaluation)."""
+    return {"suite": "quant", "task": "all", "metric": metric, "value": value,
+            "detail": json.dumps(detail) if detail else None}
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
@@ -72,10 +78,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def write_run(run_dir: Path, frame: pd.DataFrame, config_yaml: str, meta: dict) -> None:
-    """Write a finished run: rows (parquet + CSV), composed config, metadata, and the DONE marker last."""
+def write_run(run_dir: Path, frame: pd.DataFrame, config_yaml: str, meta: dict,
+              files: dict[str, bytes] | None = None) -> None:
+    """Write a finished run: rows (parquet + CSV), composed config, extra files (a method's extras, such as
+    awq_search.pt), metadata, and the DONE marker last."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in (files or {}).items():
+        atomic_write_bytes(run_dir / name, data)
     atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
     atomic_write_bytes(run_dir / ROWS_FILE, frame.to_parquet(index=False))
     atomic_write_text(run_dir / CSV_FILE, frame.to_csv(index=False))

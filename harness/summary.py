@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 from hydra.experimental.callback import Callback
 
+from harness.labels import PRIMARY_KEYS
 from harness.results import load_results
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def summary_table(frame: pd.DataFrame) -> str:
     frame = frame.assign(group_size=frame["group_size"].astype("string").fillna("-"),
                          bits=frame["bits"].astype("string").fillna("-"),
                          calib_source=frame["calib_source"].astype("string").fillna("-"))
-    index = ["model", "method", "bits", "group_size"]
+    index = ["model", *PRIMARY_KEYS]
     if frame["calib_source"].nunique() > 1:  # e.g. a calibration-robustness sweep: keep the runs apart
         index.append("calib_source")
     parts = []

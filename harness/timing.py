@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from core.spec import QuantizedWeights
+from harness.config import TimingConfig
 from harness.provenance import device_name
 from kernels.cpu_int4 import DENSE_FROM_M, dense_dtype, native_bf16
 from kernels.quant_linear import QuantLinear, check_backend_device, unsupported_reason
-from methods.base import QuantizedWeights
 
 SUITE = "timing"
 
@@ -203,6 +204,34 @@ def gemm_microbench(shapes: Sequence[tuple[int, int]], ms: Sequence[int], group_
     return rows
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """The fast backends that can run on `device`: triton on CUDA, cpu_int4 on CPU."""
-    return ["triton"] if torch.device(device).type == "cuda" else ["cpu_int4"]
+# ------------------------------------------------------------------------------------------- evaluator
+def evaluate_timing(t: TimingConfig, model: nn.Module, baseline: nn.Module | None, device: torch.device, seed: int,
+                    shapes: Sequence[tuple[int, int]], group_size: int | None, backend: str) -> list[dict]:
+    """The timing evaluator: prefill/decode speed of `model` (the packed quantized model) and of the unquantized
+    `baseline` (None for an unquantized run), measured in this process, with speedups. Where bf16 is native (every
+    GPU, CPUs with AVX512-BF16 or AMX) a bf16 copy of the baseline is timed too: there it is the fair 16-bit
+    baseline. `t.gemm` adds the GEMM microbenchmark of `backend` on the model's own linear shapes."""
+    vocab = model.config.vocab_size
+
+    def timed(m: nn.Module, label: str) -> list[dict]:
+        rows = time_generation(m, vocab, t.prompt_len, t.decode_tokens, t.batch_sizes, device, t.warmup, t.repeats,
+                               seed)
+        return [{**r, "metric": f"{label}_{r['metric']}" if label else r["metric"]} for r in rows]
+
+    rows = timed(model, "")
+    if baseline is not None:
+        labels = ["baseline"]
+        if baseline.dtype != torch.bfloat16 and (torch.device(device).type == "cuda" or native_bf16()):
+            labels.append("baseline_bf16")
+        for label in labels:
+            if label == "baseline_bf16":
+                baseline = baseline.to(torch.bfloat16)  # after the full-precision baseline was timed
+            base_rows = timed(baseline, label)
+            by_key = {(r["task"], r["metric"].removeprefix(f"{label}_")): r["value"] for r in base_rows}
+            rows += base_rows + [
+                {**r, "metric": r["metric"].replace("tokens_per_s", f"speedup_vs_{label}"),
+                 "value": r["value"] / by_key[(r["task"], r["metric"])], "stderr": None}
+                for r in rows if not r["metric"].startswith("baseline") and (r["task"], r["metric"]) in by_key]
+    if t.gemm:
+        rows += gemm_microbench(shapes, [1, 16, 128], group_size, [backend], device, t.repeats)
+    return rows

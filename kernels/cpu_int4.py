@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from core.spec import group_index
 from kernels.pack import unpack_nibbles
 
 FAST_DTYPE = torch.bfloat16
@@ -47,7 +48,7 @@ def dequantize_own(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     """[N, K] weight in `dtype` from our own layout: codes uint8 [N, ceil(K/2)] (pack_nibbles), scales fp32
     [N, n_groups], zeros uint8 [N, n_groups]; contiguous groups of `group_size` (None: one per row)."""
     q = unpack_nibbles(codes, in_features).float()
-    g = torch.arange(in_features) // (group_size or in_features)
+    g = group_index(in_features, group_size)
     return ((q - zeros.float()[:, g]) * scales[:, g]).to(dtype)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import QuantizedWeights
+from core.spec import QuantizedWeights, group_index
 
 GPTQ_BITS = (2, 3, 4, 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AutoAWQ word holds column AWQ_ORDER[i] of its 8
@@ -76,9 +76,7 @@ def unpack_bit_stream(words: torch.Tensor, bits: int, n_values: int) -> torch.Te
 
 def contiguous_g_idx(in_features: int, group_size: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
     """int32 [in]: column i -> group i // group_size (all zeros when per-channel)."""
-    if group_size is None:
-        return torch.zeros(in_features, dtype=torch.int32, device=device)
-    return (torch.arange(in_features, device=device) // group_size).to(torch.int32)
+    return group_index(in_features, group_size, device).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------- GPTQ

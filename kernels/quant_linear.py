@@ -1,9 +1,6 @@
-"""QuantLinear: a drop-in nn.Linear replacement that stores packed weights and runs them on one backend.
+"""QuantLinear: a drop-in nn.Linear replacement that stores packed weights and runs them on one backend
+(kernels.backends: reference, cpu_int4, triton).
 
-Backends:
-- "reference": GPTQ-packed weights (any bits, act-order allowed), unpacked and matmul'd in fp32 every call.
-- "triton": the W4A16 Triton kernel (fp16 activations; CUDA, or CPU under TRITON_INTERPRET=1).
-- "cpu_int4": torch's CPU int4 kernel (bf16 activations by default).
 `pack_model` swaps named nn.Linear modules for QuantLinear and falls back to "reference" for any layer the
 requested backend cannot take, reporting which backend each layer actually got. Linears fed the very same
 tensor (q/k/v after a norm, gate/up) can run as one GEMM over their concatenated weights: each member
@@ -19,16 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels.cpu_int4 import DENSE_FROM_M, FAST_DTYPE, cpu_int4_linear
-from kernels.pack import cpu_int4_group_size, pack_cpu_int4, pack_gptq, pack_triton_w4, triton_group_size
-from kernels.reference import gptq_linear
-from methods.base import QuantizedWeights
+from core.spec import QuantizedWeights
+from kernels.backends import BACKENDS, LayerMeta
 
-BACKENDS = ("triton", "cpu_int4", "reference")
-# The pack-time self-check: largest relative (Frobenius) error of a packed layer against x @ dequantize(artifact).T.
-# reference: the same fp32 maths; triton: fp16 activations and scales; cpu_int4: bf16 activations and scales.
-# A wrong layout gives errors of order 1 (1.3-1.8 on the AVX-512 layout bug), so these bounds separate cleanly.
-CHECK_TOLERANCE = {"reference": 1e-5, "triton": 1e-2, "cpu_int4": 2e-2}
 log = logging.getLogger(__name__)
 
 
@@ -36,42 +26,14 @@ class PackCheckError(RuntimeError):
     """A packed layer disagrees with its artifact: raised at pack time, before any evaluation uses it."""
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {list(BACKENDS)}")
-
-
 def unsupported_reason(backend: str, art: QuantizedWeights) -> str | None:
     """Why `backend` cannot run this artifact (a short phrase), or None when it can."""
-    _check_backend(backend)
-    if backend == "reference":
-        return None
-    if art.bits != 4:
-        return f"bits={art.bits} (needs 4)"
-    if art.g_idx is not None:
-        return "act-order g_idx"
-    if backend == "triton" and triton_group_size(art) is None:
-        return f"group_size={art.group_size} (needs a multiple of 16 or per-channel)"
-    if backend == "cpu_int4" and cpu_int4_group_size(art) is None:
-        if art.out_features % 16:
-            return f"out_features={art.out_features} (needs a multiple of 16)"
-        return f"group_size={art.group_size} (needs a multiple of 32)"
-    return None
+    return BACKENDS.get(backend).unsupported_reason(art)
 
 
 def check_backend_device(backend: str, device: torch.device) -> None:
     """Raise ValueError when `backend` cannot run on `device` at all (not a per-layer fallback case)."""
-    _check_backend(backend)
-    device = torch.device(device)
-    if backend == "cpu_int4" and device.type != "cpu":
-        raise ValueError(f"backend='cpu_int4' runs on CPU only; the model is on {device}")
-    if backend == "triton" and device.type == "cpu":
-        from kernels.triton_w4a16 import is_interpreted  # lazy: imports triton
-
-        if not is_interpreted():
-            raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before "
-                             "kernels.triton_w4a16 is imported, for tests); on CPU use backend='cpu_int4' or "
-                             "'reference'")
+    BACKENDS.get(backend).check_device(torch.device(device))
 
 
 class QuantLinear(nn.Module):
@@ -84,56 +46,33 @@ class QuantLinear(nn.Module):
             raise ValueError(f"backend={backend!r} cannot run this layer: {reason}; use backend='reference'")
         self.in_features, self.out_features = art.in_features, art.out_features
         self.bits, self.group_size, self.backend = art.bits, art.group_size, backend
-        if backend == "reference":
-            packed = pack_gptq(art, scale_dtype=torch.float32)  # fp32 scales: exactly the artifact
-        elif backend == "triton":
-            packed = pack_triton_w4(art)
-        else:
-            packed = pack_cpu_int4(art.to("cpu"), dtype=FAST_DTYPE)
+        packed = BACKENDS.get(backend).pack(art)
         for name, tensor in packed.items():
             self.register_buffer(name, tensor)
+        self.packed_names = tuple(packed)
+        self.meta = LayerMeta(self.in_features, self.out_features, self.bits, self.group_size)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "reference":
-            tensors = {k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-            return gptq_linear(x, tensors, self.bits, self.group_size, self.bias)
-        if self.backend == "cpu_int4":
-            packed = {k: getattr(self, k) for k in ("qweight", "scales_and_zeros", "codes", "scales", "zeros")}
-            return cpu_int4_linear(x, packed, self.in_features, self.group_size, self.bias)
-        from kernels.triton_w4a16 import w4a16_matmul  # lazy: imports triton
-
-        x2 = x.reshape(-1, self.in_features).to(torch.float16).contiguous()
-        y = w4a16_matmul(x2, self.qweight, self.scales, self.zeros, self.in_features).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        packed = {name: getattr(self, name) for name in self.packed_names}
+        return BACKENDS.get(self.backend).run(x, packed, self.meta, self.bias)
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, backend={self.backend}"
 
 
-def check_sizes(backend: str) -> tuple[int, ...]:
-    """Activation rows M that reach every regime `backend` runs in (decode-sized and prefill-sized)."""
-    _check_backend(backend)
-    if backend == "cpu_int4":
-        return (1, DENSE_FROM_M)  # torch's int4 op, then the dense path from our own copy of the artifact
-    if backend == "triton":
-        return (1, 17)  # the split-K kernel (M <= 16), then the tiled one
-    return (1,)
-
-
 @torch.no_grad()
 def verify_packed(name: str, layer: QuantLinear, art: QuantizedWeights, seed: int = 0) -> float:
-    """Check `layer` once against x @ dequantize(art).T (+ bias) at every size of check_sizes; return the largest
-    relative error. Raises PackCheckError naming the layer, the backend and the error when it exceeds the
-    backend's CHECK_TOLERANCE (or is not finite)."""
+    """Check `layer` once against x @ dequantize(art).T (+ bias) at each of its backend's check_sizes (one M per
+    regime: decode, prefill); return the largest relative (Frobenius) error. Raises PackCheckError naming the
+    layer, the backend and the error when it exceeds the backend's tolerance (or is not finite)."""
+    backend = BACKENDS.get(layer.backend)
     device = layer.scales.device
     w = art.dequantize(torch.float32).to(device)
     bias = None if layer.bias is None else layer.bias.float()
-    tol, worst = CHECK_TOLERANCE[layer.backend], 0.0
-    for m in check_sizes(layer.backend):
+    tol, worst = backend.tolerance, 0.0
+    for m in backend.check_sizes:
         x = torch.randn(m, art.in_features, generator=torch.Generator().manual_seed(seed)).to(device)
         ref = torch.nn.functional.linear(x, w, bias)
         err = ((layer(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -221,7 +160,7 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
 
     shared_inputs: groups of layer names fed the very same tensor; each group the backend can run as one GEMM
     becomes a SharedInputLinear with a SharedInputSlice per member (others are packed one by one)."""
-    _check_backend(backend)
+    BACKENDS.get(backend)  # an unknown name fails here, before anything is replaced
     linears = {}
     for name, art in artifacts.items():
         module = model.get_submodule(name)

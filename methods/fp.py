@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import Method, register_method
+from methods.base import Method, QuantizationResult, register_method
 
 
 @dataclass(frozen=True)
@@ -18,4 +18,4 @@ class FullPrecision(Method):
     needs_calibration = False
 
     def quantize(self, model, layout, spec, calib, device):
-        return {}
+        return QuantizationResult({})

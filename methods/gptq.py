@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from harness.blockwise import BlockContext, iterate_blocks
-from methods.base import Method, QuantizedWeights, QuantSpec, register_method
-from methods.quant import qparams
+from core.quant import RANGE_RULES, qparams
+from core.spec import QuantizedWeights, QuantSpec
+from methods.base import Method, QuantizationResult, register_method
+from structure.blockwise import BlockContext, iterate_blocks
 
 log = logging.getLogger(__name__)
 
-RANGE_RULES = ("minmax", "minmax_zero")
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -309,22 +309,19 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
 class GPTQ(Method):
     """Blocks in order; within a block the sequential groups in turn; the next block sees quantized outputs.
 
-    Unlike methods that only return artifacts, GPTQ writes dequantize(artifact) into each linear as it goes
-    (later linears and blocks must see the quantized weights); applying the artifacts again is idempotent.
+    GPTQ writes dequantize(artifact) into each linear as it goes (later linears and blocks must see the quantized
+    weights); applying the artifacts again is idempotent. Per-layer statistics come back in the result's `stats`.
     """
 
     needs_calibration = True
 
-    def __init__(self, config: GPTQConfig) -> None:
-        super().__init__(config)
-        self.layer_stats: dict[str, dict] = {}
-
     def quantize(self, model: nn.Module, layout, spec: QuantSpec, calib: torch.Tensor | None,
-                 device: torch.device) -> dict[str, QuantizedWeights]:
+                 device: torch.device) -> QuantizationResult:
         cfg = self.config
         if calib is None or calib.numel() == 0:
             raise ValueError("method=gptq needs calibration data; got none (calib is empty)")
         artifacts: dict[str, QuantizedWeights] = {}
+        layer_stats: dict[str, dict] = {}
         for ctx in iterate_blocks(model, layout, calib, device, desc="gptq", batch_size=cfg.batch_size):
             linears = layout.block_linears(ctx.block)
             groups = layout.spec.sequential if cfg.true_sequential else (tuple(linears),)
@@ -340,7 +337,7 @@ class GPTQ(Method):
                         damp_increment=cfg.damp_increment, dtype=dtype, name=full)
                     lin.weight.data = art.dequantize(lin.weight.dtype).to(lin.weight.device)
                     artifacts[full] = art.to("cpu")
-                    self.layer_stats[full] = {**stats, "n_tokens": hessians[n].n}
+                    layer_stats[full] = {**stats, "n_tokens": hessians[n].n}
                 del hessians
             ctx.next_inputs = ctx.forward()
-        return artifacts
+        return QuantizationResult(artifacts, stats=layer_stats)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from methods.base import Method, QuantizedWeights, register_method
-from methods.quant import quantize_weight
+from core.quant import RANGE_RULES, quantize_weight
+from methods.base import Method, QuantizationResult, register_method
 
 
 @dataclass(frozen=True)
@@ -18,15 +18,15 @@ class RTNConfig:
     range_rule: str = "minmax"
 
     def __post_init__(self) -> None:
-        if self.range_rule not in ("minmax", "minmax_zero"):
-            raise ValueError(f"method.range_rule={self.range_rule!r}; allowed values: ['minmax', 'minmax_zero']")
+        if self.range_rule not in RANGE_RULES:
+            raise ValueError(f"method.range_rule={self.range_rule!r}; allowed values: {list(RANGE_RULES)}")
 
 
 @register_method("rtn", RTNConfig)
 class RTN(Method):
     needs_calibration = False
 
-    def quantize(self, model, layout, spec, calib, device) -> dict[str, QuantizedWeights]:
+    def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
         linears = layout.quantizable_linears(model)
-        return {name: quantize_weight(lin.weight.data.to(device), spec, self.config.range_rule).to("cpu")
-                for name, lin in tqdm(linears.items(), desc="rtn", unit="layer", leave=False)}
+        return QuantizationResult({name: quantize_weight(lin.weight.data.to(device), spec, self.config.range_rule).to("cpu")
+                for name, lin in tqdm(linears.items(), desc="rtn", unit="layer", leave=False)})

@@ -9,7 +9,8 @@ BASE_SITE="$ROOT/.venv/lib/python3.11/site-packages"
 
 python3 -m venv "$VENV"
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$BASE_SITE" > "$SITE/base_stack.pth"
+# the project stack, and the project itself (its editable install is a .pth the base venv alone processes)
+printf '%s\n%s\n' "$BASE_SITE" "$ROOT" > "$SITE/base_stack.pth"
 # autoawq's own requirements are torch/transformers/tokenizers/accelerate/datasets/zstandard/
 # typing_extensions/huggingface_hub; those the base stack lacks are added one by one, --no-deps.
 "$VENV/bin/pip" install --no-deps autoawq==0.2.9

@@ -20,7 +20,8 @@ if [[ ! -d "$BASE_SITE" ]]; then
 fi
 [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
 SITE="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
-echo "$BASE_SITE" > "$SITE/base_stack.pth"
+# the project stack, and the project itself (its editable install is a .pth the base venv alone processes)
+printf '%s\n%s\n' "$BASE_SITE" "$REPO" > "$SITE/base_stack.pth"
 
 # gptqmodel's own dependencies that the base stack lacks, pinned to what was verified on 2026-11-22.
 PKGS=(gptqmodel==7.6.0 defuser==0.0.28 device-smi==0.5.7 logbar==0.4.15 ninja==1.13.2 pypcre==0.6.4

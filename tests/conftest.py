@@ -1,17 +1,10 @@
 """Shared fixtures: tiny random models built from configs (no download), one per supported family."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import methods  # noqa: E402,F401  (registers the built-in methods)
+import methods  # noqa: F401  (registers the built-in methods)
 
 
 def tiny_config(family: str = "llama", **overrides):

@@ -7,11 +7,9 @@ sweep and checks it against the baseline with harness.regress.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 BASELINE = TESTS / "baselines" / "tiny"
 # (method, bits, group size) of the sweep; calibration methods are included when registered.
 SWEEP = [("fp", 4, 32), ("rtn", 4, 32), ("rtn", 3, 32), ("rtn", 2, None), ("gptq", 4, 32), ("gptq", 3, 32),
@@ -69,7 +67,6 @@ def run_sweep(assets: Path, results_dir: Path, cache_dir: Path) -> None:
 if __name__ == "__main__":
     import tempfile
 
-    sys.path[:0] = [str(TESTS), str(ROOT)]
     with tempfile.TemporaryDirectory() as tmp:
         if BASELINE.exists():
             shutil.rmtree(BASELINE)

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from harness.architectures import apply_artifacts, get_submodule, layout_for
-from harness.blockwise import capture_block_inputs
-from methods.awq import SEARCH_FILE, AWQConfig, AWQSearch, GroupScale, _group_applies, apply_scales
-from methods.awq_search import awq_scale, clip_weight, search_clip, weight_mean
-from methods.base import QuantSpec, build_method
-from methods.quant import fake_quantize, group_slices
+from structure.architectures import apply_artifacts, get_submodule, layout_for
+from structure.blockwise import capture_block_inputs
+from methods.awq import SEARCH_FILE, AWQConfig, AWQSearch, GroupScale, apply_scales
+from methods.awq.search import _group_applies
+from methods.awq.maths import awq_scale, clip_weight, search_clip, weight_mean
+from core.spec import QuantSpec
+from methods.base import build_method
+from core.quant import fake_quantize, group_slices
 
 FAMILIES = ["llama", "qwen2", "gemma3_text", "opt"]
 CPU = torch.device("cpu")
@@ -137,9 +139,10 @@ def test_searched_scales_preserve_logits(family):
     ids = _calib()
     ref = _logits(model, ids)
     method = _awq(auto_clip=False)
-    artifacts = method.quantize(model, layout_for(model), QuantSpec(4, 32), ids, CPU)
-    assert len(artifacts) == len(layout_for(model).quantizable_linears(model))
-    scales = [g.s for b in method.search.blocks.values() for g in b.scales]
+    result = method.quantize(model, layout_for(model), QuantSpec(4, 32), ids, CPU)
+    assert len(result.artifacts) == len(layout_for(model).quantizable_linears(model))
+    search = AWQSearch.from_state(result.extras[SEARCH_FILE])
+    scales = [g.s for b in search.blocks.values() for g in b.scales]
     assert any((s - 1).abs().max() > 0.05 for s in scales)  # the searched scales are not the identity
     torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
 
@@ -185,9 +188,10 @@ def test_awq_block_error_not_worse_than_rtn(bits):
     ids = _calib()
     spec = QuantSpec(bits, 32)
     inputs, kwargs = capture_block_inputs(model, layout, ids, CPU)
-    rtn_err = _block_errors(model, layout, RTN(RTNConfig()).quantize(model, layout, spec, ids, CPU), inputs, kwargs)
+    rtn_err = _block_errors(model, layout, RTN(RTNConfig()).quantize(model, layout, spec, ids, CPU).artifacts, inputs,
+                            kwargs)
     awq_model = copy.deepcopy(model)
-    awq_art = _awq().quantize(awq_model, layout, spec, ids, CPU)
+    awq_art = _awq().quantize(awq_model, layout, spec, ids, CPU).artifacts
     awq_err = _block_errors(awq_model, layout, awq_art, inputs, kwargs)  # AWQ only rewrites weights inside blocks
     for r, a in zip(rtn_err, awq_err):
         assert a <= r, f"AWQ block error {a:.3e} > RTN {r:.3e} at w{bits}g32"
@@ -210,15 +214,17 @@ def test_search_save_load_round_trip(tmp_path, family, group_size):
     layout = layout_for(model)
     fresh = copy.deepcopy(model)
     spec = QuantSpec(3, group_size)
-    method = _awq()
-    method.run_dir = tmp_path
-    artifacts = method.quantize(model, layout, spec, _calib(), CPU)
+    result = _awq().quantize(model, layout, spec, _calib(), CPU)
+    artifacts = result.artifacts
     path = tmp_path / SEARCH_FILE
-    assert path.is_file()
+    AWQSearch.from_state(result.extras[SEARCH_FILE]).save(path)
     some = next(iter(artifacts.values()))
     assert some.n_groups == spec.n_groups(some.in_features)
     loaded = _awq(load_search=str(path)).quantize(fresh, layout, spec, None, CPU)
-    _artifacts_equal(artifacts, loaded)
+    _artifacts_equal(artifacts, loaded.artifacts)
+    assert loaded.modified.keys() == result.modified.keys() and result.modified  # the folded norms
+    for key, tensor in result.modified.items():
+        assert torch.equal(loaded.modified[key], tensor)
     ids = _calib(2, 16, seed=5)
     torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), rtol=0, atol=0)
 
@@ -228,10 +234,9 @@ def test_load_search_errors(tmp_path):
     layout = layout_for(model)
     with pytest.raises(ValueError, match="load_search"):
         _awq(load_search=str(tmp_path / "missing.pt")).quantize(model, layout, QuantSpec(4, 32), None, CPU)
-    method = _awq(auto_clip=False, n_grid=2)
-    method.run_dir = tmp_path
-    method.quantize(copy.deepcopy(model), layout, QuantSpec(4, 32), _calib(), CPU)
+    result = _awq(auto_clip=False, n_grid=2).quantize(copy.deepcopy(model), layout, QuantSpec(4, 32), _calib(), CPU)
     path = str(tmp_path / SEARCH_FILE)
+    AWQSearch.from_state(result.extras[SEARCH_FILE]).save(path)
     with pytest.raises(ValueError, match="bits"):
         _awq(load_search=path).quantize(copy.deepcopy(model), layout, QuantSpec(3, 32), None, CPU)
     wider = tiny_model("llama", hidden_size=96)
@@ -283,15 +288,16 @@ def test_awq_gptq_beats_rtn_and_reloads(tmp_path):
         apply_artifacts(q, artifacts)
         return ((_logits(q, held_out) - ref) ** 2).mean().item()
 
-    rtn_err = logit_mse(RTN(RTNConfig()).quantize(model, layout, spec, ids, CPU), model)
+    rtn_err = logit_mse(RTN(RTNConfig()).quantize(model, layout, spec, ids, CPU).artifacts, model)
     combo = copy.deepcopy(model)
-    method = build_method(AWQGPTQConfig(awq=AWQConfig(batch_size=4)))
-    method.run_dir = tmp_path
-    artifacts = method.quantize(combo, layout, spec, ids, CPU)
+    result = build_method(AWQGPTQConfig(awq=AWQConfig(batch_size=4))).quantize(combo, layout, spec, ids, CPU)
+    artifacts = result.artifacts
+    AWQSearch.from_state(result.extras[SEARCH_FILE]).save(tmp_path / SEARCH_FILE)
+    assert result.stats and all("damp_retries" in s for s in result.stats.values())  # the GPTQ half's statistics
     assert artifacts.keys() == layout.quantizable_linears(model).keys()
     err = logit_mse(artifacts, combo)
     assert err < rtn_err, f"awq_gptq logit MSE {err:.3e} >= RTN {rtn_err:.3e}"
     # the saved AWQ half re-applies: same artifacts without searching
     again = copy.deepcopy(model)
     reloaded = build_method(AWQGPTQConfig(awq=AWQConfig(batch_size=4, load_search=str(tmp_path / SEARCH_FILE))))
-    _artifacts_equal(artifacts, reloaded.quantize(again, layout, spec, ids, CPU))
+    _artifacts_equal(artifacts, reloaded.quantize(again, layout, spec, ids, CPU).artifacts)

@@ -71,7 +71,7 @@ def test_hf_source_builder_with_data_files_is_hash_split(tmp_path):
 
 
 def test_packaged_sources_are_registered():
-    assert {"wiki", "code", "prose", "textfile", "hf"} <= set(SOURCES)
+    assert {"wiki", "code", "prose", "textfile", "hf"} <= set(SOURCES.names())
 
 
 def test_code_source_reads_the_stdlib(tmp_path):

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from harness.architectures import apply_artifacts, layout_for
+from structure.architectures import apply_artifacts, layout_for
 from harness.export import load_quantized, load_quantized_model, save_quantized
-from methods.base import QuantSpec
+from core.spec import QuantSpec
 from methods.gptq import GPTQ, GPTQConfig
-from methods.quant import quantize_weight
-from tests.conftest import tiny_model
+from core.quant import quantize_weight
+from conftest import tiny_model
 
 
 def rtn_artifacts(model, spec):
@@ -50,7 +50,8 @@ def test_gptq_round_trip_exact_with_fp32_scales(tmp_path, family, spec):
 def test_gptq_act_order_checkpoint(tmp_path, calib_tokens):
     model = tiny_model("llama")
     spec = QuantSpec(4, 32)
-    arts = GPTQ(GPTQConfig(desc_act=True)).quantize(model, layout_for(model), spec, calib_tokens, torch.device("cpu"))
+    arts = GPTQ(GPTQConfig(desc_act=True)).quantize(model, layout_for(model), spec, calib_tokens,
+                                                   torch.device("cpu")).artifacts
     out = save_quantized(model, arts, tmp_path / "ckpt", "gptq", spec, extra_config={"damp_percent": 0.01})
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["desc_act"] is True and qc["damp_percent"] == 0.01

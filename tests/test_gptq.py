@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.architectures import layout_for
-from methods.base import QuantSpec
+from structure.architectures import layout_for
+from core.spec import QuantSpec
 from methods.gptq import GPTQ, GPTQConfig, HessianAccumulator, gptq_quantize_layer
-from methods.quant import grouped_qparams, quantize_weight
-from tests.conftest import tiny_model
+from core.quant import grouped_qparams, quantize_weight
+from conftest import tiny_model
 
 
 def correlated_inputs(n: int = 1024, d: int = 64, seed: int = 0) -> torch.Tensor:
@@ -212,8 +212,8 @@ def test_method_quantizes_every_linear(family, config, calib_tokens):
     spec = QuantSpec(4, 32)
     with torch.no_grad():
         ref_logits = model(calib_tokens[:2]).logits
-    method = GPTQ(config)
-    artifacts = method.quantize(model, layout, spec, calib_tokens, torch.device("cpu"))
+    result = GPTQ(config).quantize(model, layout, spec, calib_tokens, torch.device("cpu"))
+    artifacts = result.artifacts
     linears = layout.quantizable_linears(model)
     assert set(artifacts) == set(linears)
     for name, lin in linears.items():
@@ -221,7 +221,8 @@ def test_method_quantizes_every_linear(family, config, calib_tokens):
         assert art.codes.shape == lin.weight.shape and art.bits == 4 and art.group_size == 32
         assert (art.g_idx is not None) == config.desc_act
         torch.testing.assert_close(lin.weight.data, art.dequantize(), rtol=0, atol=0)  # written in place
-        assert method.layer_stats[name]["n_tokens"] == calib_tokens.numel()
+        assert result.stats[name]["n_tokens"] == calib_tokens.numel()
+    assert not result.modified  # GPTQ changes only linear weights, which the artifacts cover
     with torch.no_grad():
         logits = model(calib_tokens[:2]).logits
     assert torch.isfinite(logits).all() and not torch.equal(logits, ref_logits)
@@ -244,5 +245,6 @@ def test_method_layer_matches_core_on_block0(calib_tokens):
             model(row[None])
     handle.remove()
     expected, _ = gptq_quantize_layer(W, hessian_of(torch.cat(seen)), QuantSpec(3, 16))
-    artifacts = GPTQ(GPTQConfig()).quantize(model, layout_for(model), QuantSpec(3, 16), calib_tokens, torch.device("cpu"))
+    artifacts = GPTQ(GPTQConfig()).quantize(model, layout_for(model), QuantSpec(3, 16), calib_tokens,
+                                            torch.device("cpu")).artifacts
     torch.testing.assert_close(artifacts[name].dequantize(), expected.dequantize(), rtol=0, atol=1e-5)

@@ -20,14 +20,14 @@ if not torch.cuda.is_available():  # must precede the first import of kernels.tr
 import pytest  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
-from harness.architectures import apply_artifacts, layout_for  # noqa: E402
+from structure.architectures import apply_artifacts, layout_for  # noqa: E402
 from kernels.cpu_int4 import cpu_int4_linear  # noqa: E402
 from kernels.pack import pack_cpu_int4, pack_triton_w4  # noqa: E402
 from kernels.quant_linear import (QuantLinear, SharedInputLinear, SharedInputSlice, pack_model,  # noqa: E402
                                   unsupported_reason)
 from kernels.reference import w4a16_reference  # noqa: E402
-from methods.base import QuantizedWeights, QuantSpec  # noqa: E402
-from methods.quant import quantize_weight  # noqa: E402
+from core.spec import QuantizedWeights, QuantSpec  # noqa: E402
+from core.quant import quantize_weight  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -280,15 +280,16 @@ def test_pack_model_falls_back_and_reports(caplog):
 def test_pack_model_refuses_a_backend_that_computes_wrong_numbers(monkeypatch, wrong_from_m):
     """A layout bug (simulated: output columns scrambled) in either regime, decode or prefill, stops packing with an
     error naming the layer and the backend."""
+    import kernels.backends as backends
     import kernels.quant_linear as ql
 
-    real = ql.cpu_int4_linear
+    real = backends.cpu_int4_linear
 
     def scrambled(x, *args, **kwargs):
         y = real(x, *args, **kwargs)
         return y.flip(-1) if x.reshape(-1, x.shape[-1]).shape[0] >= wrong_from_m else y
 
-    monkeypatch.setattr(ql, "cpu_int4_linear", scrambled)
+    monkeypatch.setattr(backends, "cpu_int4_linear", scrambled)
     model = tiny_model("llama")
     arts = _artifacts(model, 32)
     with pytest.raises(ql.PackCheckError, match=r"layer 'model\.layers\.0\..*' on backend 'cpu_int4' at M="):

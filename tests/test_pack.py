@@ -10,8 +10,8 @@ from kernels.pack import (
     pack_nibbles, triton_group_size, unpack_awq_gemm, unpack_bit_stream, unpack_gptq, unpack_nibbles,
 )
 from kernels.reference import dequantize_gptq, dequantize_triton_w4
-from methods.base import QuantizedWeights, QuantSpec
-from methods.quant import quantize_weight
+from core.spec import QuantizedWeights, QuantSpec
+from core.quant import quantize_weight
 
 
 def random_art(out: int, inp: int, bits: int, group_size: int | None, seed: int = 0, act_order: bool = False,

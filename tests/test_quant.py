@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from methods.base import QuantizedWeights, QuantSpec
-from methods.quant import fake_quantize, grouped_qparams, group_slices, quantize_weight
+from core.spec import QuantizedWeights, QuantSpec
+from core.quant import fake_quantize, grouped_qparams, group_slices, quantize_weight
 
 
 def _step_per_element(art: QuantizedWeights) -> torch.Tensor:

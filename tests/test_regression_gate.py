@@ -3,7 +3,7 @@ perturbed method must fail it."""
 import pytest
 import torch
 
-import methods.quant
+import core.quant
 from harness.regress import compare
 from harness.results import load_results
 from regression_suite import BASELINE, run_sweep
@@ -26,12 +26,12 @@ def test_sweep_reproduces_the_committed_baseline(baseline, tmp_path):
 
 
 def test_a_perturbed_method_fails_the_gate(baseline, tmp_path, monkeypatch):
-    real = methods.quant.quantize_codes
+    real = core.quant.quantize_codes
 
     def off_by_one(w, scale, zero, bits):  # a subtle bug: every code one step too high
         return torch.clamp(real(w, scale, zero, bits) + 1, 0, 2**bits - 1)
 
-    monkeypatch.setattr(methods.quant, "quantize_codes", off_by_one)
+    monkeypatch.setattr(core.quant, "quantize_codes", off_by_one)
     run_sweep(tmp_path / "assets", tmp_path / "results", tmp_path / "cache")
     diff = compare(baseline, load_results(tmp_path / "results"), skip_timing=True)
     failed = diff[diff["status"].isin(FAILING)]

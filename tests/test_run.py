@@ -181,13 +181,45 @@ def test_eval_only_change_reuses_quantized_weights(tiny_model_dir, text_file, tm
     assert cached(other) is False
 
 
+def test_a_run_directory_does_not_depend_on_cache_state(tiny_model_dir, text_file, tmp_path):
+    """AWQ's search travels in the method's result, so a cache hit writes awq_search.pt too, with the same bytes."""
+    import torch
+
+    base = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=awq", "group_size=32",
+                              "method.n_grid=2", "method.clip_grid=4", "calib.n_samples=2", "calib.seqlen=16")
+    first = execute(make_config(*base))
+    second = execute(make_config(*base, "eval.max_windows=2"))  # another run, the same quantization: a cache hit
+    assert json.loads(second[second.metric == "quant_wall_s"]["detail"].iloc[0])["cached"] is True
+    files = [run_dir(make_config(*base)) / "awq_search.pt", run_dir(make_config(*base, "eval.max_windows=2")) /
+             "awq_search.pt"]
+    states = [torch.load(f, weights_only=True) for f in files]
+    assert states[0]["blocks"].keys() == states[1]["blocks"].keys()
+    for prefix, block in states[0]["blocks"].items():
+        for a, b in zip(block["scales"], states[1]["blocks"][prefix]["scales"]):
+            assert torch.equal(a["s"], b["s"])
+    ppl = lambda f: f[f.metric == "ppl"]["value"].iloc[0]  # noqa: E731
+    assert ppl(first) > 1 and ppl(second) > 1
+
+
+def test_gptq_statistics_become_quant_rows(tiny_model_dir, text_file, tmp_path):
+    frame = execute(make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=gptq",
+                                                    "group_size=32", "calib.n_samples=2", "calib.seqlen=16")))
+    quant = frame[frame.suite == "quant"].set_index("metric")
+    assert {"stat_damp_retries", "stat_loss", "stat_n_dead", "stat_damp_percent", "stat_n_tokens"} <= set(quant.index)
+    assert quant.loc["stat_damp_retries", "value"] == 0 and quant.loc["stat_loss", "value"] > 0
+    assert quant.loc["stat_n_tokens", "value"] == 2 * 16  # every layer saw every calibration token
+    assert json.loads(quant.loc["stat_loss", "detail"])["layers"] == 14
+
+
 def test_cache_entry_with_a_different_key_is_never_reused(tmp_path):
     import torch
 
     from harness import cache
 
     path = tmp_path / "entry.pt"
-    cache.save_entry(path, {"code": "a"}, {"x": torch.zeros(1)}, {}, {"quant_wall_s": 1.0})
+    from methods.base import QuantizationResult
+
+    cache.save_entry(path, {"code": "a"}, QuantizationResult({"x": torch.zeros(1)}), {"quant_wall_s": 1.0})
     assert cache.load_entry(path, {"code": "a"}) is not None
     assert cache.load_entry(path, {"code": "b"}) is None
 
@@ -262,8 +294,6 @@ def test_unknown_task_fails_before_the_model_loads(tiny_model_dir, tmp_path, mon
 def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(tiny_model_dir, text_file, tmp_path):
     import fcntl
     import threading
-
-    from harness.run import run_lock
 
     cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=fp"))
     out = run_dir(cfg)

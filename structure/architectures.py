@@ -2,7 +2,7 @@
 
 Everything that depends on a model family (where the decoder blocks live, which linears GPTQ
 quantizes in which order, which modules AWQ scales together, how a norm folds a scale) is declared
-here, keyed by `config.model_type`. Algorithms read this table; they never test `isinstance`.
+here, registered by `config.model_type`. Algorithms read this table; they never test `isinstance`.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,12 @@ _OPT = ArchSpec(
     ),
 )
 
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": ArchSpec(blocks=_LLAMA.blocks, sequential=_LLAMA.sequential, scale_groups=_LLAMA.scale_groups,
-                      norm_weight_offset=1.0, needs_bos=True),
-    "gemma2": _GEMMA2,
-    "gemma3_text": _GEMMA2,
-    "opt": _OPT,
-}
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture model_type")
+for _model_type, _spec in (("llama", _LLAMA), ("mistral", _LLAMA), ("qwen2", _LLAMA), ("qwen3", _LLAMA),
+                           ("gemma", ArchSpec(blocks=_LLAMA.blocks, sequential=_LLAMA.sequential,
+                                              scale_groups=_LLAMA.scale_groups, norm_weight_offset=1.0, needs_bos=True)),
+                           ("gemma2", _GEMMA2), ("gemma3_text", _GEMMA2), ("opt", _OPT)):
+    ARCHITECTURES.add(_model_type, _spec)
 
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
@@ -132,9 +129,8 @@ def layout_for(model_or_config) -> ModelLayout:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"architecture model_type={model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}. "
-                         "Add an entry to harness/architectures.py:ARCHITECTURES.")
-    return ModelLayout(model_type, ARCHITECTURES[model_type])
+        raise ValueError(f"{ARCHITECTURES.unknown(model_type)}. Add an entry to structure/architectures.py.")
+    return ModelLayout(model_type, ARCHITECTURES.get(model_type))
 
 
 @torch.no_grad()

@@ -11,9 +11,10 @@ from typing import Literal
 
 import torch
 
-from methods.base import QuantizedWeights, QuantSpec
+from core.spec import QuantizedWeights, QuantSpec, group_index
 
 RangeRule = Literal["minmax", "minmax_zero"]
+RANGE_RULES: tuple[str, ...] = ("minmax", "minmax_zero")  # the one list every config validates against
 
 
 def qparams(w: torch.Tensor, bits: int, symmetric: bool, rule: RangeRule = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +48,7 @@ def qparams(w: torch.Tensor, bits: int, symmetric: bool, rule: RangeRule = "minm
         scale = (wmax - wmin) / maxq
         zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-wmin / scale)
         return scale, zero
-    raise ValueError(f"range rule {rule!r} unknown; allowed values: ['minmax', 'minmax_zero']")
+    raise ValueError(f"range rule {rule!r} unknown; allowed values: {list(RANGE_RULES)}")
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,8 +90,7 @@ def grouped_qparams(w: torch.Tensor, spec: QuantSpec, rule: RangeRule = "minmax"
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, rule: RangeRule = "minmax") -> QuantizedWeights:
     """Round-to-nearest quantization of w [out, in] into the common artifact (the RTN core)."""
     scale, zero = grouped_qparams(w, spec, rule)
-    g = (torch.zeros(w.shape[1], dtype=torch.long, device=w.device) if spec.group_size is None
-         else torch.arange(w.shape[1], device=w.device) // spec.group_size)
+    g = group_index(w.shape[1], spec.group_size, w.device)
     codes = quantize_codes(w.float(), scale[:, g], zero[:, g], spec.bits)
     return QuantizedWeights(codes=codes.to(torch.uint8), scales=scale, zeros=zero.to(torch.uint8),
                             bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import QuantSpec
-from methods.quant import dequantize_codes, qparams, quantize_codes
+from core.quant import dequantize_codes, qparams, quantize_codes
+from core.spec import QuantSpec, group_index
 
 
 def group_segments(in_features: int, group_size: int | None) -> list[tuple[int, int, int]]:
@@ -137,8 +137,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int =
 
 def clip_weight(w: torch.Tensor, max_val: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Clamp w [out, in] to [-max_val, max_val] per (row, group); max_val [out, n_groups]. Returns a new tensor."""
-    g = (torch.zeros(w.shape[1], dtype=torch.long, device=w.device) if group_size is None
-         else torch.arange(w.shape[1], device=w.device) // group_size)
+    g = group_index(w.shape[1], group_size, w.device)
     if max_val.shape != (w.shape[0], int(g[-1]) + 1):
         raise ValueError(f"clip max_val has shape {tuple(max_val.shape)}, expected {(w.shape[0], int(g[-1]) + 1)}")
     m = max_val.to(w.dtype)[:, g]

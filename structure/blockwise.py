@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.architectures import ModelLayout, get_submodule
+from structure.architectures import ModelLayout, get_submodule
 
 
 class _StopForward(Exception):

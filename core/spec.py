@@ -1,0 +1,118 @@
+"""The shared vocabulary: what to quantize to (QuantSpec) and what every method returns per layer (QuantizedWeights).
+
+Evaluation, export and the packed kernels consume the artifact alone, so none of them needs to know which
+method produced it. Torch only; imports nothing of the project.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def group_index(in_features: int, group_size: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 [in]: the contiguous group of each input column (column i -> i // group_size; all 0 per-channel).
+    The one definition of contiguous grouping; the last group is shorter when group_size does not divide."""
+    if group_size is None:
+        return torch.zeros(in_features, dtype=torch.long, device=device)
+    return torch.arange(in_features, device=device) // group_size
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to: bit-width, group size (None = one group per output row) and symmetry."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; allowed values: {list(SUPPORTED_BITS)}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be a positive integer or None (per-channel)")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def n_groups(self, in_features: int) -> int:
+        """Number of groups along the input dimension; the last one is shorter when it does not divide."""
+        return 1 if self.group_size is None else -(-in_features // self.group_size)
+
+    def has_short_group(self, in_features: int) -> bool:
+        return self.group_size is not None and in_features % self.group_size != 0
+
+    def tag(self) -> str:
+        """Short human label, e.g. 'w4g128', 'w3gC' (per-channel), with an 's' suffix when symmetric."""
+        g = "C" if self.group_size is None else str(self.group_size)
+        return f"w{self.bits}g{g}" + ("s" if self.symmetric else "")
+
+
+@dataclass
+class QuantizedWeights:
+    """The per-layer artifact every method returns.
+
+    W_hat[o, i] = (codes[o, i] - zeros[o, g(i)]) * scales[o, g(i)], with g = group_index().
+
+    codes:  uint8 [out, in], values in [0, 2^bits - 1]
+    scales: float32 [out, n_groups]
+    zeros:  uint8 [out, n_groups], integer zero points in [0, 2^bits - 1]
+    g_idx:  int32 [in] or None; None means contiguous groups, column i in group i // group_size
+            (act-order GPTQ records an explicit g_idx).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int | None
+    symmetric: bool = False
+    g_idx: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        out, inp = self.codes.shape
+        if self.scales.shape != self.zeros.shape or self.scales.shape[0] != out:
+            raise ValueError(f"scales {tuple(self.scales.shape)} / zeros {tuple(self.zeros.shape)} do not match codes {(out, inp)}")
+        if self.g_idx is not None and self.g_idx.shape != (inp,):
+            raise ValueError(f"g_idx has shape {tuple(self.g_idx.shape)}, expected ({inp},)")
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def has_short_group(self) -> bool:
+        return self.group_size is not None and self.in_features % self.group_size != 0
+
+    def group_index(self) -> torch.Tensor:
+        """int64 [in]: the group of each input column."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return group_index(self.in_features, self.group_size, self.codes.device)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] weights in `dtype` (the fake-quantized weight every evaluation uses)."""
+        g = self.group_index()
+        w = (self.codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]
+        return w.to(dtype)
+
+    def storage_bits_per_weight(self, scale_bits: int = 16) -> float:
+        """Average bits per weight including one fp16 scale and one `bits`-wide zero per group."""
+        per_group = scale_bits + self.bits
+        return self.bits + per_group * self.n_groups / self.in_features
+
+    def to(self, device: torch.device | str) -> "QuantizedWeights":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeights(move(self.codes), move(self.scales), move(self.zeros), self.bits,
+                                self.group_size, self.symmetric, move(self.g_idx))

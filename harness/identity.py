@@ -1,0 +1,89 @@
+"""What a run is: its quantization spec, which sources it reads, and the keys and hashes that name it.
+
+`result_key` holds everything that can change a run's numbers (it names results/<run_id>/); `quantization_key`
+holds what determines the quantized weights (it names the quantization cache entry). Both hash through
+`stable_hash`, the project's one hash of a JSON-able key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from core.spec import QuantSpec
+from harness.config import RunConfig
+from methods import METHODS
+
+
+def stable_hash(key, length: int) -> str:
+    """sha256 of the key's canonical JSON (sorted keys; non-JSON values by str), cut to `length` hex digits."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def quantizes(cfg: RunConfig) -> bool:
+    return cfg.method.name != "fp"
+
+
+def calibrates(cfg: RunConfig) -> bool:
+    return METHODS.get(cfg.method.name).needs_calibration
+
+
+def spec_of(cfg: RunConfig) -> QuantSpec:
+    return QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
+
+
+def used_sources(cfg: RunConfig) -> set[str]:
+    """Names of the data sources this run reads: its eval sets, plus the calibration source if it calibrates."""
+    return set(cfg.eval.ppl_sets) | ({cfg.calib.source} if calibrates(cfg) else set())
+
+
+def result_key(cfg: RunConfig) -> dict:
+    """Everything that can change a run's numbers (and nothing else: paths, force and device are out)."""
+    key = {
+        "model": dataclasses.asdict(cfg.model),
+        "method": dataclasses.asdict(cfg.method),
+        "data": {name: dataclasses.asdict(cfg.data.sources[name]) for name in sorted(used_sources(cfg))},
+        "eval": dataclasses.asdict(cfg.eval),
+        "seed": cfg.seed,
+    }
+    if cfg.kernel is not None:
+        key["kernel"] = cfg.kernel
+    if quantizes(cfg):
+        key["spec"] = dataclasses.asdict(spec_of(cfg))
+    if calibrates(cfg):
+        key["calib"] = dataclasses.asdict(cfg.calib)
+    return key
+
+
+def _without_none(value):
+    """Drop None-valued entries recursively, so a new option that defaults to None keeps old hashes valid."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return stable_hash(_without_none(result_key(cfg)), 10)
+
+
+def run_id(cfg: RunConfig) -> str:
+    label = spec_of(cfg).tag() if quantizes(cfg) else "baseline"
+    return f"{cfg.model.name}-{cfg.method.name}-{label}-{config_hash(cfg)}"
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / run_id(cfg)
+
+
+def quantization_key(cfg: RunConfig, model_fingerprint: str, calib_fingerprint: str | None, code: str) -> dict:
+    """What determines the quantized weights (not the evaluation): the cache key. `code` fingerprints the source
+    of the quantization path."""
+    key = {"model_fingerprint": model_fingerprint, "model": dataclasses.asdict(cfg.model),
+           "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
+           "code": code, "device": cfg.device}
+    if calibrates(cfg):
+        key["calib"] = dataclasses.asdict(cfg.calib)
+        key["calib_source"] = dataclasses.asdict(cfg.data.sources[cfg.calib.source])
+        key["calib_tokens"] = calib_fingerprint
+    return key

@@ -1,0 +1,89 @@
+"""Row keys of the tidy results, which row wins when a key repeats, and how a config is named for people.
+
+Shared by harness.report, harness.regress and harness.summary, so that a table, a plot legend, a diff line
+and a sweep summary name the same config the same way (`awq w4 g128`, `rtn w3 per-channel`, `fp`).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+# Keys that always separate configs and are always part of a config's name.
+PRIMARY_KEYS = ["method", "bits", "group_size"]
+# Keys that only split table rows (and lengthen names) when they actually vary.
+SECONDARY_KEYS = ["symmetric", "calib_source", "calib_samples", "calib_seqlen", "seed"]
+CONFIG_KEYS = ["model", *PRIMARY_KEYS, *SECONDARY_KEYS]
+OBS_KEYS = ["suite", "task", "metric"]
+ROW_KEYS = CONFIG_KEYS + OBS_KEYS
+REFERENCE_METHOD = "fp"
+# Table headers for the secondary keys (distinct from the raw column names so both can live in one frame).
+DISPLAY = {"symmetric": "Sym", "calib_source": "Calib", "calib_samples": "Samples", "calib_seqlen": "Seqlen",
+           "seed": "Seed"}
+DASH = "—"
+
+
+def latest_per_key(frame: pd.DataFrame, keys: list[str] = ROW_KEYS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep one row per key (latest started_at wins, run_id breaks ties); also return the superseded rows."""
+    frame = frame.reset_index(drop=True)  # concatenated inputs repeat index labels; later joins need them unique
+    started = pd.to_datetime(frame["started_at"], utc=True, errors="coerce", format="ISO8601")
+    # Unparseable/missing timestamps sort first so any dated run supersedes them.
+    order = frame.assign(_t=started).sort_values(["_t", "run_id"], na_position="first", kind="stable")
+    dup = order.duplicated(subset=keys, keep="last")
+    return order.loc[~dup].drop(columns="_t"), order.loc[dup].drop(columns="_t")
+
+
+def is_reference(frame: pd.DataFrame) -> pd.Series:
+    """Rows of the unquantized reference run."""
+    return frame["method"] == REFERENCE_METHOD
+
+
+def value_text(value, missing: str = DASH) -> str:
+    """A key value as text, `missing` for a missing one."""
+    return missing if pd.isna(value) else str(value)
+
+
+def group_text(method: str, group_size) -> str:
+    """'128', 'per-channel', or the dash for the reference (which has no groups)."""
+    # Missing group size means per-channel for a quantized method and "not applicable" for fp.
+    if method == REFERENCE_METHOD:
+        return DASH
+    return "per-channel" if pd.isna(group_size) else str(group_size)
+
+
+def method_label(method: str, bits, group_size) -> str:
+    """'awq w4 g128', 'rtn w3 per-channel', 'fp'; a missing bits value is left out."""
+    text = str(method) if pd.isna(bits) else f"{method} w{bits}"
+    group = group_text(method, group_size)
+    if group == DASH:
+        return text
+    return f"{text} {group}" if group == "per-channel" else f"{text} g{group}"
+
+
+def label_columns(frame: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
+    """Display columns (Method, Bits, Group, then each varying key) as strings, in a paper-friendly row order."""
+    labels = pd.DataFrame({
+        "Method": frame["method"],
+        "Bits": frame["bits"].map(value_text),
+        "Group": [group_text(m, g) for m, g in zip(frame["method"], frame["group_size"])],
+    }, index=frame.index)
+    for key in extra:
+        labels[DISPLAY[key]] = frame[key].map(value_text)
+    # fp first, then method name, more bits first, per-channel before grouped, larger groups first.
+    sort = pd.DataFrame({
+        "ref": ~is_reference(frame), "method": frame["method"],
+        "bits": -frame["bits"].astype("Float64").fillna(99), "gs": -frame["group_size"].astype("Float64").fillna(1e9),
+    }, index=frame.index)
+    for key in extra:
+        sort[key] = labels[DISPLAY[key]]
+    return labels.loc[sort.sort_values(list(sort.columns), kind="stable").index]
+
+
+def config_label(frame: pd.DataFrame, extra: list[str]) -> pd.Series:
+    """One short string per row naming its config, e.g. 'awq w4 g128' or 'fp', plus 'calib=wiki' etc. for `extra`."""
+    labels = label_columns(frame, extra)
+    rows = frame.loc[labels.index]
+    text = pd.Series([method_label(m, b, g) for m, b, g in zip(rows["method"], rows["bits"], rows["group_size"])],
+                     index=labels.index, dtype=labels["Method"].dtype)
+    for key in extra:
+        shown = labels[DISPLAY[key]]
+        text = text.where(shown == DASH, text + f" {DISPLAY[key].lower()}=" + shown)
+    return text

@@ -1,0 +1,102 @@
+"""The quantize stage: calibrate, quantize through the common interface (or reuse the cached result), apply the
+artifacts to the model (fake-quant), and turn what the method reports into `quant` rows."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness import cache as quant_cache
+from harness.config import ConfigError, RunConfig
+from harness.data import calibration_tokens
+from harness.identity import quantization_key, spec_of
+from harness.results import quant_row
+from methods import build_method
+from methods.base import QuantizationResult
+from structure.architectures import ModelLayout, apply_artifacts
+
+log = logging.getLogger(__name__)
+# How a per-layer statistic of a method becomes one number (default: sum over layers).
+STAT_AGGREGATES = {"damp_percent": "max", "n_tokens": "min"}
+
+
+@dataclass
+class QuantStage:
+    """What the stage hands on: the method's result, its rows, and the calibration tokens' fingerprint."""
+
+    result: QuantizationResult
+    rows: list[dict]
+    calib_fingerprint: str | None
+
+
+def short_group_layers(model: torch.nn.Module, layout: ModelLayout, cfg: RunConfig) -> dict[str, int]:
+    """{layer name: in_features} of layers whose last group is shorter than group_size; a ConfigError under
+    strict_groups=true."""
+    spec = spec_of(cfg)
+    short = {name: lin.in_features for name, lin in layout.quantizable_linears(model).items()
+             if spec.has_short_group(lin.in_features)}
+    if short and cfg.strict_groups:
+        raise ConfigError(f"group_size={cfg.group_size} does not divide the input features of {len(short)} "
+                          f"layers (e.g. {next(iter(short))}: {next(iter(short.values()))}) and "
+                          "strict_groups=true; allowed: a group size dividing every layer, or strict_groups=false")
+    if short:
+        log.warning("%d of %d layers have a short last group (in_features %s, group_size %d): the last group of "
+                    "each is shorter, as in the GPTQ reference", len(short), len(layout.quantizable_linears(model)),
+                    sorted(set(short.values())), cfg.group_size)
+    return short
+
+
+def quantize_stage(cfg: RunConfig, model, tokenizer, layout: ModelLayout, fingerprint: str, cache: Path,
+                   device: torch.device) -> QuantStage:
+    """Calibrate and quantize (or reuse a cached result, restoring what the method changed in place); fake-quantize
+    the model with the artifacts."""
+    method = build_method(cfg.method)
+    short = short_group_layers(model, layout, cfg)
+    calib = calib_print = None
+    if method.needs_calibration:
+        calib_set = calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer, cache,
+                                       cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
+        calib, calib_print = calib_set.tokens, calib_set.fingerprint
+    key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint())
+    path = quant_cache.entry_path(cache, key)
+    cached = None if cfg.force else quant_cache.load_entry(path, key)
+    if cached is not None:
+        log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", path)
+        result, meta = cached
+        model.load_state_dict(result.modified, strict=False)
+    else:
+        start = time.perf_counter()
+        result = method.quantize(model, layout, spec_of(cfg), calib, device)
+        meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
+        quant_cache.save_entry(path, key, result, meta)
+    apply_artifacts(model, result.artifacts)
+    rows = [quant_row("quant_wall_s", meta["quant_wall_s"], {"cached": cached is not None}),
+            *artifact_rows(result, short), *stat_rows(result.stats)]
+    return QuantStage(result, rows, calib_print)
+
+
+def artifact_rows(result: QuantizationResult, short: dict[str, int]) -> list[dict]:
+    arts = result.artifacts.values()
+    n_weights = sum(a.codes.numel() for a in arts)
+    bits_pw = sum(a.storage_bits_per_weight() * a.codes.numel() for a in arts) / max(1, n_weights)
+    return [quant_row("quantized_layers", len(result.artifacts)),
+            quant_row("short_group_layers", len(short),
+                      {"in_features": sorted(set(short.values()))} if short else None),
+            quant_row("storage_bits_per_weight", bits_pw, {"params": n_weights})]
+
+
+def stat_rows(stats: dict[str, dict[str, float]]) -> list[dict]:
+    """One `stat_<name>` row per statistic the method reported per layer (GPTQ: damp_retries, loss, ...),
+    aggregated over layers as STAT_AGGREGATES says; the detail names the layer with the largest value."""
+    rows = []
+    for name in sorted({k for layer in stats.values() for k in layer}):
+        values = {layer: float(s[name]) for layer, s in stats.items() if name in s}
+        how = STAT_AGGREGATES.get(name, "sum")
+        value = {"sum": sum, "max": max, "min": min}[how](values.values())
+        worst = max(values, key=values.get)
+        rows.append(quant_row(f"stat_{name}", value, {"aggregate": how, "layers": len(values),
+                                                      "max_layer": worst, "max": values[worst]}))
+    return rows

@@ -1,0 +1,42 @@
+"""Paper-ready comparison reports (Markdown, LaTeX booktabs, plots) built from tidy result rows.
+
+The command line of harness.report; `python -m harness.report` runs main() through __main__.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.labels import latest_per_key
+from harness.report.render import make_report
+from harness.results import load_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: python -m harness.report <results dirs or globs...> --out <dir>."""
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="results directories or globs (finished runs are found recursively)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory for report.md/.tex and plots")
+    parser.add_argument("--main-calib", default=None, metavar="SOURCE",
+                        help="main table: only runs calibrated on SOURCE (plus uncalibrated ones); default all")
+    parser.add_argument("--no-plots", action="store_true", help="tables only (skips matplotlib)")
+    parser.add_argument("--acc-metric", default="acc", help="lm-eval metric for the main table (default: acc)")
+    args = parser.parse_args(argv)
+    frame = load_results(args.paths)
+    if frame.empty:
+        print(f"error: no finished runs under {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    try:
+        paths = make_report(frame, args.out, args.acc_metric, plots=not args.no_plots,
+                            main_calib=args.main_calib)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _, superseded = latest_per_key(frame)
+    if not superseded.empty:
+        print(f"note: {len(superseded)} duplicate rows superseded (latest started_at wins); see Provenance",
+              file=sys.stderr)
+    for path in paths:
+        print(path)
+    return 0

@@ -1,0 +1,197 @@
+"""Text output: Markdown and LaTeX tables, the provenance of each model's numbers, and make_report's assembly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from harness.labels import DASH, latest_per_key, value_text
+from harness.report.plots import plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
+from harness.report.select import main_rows
+from harness.report.tables import main_table, quant_table, robustness_matrices, robustness_tables, timing_table
+
+MODEL_NOTES = {
+    "smollm2_135m": "weights dequantized from a 4-bit GGUF (Q4_1) file; "
+                    "the fp baseline is not a true full-precision model",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+# ---------------------------------------------------------------------------------------------
+
+def _distinct(series: pd.Series) -> list[str]:
+    return sorted({str(v) for v in series.dropna()})
+
+
+def merged_versions(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Package -> every version seen across runs (more than one means the runs are not comparable as-is)."""
+    seen: dict[str, set[str]] = {}
+    for blob in frame["versions"].dropna().unique():
+        try:
+            parsed = json.loads(blob)
+        except (TypeError, ValueError):
+            parsed = {"(unparsed)": blob}
+        for pkg, ver in (parsed or {}).items():
+            seen.setdefault(pkg, set()).add(str(ver))
+    return {pkg: sorted(v) for pkg, v in sorted(seen.items())}
+
+
+def calibration_text(frame: pd.DataFrame) -> list[str]:
+    """'wiki: 128 samples x 2048 tokens' for every calibration setting used."""
+    calib = frame[frame["calib_source"].notna()][["calib_source", "calib_samples", "calib_seqlen"]].drop_duplicates()
+    return sorted(f"{r.calib_source}: {value_text(r.calib_samples, '?')} samples x "
+                  f"{value_text(r.calib_seqlen, '?')} tokens" for r in calib.itertuples())
+
+
+def provenance(frame: pd.DataFrame, superseded: pd.DataFrame) -> list[tuple[str, str]]:
+    """(field, text) pairs describing where the numbers of one model come from."""
+    model = frame["model"].iloc[0]
+    versions = merged_versions(frame)
+    fields = [
+        ("model", str(model)),
+        ("runs", str(frame["run_id"].nunique())),
+        ("methods", ", ".join(_distinct(frame["method"]))),
+        ("calibration", "; ".join(calibration_text(frame)) or "none"),
+        ("commits", ", ".join(_distinct(frame["git_sha"])) or "unknown"),
+        ("versions", "; ".join(f"{p} {'/'.join(v)}" for p, v in versions.items()) or "unknown"),
+        ("devices", ", ".join(_distinct(frame["device"])) or "unknown"),
+        ("seeds", ", ".join(_distinct(frame["seed"])) or "none"),
+        ("model fingerprints", ", ".join(_distinct(frame["model_fingerprint"])) or "unknown"),
+        ("data fingerprints", ", ".join(_distinct(frame["data_fingerprint"])) or "unknown"),
+        ("started", f"{min(_distinct(frame['started_at']), default='?')} .. {max(_distinct(frame['started_at']), default='?')}"),
+    ]
+    if any(len(v) > 1 for v in versions.values()):
+        fields.append(("warning", "runs used different package versions (listed above)"))
+    if model in MODEL_NOTES:
+        fields.append(("note", MODEL_NOTES[model]))
+    mine = superseded[superseded["model"] == model]
+    if not mine.empty:
+        fields.append(("duplicates", duplicates_text(mine)))
+    return fields
+
+
+def duplicates_text(superseded: pd.DataFrame) -> str:
+    """Which runs were superseded by a later run of the same config (latest started_at wins)."""
+    runs = superseded.groupby("run_id", sort=True).agg(rows=("value", "size"), method=("method", "first"),
+                                                       started_at=("started_at", "first"))
+    parts = [f"{rid} ({r.method}, started {r.started_at}, {r.rows} rows)" for rid, r in runs.iterrows()]
+    return f"{len(superseded)} rows superseded by a later run of the same key (latest started_at wins): " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown and LaTeX tables
+# ---------------------------------------------------------------------------------------------
+
+def numeric_columns(text: pd.DataFrame) -> list[bool]:
+    """Per column: every cell is a number or the dash, so it is right-aligned."""
+    pattern = r"^[-+]?\d"
+    return [bool(text[c].astype(str).str.match(pattern).where(text[c] != DASH, True).all()) for c in text.columns]
+
+
+def render_markdown(text: pd.DataFrame, bold: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table; bold cells wrapped in ** **."""
+    cells = [[f"**{t}**" if b else str(t) for t, b in zip(row_t, row_b)]
+             for row_t, row_b in zip(text.itertuples(index=False), bold.itertuples(index=False))]
+    header = "| " + " | ".join(str(c) for c in text.columns) + " |"
+    rule = "|" + "|".join("---:" if num else "---" for num in numeric_columns(text)) + "|"
+    return "\n".join([header, rule] + ["| " + " | ".join(r) + " |" for r in cells])
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX special characters in free text (model and task names have underscores)."""
+    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---"}
+    return "".join(table.get(ch, ch) for ch in str(text))
+
+
+def render_latex(text: pd.DataFrame, bold: pd.DataFrame, caption: str) -> str:
+    """A booktabs table; bold cells wrapped in \\textbf{}."""
+    align = "".join("r" if num else "l" for num in numeric_columns(text))
+    rows = []
+    for row_t, row_b in zip(text.itertuples(index=False), bold.itertuples(index=False)):
+        cells = [rf"\textbf{{{latex_escape(t)}}}" if b else latex_escape(t) for t, b in zip(row_t, row_b)]
+        rows.append(" & ".join(cells) + r" \\")
+    return "\n".join([
+        r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}",
+        rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+        " & ".join(latex_escape(c) for c in text.columns) + r" \\", r"\midrule",
+        *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembling the report
+# ---------------------------------------------------------------------------------------------
+
+def model_sections(frame: pd.DataFrame, acc_metric: str, main_calib: str | None = None
+                   ) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """(title, text, bold) for every table of one model, in report order."""
+    model = frame["model"].iloc[0]
+    sections = []
+    text, bold = main_table(main_rows(frame, main_calib), acc_metric)
+    if not text.empty:
+        sections.append((f"{model}: perplexity and accuracy (delta vs fp; best quantized value in bold)", text, bold))
+    text, bold = quant_table(frame)
+    if not text.empty:
+        sections.append((f"{model}: quantization cost", text, bold))
+    text, bold = timing_table(frame)
+    if not text.empty:
+        sections.append((f"{model}: timing", text, bold))
+    for label, matrix in robustness_matrices(frame):
+        text, bold = robustness_tables(matrix)
+        sections.append((f"{model}: calibration robustness of {label} (perplexity; in parentheses the "
+                         "out-of-domain penalty vs calibrating in-domain; in-domain in bold)", text, bold))
+    return sections
+
+
+def _markdown_model(title_model: str, sections, prov, figures: list[Path]) -> list[str]:
+    lines = [f"## {title_model}", ""]
+    for title, text, bold in sections:
+        lines += [f"### {title}", "", render_markdown(text, bold), ""]
+    for fig in figures:
+        if fig.suffix == ".png":
+            lines += [f"![{fig.stem}]({fig.name})", ""]
+    lines += ["### Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]
+    return lines
+
+
+def _latex_model(title_model: str, sections, prov, figures: list[Path]) -> list[str]:
+    lines = [rf"\section*{{{latex_escape(title_model)}}}", ""]
+    for title, text, bold in sections:
+        lines += [render_latex(text, bold, title), ""]
+    for fig in figures:
+        if fig.suffix == ".pdf":
+            lines += [r"\begin{figure}[t]\centering", rf"\includegraphics[width=\linewidth]{{{fig.name}}}",
+                      r"\end{figure}", ""]
+    lines += [r"\paragraph{Provenance}", r"\begin{itemize}"]
+    lines += [rf"\item \textbf{{{latex_escape(k)}}}: {latex_escape(v)}" for k, v in prov]
+    lines += [r"\end{itemize}", ""]
+    return lines
+
+
+def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plots: bool = True,
+                main_calib: str | None = None) -> list[Path]:
+    """Write report.md, report.tex and (if `plots`) the plots (PNG + PDF) for every model in `frame`; return the paths."""
+    if frame.empty:
+        raise ValueError("no result rows to report")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, superseded = latest_per_key(frame)
+    md = ["# Quantization comparison", ""]
+    tex = [r"\documentclass{article}", r"\usepackage{booktabs}", r"\usepackage{graphicx}",
+           r"\usepackage[margin=2cm]{geometry}", r"\begin{document}", ""]
+    written: list[Path] = []
+    for model, model_rows in rows.groupby("model", sort=True):
+        sections = model_sections(model_rows, acc_metric, main_calib)
+        figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_size_vs_ppl(model_rows, out_dir)
+                   + plot_timing(model_rows, out_dir)) if plots else []
+        prov = provenance(model_rows, superseded)
+        md += _markdown_model(str(model), sections, prov, figures)
+        tex += _latex_model(str(model), sections, prov, figures)
+        written += figures
+    tex.append(r"\end{document}")
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    (out_dir / "report.tex").write_text("\n".join(tex) + "\n")
+    return [out_dir / "report.md", out_dir / "report.tex"] + written

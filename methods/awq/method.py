@@ -1,0 +1,69 @@
+"""AWQ (Lin et al., 2024): activation-aware per-channel scaling + weight clipping, then the AWQ quantizer.
+
+Per decoder block, as in llm-awq / AutoAWQ:
+1. run the full-precision block once, recording the inputs of its linears; that output feeds the next block;
+2. for every scaling group of the architecture table, grid-search s over alpha (weights restored between
+   trials); all groups are searched on the unscaled block, then folded together (prev op /= s, layers *= s);
+3. search a clipping threshold per (output row, group) on the scaled weights and scaled inputs; clamp;
+4. quantize every linear with the min/max quantizer.
+The searched scales and clips form an `AWQSearch`, which can be saved and re-applied without searching.
+"""
+from __future__ import annotations
+
+from core.quant import quantize_weight
+from methods.awq.apply import apply_search, folded_tensors
+from methods.awq.config import AWQConfig, AWQGPTQConfig
+from methods.awq.search import quantize_block, run_awq_search
+from methods.awq.state import SEARCH_FILE, AWQSearch
+from methods.base import Method, QuantizationResult, register_method
+from methods.gptq import GPTQ
+
+
+@register_method("awq", AWQConfig)
+class AWQ(Method):
+    """Searches (or loads) scales and clips, folds them into the model in place, returns min/max artifacts, the
+    folded norms and biases, and the search itself (extras[SEARCH_FILE], re-appliable with method.load_search)."""
+
+    needs_calibration = True
+
+    def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
+        if self.config.load_search is not None:
+            search = load_search(self.config.load_search, model, layout, spec)
+            artifacts = {name: quantize_weight(lin.weight.data.to(device), spec, "minmax").to("cpu")
+                         for name, lin in layout.quantizable_linears(model).items()}
+        else:
+            artifacts = {}
+
+            def finish(ctx, features):
+                artifacts.update(quantize_block(ctx.block, ctx.prefix, layout, spec))
+
+            search = run_awq_search(model, layout, spec, calib, device, self.config, on_block=finish)
+        return QuantizationResult(artifacts, modified=folded_tensors(model, search),
+                                  extras={SEARCH_FILE: search.to_state()})
+
+
+@register_method("awq_gptq", AWQGPTQConfig)
+class AWQGPTQ(Method):
+    """AWQ search (or a loaded one) applied over the whole model first, then a standard GPTQ pass over the
+    transformed model (its blocks see quantized outputs, as GPTQ's do): the AWQ + GPTQ recipe of llm-awq."""
+
+    needs_calibration = True
+
+    def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
+        awq_config = self.config.awq
+        if awq_config.load_search is not None:
+            search = load_search(awq_config.load_search, model, layout, spec)
+        else:
+            search = run_awq_search(model, layout, spec, calib, device, awq_config, desc="awq_gptq: awq")
+        modified = folded_tensors(model, search)  # GPTQ below changes linear weights only, which artifacts cover
+        gptq = GPTQ(self.config.gptq).quantize(model, layout, spec, calib, device)
+        return QuantizationResult(gptq.artifacts, modified=modified, stats=gptq.stats,
+                                  extras={SEARCH_FILE: search.to_state()})
+
+
+def load_search(path: str, model, layout, spec) -> AWQSearch:
+    """Read a saved search, check that it fits this model and spec, and apply it in place."""
+    search = AWQSearch.load(path)
+    search.check_matches(model, layout, spec)
+    apply_search(model, layout, search)
+    return search

@@ -1,0 +1,56 @@
+"""The import contract: imports point down the layers only (core <- structure <- methods, kernels <- harness).
+
+Reads every import statement of the project's packages with ast, including imports inside functions, so a lazy
+import cannot hide an upward dependency."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# package -> the project packages it may import (itself included)
+ALLOWED = {
+    "core": {"core"},
+    "structure": {"core", "structure"},
+    "methods": {"core", "structure", "methods"},
+    "kernels": {"core", "kernels"},
+    "harness": {"core", "structure", "methods", "kernels", "harness"},
+}
+
+
+def project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import of a project package in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, name.split(".")[0]) for name in names if name.split(".")[0] in ALLOWED]
+    return found
+
+
+def violations(package: str) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{line} imports {target}"
+            for path in sorted((ROOT / package).rglob("*.py"))
+            for line, target in project_imports(path) if target not in ALLOWED[package]]
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_point_down_the_layers(package):
+    assert violations(package) == []
+
+
+def test_the_contract_checker_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from harness.run import execute\n    import methods.gptq\n")
+    assert [target for _, target in project_imports(bad)] == ["harness", "methods"]
+
+
+def test_every_package_of_the_project_is_in_the_contract():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages == set(ALLOWED)
