@@ -64,7 +64,8 @@ def worker_ours(args, out_dir: Path) -> dict:
     base_rss = rss_mb()
     reset_peak_rss()
     start, cpu0 = time.perf_counter(), cpu_seconds()
-    method = GPTQ(GPTQConfig(desc_act=args.desc_act == "on", damp_percent=args.damp_percent))
+    method = GPTQ(GPTQConfig(desc_act=args.desc_act == "on", damp_percent=args.damp_percent,
+                             hessian_dtype=args.hessian_dtype))
     result = method.quantize(model, layout_for(model), spec, calib.tokens, torch.device("cpu"))
     arts = result.artifacts
     for art in arts.values():  # GPTQModel packs inside quantize(): pack ours too so both times cover the same work
@@ -111,7 +112,7 @@ def run_worker(args, side: str, config: str, desc_act: str, out_dir: Path) -> di
     cmd = [sys.executable, __file__, "--worker", side, "--config", config, "--desc-act-one", desc_act,
            "--out-dir", str(out_dir), "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen),
            "--seed", str(args.seed), "--calib-source", args.calib_source, "--damp-percent", str(args.damp_percent),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--hessian-dtype", args.hessian_dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GPTQMODEL_CPU_WORKERS": str(max(2, args.threads)),  # GPTQModel refuses fewer than 2
            "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -252,8 +253,9 @@ def noise_floor(args) -> None:
     torch.set_num_threads(args.threads)
     _, tokenizer = load_model(ModelConfig(), torch.device("cpu"))
     windows = eval_sets(args, tokenizer)
-    print(f"# noise floor: ours with 1 vs 2 threads; calibration {args.n_samples} x {args.seqlen}; "
-          f"eval {args.eval_windows} x {args.eval_seqlen} per set")
+    print(f"# noise floor: ours with 1 vs 2 threads; hessian_dtype={args.hessian_dtype}; calibration "
+          f"{args.n_samples} x {args.seqlen}; eval {args.eval_windows} x {args.eval_seqlen} per set; CPU kernel family "
+          f"{torch.backends.cpu.get_cpu_capability()}")
     print(f"{'config':8} {'act':4} {'threads':>7} " + " ".join(f"{s:>8}" for s in args.eval_sets))
     with tempfile.TemporaryDirectory(prefix="noise_floor_") as tmp:
         for config in args.configs:
@@ -338,6 +340,8 @@ def main() -> None:
                    help="RTN baselines: minmax_zero (GPTQ paper's RTN, same quantizer as GPTQ), minmax (AWQ paper's)")
     p.add_argument("--damp-percent", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hessian-dtype", choices=["float64", "float32"], default="float64",
+                   help="ours: method.hessian_dtype (float32 = the references' precision)")
     p.add_argument("--out", default=None, help="write all rows as JSON here")
     p.add_argument("--layer-check", action="store_true", help="only the layer-level comparison")
     p.add_argument("--noise-floor", action="store_true",
