@@ -97,7 +97,7 @@ def main() -> None:
             bits, group = variant[1:].split("g")
             model = quantized_copy(base, int(bits), int(group), device)
         start = time.perf_counter()
-        rows = run_lm_eval(model, tokenizer, cfg, device)
+        rows, _ = run_lm_eval(model, tokenizer, cfg, device)
         walls[variant] = time.perf_counter() - start
         for row in rows:
             row["variant"] = variant

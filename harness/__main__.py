@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, RunConfig, register_configs
-from harness.summary import RUN_FILE, summary_table
+from harness.summary import RUN_FILE, summary_table, versus_baseline
 
 log = logging.getLogger("harness")
 register_configs()
@@ -35,6 +35,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     Path(HydraConfig.get().runtime.output_dir, RUN_FILE).write_text(str(run_dir(run_cfg).resolve()) + "\n")
     log.info("summary (%s):\n%s", run_dir(run_cfg), summary_table(frame))
+    if comparison := versus_baseline(frame):
+        log.info("%s", comparison)
 
 
 if __name__ == "__main__":

@@ -125,19 +125,23 @@ class TimingConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate. Perplexity on each set in `ppl_sets` (GPTQ/AWQ protocol: non-overlapping
-    windows of `seqlen`, the first `max_windows` of them, None = all); lm-eval tasks when `lm_eval` is
-    set; prefill/decode timing when `timing` is set."""
+    windows of `seqlen`, the first `max_windows` of them, None = all), with KL divergence against the
+    unquantized model when `kld`; lm-eval tasks when `lm_eval` is set; prefill/decode timing when `timing`
+    is set. Intervals come from a block bootstrap over blocks of `ci_block` tokens."""
 
     ppl_sets: list[str] = field(default_factory=lambda: ["wiki", "code", "prose"])
     seqlen: int = 2048
     max_windows: Optional[int] = None
     lm_eval: Optional[LMEvalConfig] = None
     timing: Optional[TimingConfig] = None
+    kld: bool = True  # KL divergence and top-1 agreement against the unquantized model on every ppl window
+    ci_block: int = 256  # tokens per resampling block of the block bootstrap behind every ppl/KLD interval
 
     def __post_init__(self) -> None:
         _require(self.seqlen > 1, "eval.seqlen", self.seqlen, "an integer > 1")
         _require(self.max_windows is None or self.max_windows > 0, "eval.max_windows", self.max_windows,
                  "a positive integer or null (all windows)")
+        _require(self.ci_block >= 1, "eval.ci_block", self.ci_block, "a positive integer (tokens per block)")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import pandas as pd
 import torch
 
 log = logging.getLogger(__name__)
@@ -273,14 +274,36 @@ def _rows(results: dict, cfg: LMEvalConfig) -> list[dict]:
                 continue
             if _num(value) is None:
                 continue
-            rows.append({"suite": "lm_eval", "task": name, "metric": metric, "value": float(value),
-                         "stderr": _num(metrics.get(f"{metric}_stderr,{filt}")), "n": n, "detail": detail})
+            row = {"suite": "lm_eval", "task": name, "metric": metric, "value": float(value),
+                   "stderr": _num(metrics.get(f"{metric}_stderr,{filt}")), "n": n, "detail": detail}
+            if metric in PER_DOC_METRICS and n:  # a rate over documents: its Wilson interval
+                from harness.stats import proportion  # lazy: scipy only when a task ran
+
+                est = proportion(round(float(value) * n), n)
+                row.update(ci_low=est.ci_low, ci_high=est.ci_high)
+            rows.append(row)
     return rows
 
 
+PER_DOC_METRICS = ("acc", "acc_norm")  # 0/1 per document: kept per document, compared with McNemar's test
+
+
+def doc_records(results: dict) -> pd.DataFrame:
+    """Per task and document: the 0/1 metrics lm-eval logged (log_samples), for paired comparisons of runs."""
+    rows = []
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples:
+            rec = {"task": task, "doc_id": int(sample["doc_id"])}
+            rec.update({m: float(sample[m]) for m in PER_DOC_METRICS if _num(sample.get(m)) is not None})
+            rows.append(rec)
+    return pd.DataFrame(rows, columns=["task", "doc_id", *PER_DOC_METRICS])
+
+
 @torch.no_grad()
-def run_lm_eval(model: torch.nn.Module, tokenizer, cfg: LMEvalConfig, device: torch.device) -> list[dict]:
-    """Evaluate `model` (moved to `device`) on cfg.tasks with lm-eval; return tidy rows (suite='lm_eval')."""
+def run_lm_eval(model: torch.nn.Module, tokenizer, cfg: LMEvalConfig,
+                device: torch.device) -> tuple[list[dict], pd.DataFrame]:
+    """Evaluate `model` (moved to `device`) on cfg.tasks with lm-eval; return (tidy rows (suite='lm_eval'),
+    per-document correctness)."""
     check_tasks(cfg)
     ours = set(packaged_task_names()) | _extra_task_names(cfg.extra_task_dirs)
     passthrough = [t for t in cfg.tasks if t not in ours]
@@ -299,7 +322,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, cfg: LMEvalConfig, device: to
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         results = simple_evaluate(
             model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-            task_manager=task_manager, bootstrap_iters=cfg.bootstrap_iters, log_samples=False,
+            task_manager=task_manager, bootstrap_iters=cfg.bootstrap_iters, log_samples=True,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed)
-    return _rows(results, cfg)
+    return _rows(results, cfg), doc_records(results)

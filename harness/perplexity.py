@@ -3,17 +3,22 @@ ppl = exp(mean token NLL over all windows). Models that need BOS get it at the s
 (the window then holds seqlen - 1 text tokens)."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness import stats
 from harness.config import RunConfig
 from harness.data import eval_tokens
+from harness.teacher import teacher_logprobs, window_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +81,93 @@ def eval_windows(cfg: RunConfig, tokenizer, needs_bos: bool, cache: Path) -> tup
     return windows, prints
 
 
-def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor], device: torch.device) -> list[dict]:
-    """The ppl evaluator: rows ppl (n = predicted tokens), tokens, windows and wall_s per eval set."""
-    rows = []
-    for name, w in windows.items():
-        result = perplexity(model, w, device, desc=f"ppl {name}")
-        log.info("ppl %-8s %.3f (%d windows, %d tokens, %.1fs)", name, result["ppl"], result["windows"],
-                 result["tokens"], result["wall_s"])
-        rows.append({"suite": "ppl", "task": name, "metric": "ppl", "value": result["ppl"], "n": result["tokens"]})
-        rows += [{"suite": "ppl", "task": name, "metric": m, "value": result[m]} for m in ("tokens", "windows", "wall_s")]
+@torch.no_grad()
+def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
+                teacher: torch.Tensor | None = None, desc: str = "ppl") -> dict[str, np.ndarray]:
+    """Per predicted token of every window ([n_windows, seqlen - 1] each): nll; and against the baseline (teacher:
+    its lm_head inputs [n_windows, seqlen - 1, hidden]), base_nll, kld = KL(P_baseline || Q) exactly over the
+    vocabulary, same_top1 (1 where the argmax tokens agree) and dp (change in p of the true next token)."""
+    out: dict[str, list] = {"nll": []}
+    if teacher is not None:
+        out.update(base_nll=[], kld=[], same_top1=[], dp=[])
+    for i, row in enumerate(tqdm(windows, desc=desc, unit="window", leave=False)):
+        ids = row[None].to(device)
+        lq = window_logprobs(model, ids)
+        target = ids[0, 1:, None]
+        lq_target = lq.gather(-1, target)[:, 0]
+        out["nll"].append((-lq_target).double().cpu())
+        if teacher is not None:
+            lp = teacher_logprobs(model, teacher[i])
+            lp_target = lp.gather(-1, target)[:, 0]
+            out["base_nll"].append((-lp_target).double().cpu())
+            out["kld"].append((lp.exp() * (lp - lq)).sum(-1).double().cpu())
+            out["same_top1"].append((lq.argmax(-1) == lp.argmax(-1)).double().cpu())
+            out["dp"].append((lq_target.exp() - lp_target.exp()).double().cpu())
+    stats_ = {k: torch.stack(v).numpy() for k, v in out.items()}
+    if not np.isfinite(stats_["nll"]).all():
+        raise FloatingPointError(f"{desc}: non-finite NLL; the model produced NaN/Inf logits")
+    return stats_
+
+
+def block_records(name: str, per_token: dict[str, np.ndarray], block: int) -> pd.DataFrame:
+    """Sums over consecutive blocks of `block` tokens of each window (the resampling units of every interval)."""
+    n, length = per_token["nll"].shape
+    starts = np.arange(0, length, block)
+    frame = {"task": name, "window": np.repeat(np.arange(n), len(starts)), "block": np.tile(np.arange(len(starts)), n),
+             "tokens": np.tile(np.diff(np.append(starts, length)), n)}
+    for key, values in per_token.items():
+        frame[f"{key}_sum"] = np.add.reduceat(values, starts, axis=1).reshape(-1)
+    if "dp" in per_token:
+        frame["dp_sq_sum"] = np.add.reduceat(per_token["dp"] ** 2, starts, axis=1).reshape(-1)
+    return pd.DataFrame(frame)
+
+
+def _row(name: str, metric: str, est: stats.Estimate | float, n: int | None = None, detail: dict | None = None) -> dict:
+    if not isinstance(est, stats.Estimate):
+        return {"suite": "ppl", "task": name, "metric": metric, "value": float(est), "n": n,
+                "detail": json.dumps(detail) if detail else None}
+    detail = {**(detail or {}), "blocks": est.n, **({"ci": est.note} if est.note else {})}
+    return {"suite": "ppl", "task": name, "metric": metric, **est.columns(), "n": n, "detail": json.dumps(detail)}
+
+
+def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, windows: int, wall_s: float) -> list[dict]:
+    """The rows of one eval set: ppl with its block-bootstrap interval; with a baseline, the ratio to the baseline's
+    ppl (paired interval), mean KLD and top-1 agreement and Δp with intervals, KLD percentiles."""
+    tokens = records.tokens.to_numpy()
+    n = int(tokens.sum())
+    rows = [_row(name, "ppl", stats.perplexity(records.nll_sum, tokens), n),
+            _row(name, "tokens", n), _row(name, "windows", windows), _row(name, "wall_s", wall_s)]
+    if kld_tokens is None:
+        return rows
+    rows += [_row(name, "base_ppl", stats.perplexity(records.base_nll_sum, tokens), n),
+             _row(name, "ppl_ratio_vs_base", stats.paired_ratio(records.nll_sum, records.base_nll_sum, tokens), n),
+             _row(name, "kld", stats.ratio_of_sums(records.kld_sum, tokens), n),
+             _row(name, "top1_agree", stats.ratio_of_sums(records.same_top1_sum, tokens), n),
+             _row(name, "dp_mean", stats.ratio_of_sums(records.dp_sum, tokens), n),
+             _row(name, "dp_rms", stats.ratio_of_sums(records.dp_sq_sum, tokens, transform=np.sqrt), n)]
+    flat = kld_tokens.reshape(-1)
+    for label, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 100)):
+        rows.append(_row(name, f"kld_{label}", float(np.percentile(flat, q)), n))
     return rows
+
+
+def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor], device: torch.device,
+                        teachers: dict[str, torch.Tensor] | None = None,
+                        block: int = 256) -> tuple[list[dict], pd.DataFrame]:
+    """The ppl evaluator: (rows per eval set, per-block records of every set). With `teachers` (the unquantized
+    model's distributions on the same windows) it adds the KLD, top-1 agreement and Δp rows."""
+    rows, records = [], []
+    for name, w in windows.items():
+        start = time.perf_counter()
+        teacher = None if teachers is None else teachers[name]
+        per_token = token_stats(model, w, device, teacher, desc=f"ppl {name}")
+        blocks = block_records(name, per_token, block)
+        rows += set_rows(name, blocks, per_token.get("kld"), int(w.shape[0]), time.perf_counter() - start)
+        records.append(blocks)
+        ppl = next(r for r in rows if r["task"] == name and r["metric"] == "ppl")
+        log.info("ppl %-8s %.3f [%s, %s] (%d windows, %d tokens)", name, ppl["value"], ppl.get("ci_low"),
+                 ppl.get("ci_high"), w.shape[0], ppl["n"])
+    return rows, pd.concat(records, ignore_index=True) if records else pd.DataFrame()
 
 
 def check_agreement(what: str, packed_nll: float, reference_nll: float, rtol: float = PACKED_PPL_RTOL) -> None:

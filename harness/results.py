@@ -19,7 +19,7 @@ RUN_COLUMNS = [
     "run_id", "config_hash", "model", "method", "bits", "group_size", "symmetric",
     "calib_source", "calib_samples", "calib_seqlen", "seed",
 ]
-OBSERVATION_COLUMNS = ["suite", "task", "metric", "value", "stderr", "n", "detail"]
+OBSERVATION_COLUMNS = ["suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n", "detail"]
 PROVENANCE_COLUMNS = [
     "git_sha", "versions", "model_fingerprint", "data_fingerprint", "device",
     "started_at", "wall_s", "peak_mem_mb",
@@ -29,11 +29,13 @@ SUITES = ("ppl", "lm_eval", "timing", "quant")
 ROWS_FILE = "rows.parquet"
 CSV_FILE = "rows.csv"
 CONFIG_FILE = "config.yaml"
+BLOCKS_FILE = "blocks.parquet"  # per eval set, window and block of tokens: the sums behind ppl and KLD
+DOCS_FILE = "docs.parquet"  # per lm-eval task and document: correctness
 DONE_FILE = "DONE"  # written last: a run directory without it is unfinished
 
 _DTYPES = {
     "bits": "Int64", "group_size": "Int64", "calib_samples": "Int64", "calib_seqlen": "Int64", "seed": "Int64",
-    "n": "Int64", "value": "float64", "stderr": "float64", "wall_s": "float64", "peak_mem_mb": "float64",
+    "n": "Int64", "value": "float64", "stderr": "float64", "ci_low": "float64", "ci_high": "float64", "wall_s": "float64", "peak_mem_mb": "float64",
     "symmetric": "boolean",
 }
 
@@ -98,7 +100,9 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def read_run(run_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(run_dir) / ROWS_FILE)
+    frame = pd.read_parquet(Path(run_dir) / ROWS_FILE)
+    # a run written before a column existed (ci_low/ci_high) reads with that column empty
+    return frame.reindex(columns=COLUMNS).astype(_DTYPES)
 
 
 def find_run_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:

@@ -29,7 +29,8 @@ from harness.pack_stage import pack_stage, probe_window
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
-from harness.results import is_complete, read_run, to_frame, write_run
+from harness.results import BLOCKS_FILE, DOCS_FILE, is_complete, read_run, to_frame, write_run
+from harness.teacher import teachers
 from kernels.backends import default_backend
 from kernels.quant_linear import check_backend_device
 from structure.architectures import layout_for
@@ -104,6 +105,8 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
     fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
     shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
     windows, data_prints = eval_windows(cfg, tokenizer, layout.spec.needs_bos, cache)
+    baseline = teachers(model, windows, data_prints, fingerprint, cache, device) \
+        if cfg.eval.kld else None  # the unquantized model on the eval windows, before any method touches it
     probe = probe_window(windows, model.config.vocab_size, cfg.eval.seqlen, cfg.seed)
     rows, artifacts, extras = [], {}, {}
     if quantizes(cfg):
@@ -113,18 +116,20 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
             data_prints[f"calib:{cfg.calib.source}"] = stage.calib_fingerprint
         if cfg.kernel is not None:  # evaluate through the packed layers themselves
             rows += pack_stage(model, artifacts, cfg.kernel, probe, device)
-    rows += evaluate_perplexity(model, windows, device)
+    ppl_rows, blocks = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block)
+    rows, records = rows + ppl_rows, {BLOCKS_FILE: blocks}
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import run_lm_eval
 
-        rows += run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
+        lm_rows, records[DOCS_FILE] = run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
+        rows += lm_rows
     if cfg.eval.timing is not None:
         rows += _timing(cfg, model, artifacts, probe, cache, device, shapes)
     provenance = {"git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
                   "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
                   "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device)}
     frame = to_frame({**run_columns(cfg), **provenance, **row} for row in rows)
-    _write(cfg, out_dir, frame, config_yaml, extras)
+    _write(cfg, out_dir, frame, config_yaml, extras, records)
     return frame
 
 
@@ -150,7 +155,8 @@ def run_columns(cfg: RunConfig) -> dict:
             "seed": cfg.seed}
 
 
-def _write(cfg: RunConfig, out_dir: Path, frame: pd.DataFrame, config_yaml: str | None, extras: dict) -> None:
+def _write(cfg: RunConfig, out_dir: Path, frame: pd.DataFrame, config_yaml: str | None, extras: dict,
+           records: dict[str, pd.DataFrame]) -> None:
     meta = {"run_id": run_id(cfg), "result_key": result_key(cfg),
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.model.source == "packaged":
@@ -160,6 +166,9 @@ def _write(cfg: RunConfig, out_dir: Path, frame: pd.DataFrame, config_yaml: str 
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         files[name] = buffer.getvalue()
+    for name, table in records.items():  # per-block and per-document records: paired comparisons after the fact
+        if not table.empty:
+            files[name] = table.to_parquet(index=False)
     config_yaml = config_yaml or yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
     write_run(out_dir, frame, config_yaml, meta, files)
     log.info("wrote %s", out_dir)

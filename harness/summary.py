@@ -41,6 +41,32 @@ def summary_table(frame: pd.DataFrame) -> str:
     return table.sort_index().to_string(float_format=lambda v: f"{v:.3f}")
 
 
+def interval_text(value: float, low: float | None, high: float | None, fmt: str = ".3f") -> str:
+    """'18.480 [18.210, 18.760]', or the bare value where there is no interval (too little data)."""
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{value:{fmt}} [no CI]"
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def versus_baseline(frame: pd.DataFrame) -> str:
+    """One run against the unquantized model on the same tokens, per eval set: ppl and the baseline's, their ratio,
+    mean KLD and top-1 agreement, each with its 95% interval. Empty when the run measured no KLD."""
+    ppl = frame[frame["suite"] == "ppl"].drop_duplicates(["task", "metric"], keep="last").set_index(["task", "metric"])
+    if ppl.empty or "kld" not in set(ppl.index.get_level_values("metric")):
+        return ""
+    lines = []
+    for task in dict.fromkeys(ppl.index.get_level_values("task")):
+        def cell(metric: str, fmt: str = ".3f") -> str:
+            r = ppl.loc[(task, metric)]
+            return interval_text(r["value"], r["ci_low"], r["ci_high"], fmt)
+
+        lines.append({"set": task, "ppl": cell("ppl"), "baseline ppl": cell("base_ppl"),
+                      "ratio": cell("ppl_ratio_vs_base", ".4f"), "KLD": cell("kld", ".4f"),
+                      "top-1 agree": cell("top1_agree", ".3f")})
+    return ("vs the unquantized model on the same tokens (95% block-bootstrap intervals):\n" +
+            pd.DataFrame(lines).to_string(index=False))
+
+
 class SweepSummary(Callback):
     """Hydra callback: after a -m sweep, print one table of every run in it."""
 

