@@ -74,6 +74,12 @@ DEFAULT_TOLERANCES: dict[str, Rule] = {
     # A method's own statistics (GPTQ's damping, retries, loss): deterministic for given weights and data, up to
     # float summation order.
     "quant/stat_*": Rule(rel=1e-6, direction="none"),
+    # The baseline comparison on the same tokens: same weights and tokens give the same values up to numerics.
+    "ppl/base_ppl": Rule(rel=1e-3, direction="lower"),
+    "ppl/ppl_ratio_vs_base": Rule(rel=1e-3, direction="lower"),
+    "ppl/kld*": Rule(rel=1e-3, abs=1e-9, direction="lower"),
+    "ppl/top1_agree": Rule(abs=1e-3, direction="higher"),
+    "ppl/dp_*": Rule(rel=1e-3, abs=1e-7, direction="none"),
     # Packed model vs fake-quant on the probe window: bf16/fp16 kernels differ by CPU and GPU; the run itself
     # refuses a ratio outside 1 +- 0.01.
     "quant/packed_ppl_ratio": Rule(abs=0.01, direction="none", machine_dependent=True),
@@ -197,21 +203,26 @@ def _skip_reason(rule: Rule, skip_timing: bool, dev_b, dev_c) -> str | None:
 
 
 def compare(baseline: pd.DataFrame, current: pd.DataFrame, tolerances: dict[str, Rule] | None = None,
-            allow_improvements: bool = False, skip_timing: bool = False) -> pd.DataFrame:
-    """One row per key of either side: ROW_KEYS, baseline, current, delta, tolerance, status, note."""
+            allow_improvements: bool = False, skip_timing: bool = False, noise_level: float | None = None) -> pd.DataFrame:
+    """One row per key of either side: ROW_KEYS, baseline, current, delta, tolerance, status, note.
+
+    noise_level (e.g. 0.95): the interval-aware mode, for results from different machines or thread counts. A
+    change beyond tolerance is judged only when it is also significant at that level, |delta| > z * sqrt(se_b^2 +
+    se_c^2) with the rows' standard errors; otherwise it passes as "within noise". None: the exact gate."""
     rules = DEFAULT_TOLERANCES if tolerances is None else tolerances
     merged = _keyed(baseline).merge(_keyed(current), on="_key", how="outer", suffixes=("_b", "_c"),
                                     indicator=True, sort=True)
     # Key columns column-wise (not via records) so nullable integers stay integers.
     keys = pd.DataFrame({k: merged[k + "_b"].where(merged["_merge"] != "right_only", merged[k + "_c"])
                          for k in ROW_KEYS})
-    judged = [_judge_row(row, rules, allow_improvements, skip_timing) for row in merged.to_dict("records")]
+    judged = [_judge_row(row, rules, allow_improvements, skip_timing, noise_level) for row in merged.to_dict("records")]
     verdict = pd.DataFrame(judged, columns=["tolerance", "status", "note"], index=merged.index)
     return keys.assign(baseline=merged["value_b"], current=merged["value_c"],
                        delta=merged["value_c"] - merged["value_b"], **verdict)
 
 
-def _judge_row(row: dict, rules: dict[str, Rule], allow_improvements: bool, skip_timing: bool) -> tuple:
+def _judge_row(row: dict, rules: dict[str, Rule], allow_improvements: bool, skip_timing: bool,
+               noise_level: float | None = None) -> tuple:
     """(tolerance, status, note) of one outer-merged row."""
     if row["_merge"] == "left_only":
         return math.nan, "missing", ""
@@ -223,7 +234,20 @@ def _judge_row(row: dict, rules: dict[str, Rule], allow_improvements: bool, skip
     base, cur = row["value_b"], row["value_c"]
     tol = _tolerance(rule, base, row["stderr_b"], row["stderr_c"])
     skip = _skip_reason(rule, skip_timing, row["device_b"], row["device_c"])
-    return tol, "ignored" if skip else judge(rule, base, cur, tol, allow_improvements), skip or ""
+    status = "ignored" if skip else judge(rule, base, cur, tol, allow_improvements)
+    if noise_level is not None and status in FAILING + ("improved",) and _within_noise(row, cur - base, noise_level):
+        return tol, "ok", "within noise"
+    return tol, status, skip or ""
+
+
+def _within_noise(row: dict, delta: float, level: float) -> bool:
+    """True when |delta| is inside the two rows' combined interval (both must carry a standard error)."""
+    from scipy.stats import norm
+
+    se_b, se_c = row.get("stderr_b"), row.get("stderr_c")
+    if se_b is None or se_c is None or pd.isna(se_b) or pd.isna(se_c):
+        return False
+    return abs(delta) <= norm.ppf((1 + level) / 2) * math.hypot(se_b, se_c)
 
 
 def failed(diff: pd.DataFrame) -> bool:
@@ -296,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="improvements beyond tolerance pass (status 'improved') instead of failing as 'changed'")
     parser.add_argument("--skip-timing", action="store_true", help="do not gate machine-dependent timing rows")
     parser.add_argument("--show-all", action="store_true", help="print every row, not only failing/improved/extra ones")
+    parser.add_argument("--noise-level", type=float, default=None, metavar="LEVEL",
+                        help="interval-aware mode (e.g. 0.95) for results from other machines or thread counts: a "
+                             "change fails only when beyond tolerance AND significant at LEVEL (rows' stderrs)")
     args = parser.parse_args(argv)
     try:
         rules, user_keys = load_tolerances(args.tolerances)
@@ -304,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    diff = compare(baseline, current, rules, args.allow_improvements, args.skip_timing)
+    diff = compare(baseline, current, rules, args.allow_improvements, args.skip_timing, args.noise_level)
     shown = diff if args.show_all else diff[~diff["status"].isin(["ok", "ignored"])]
     if not shown.empty:
         print(diff_table(shown))

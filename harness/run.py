@@ -6,10 +6,8 @@ mutation. A run whose results directory is already complete is skipped (resume),
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import io
 import json
 import logging
@@ -29,6 +27,7 @@ from harness.pack_stage import pack_stage, probe_window
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
+from harness.runlock import run_lock
 from harness.results import BLOCKS_FILE, DOCS_FILE, is_complete, read_run, to_frame, write_run
 from harness.teacher import teachers
 from kernels.backends import default_backend
@@ -60,27 +59,6 @@ def preflight(cfg: RunConfig, cache: Path, device: torch.device) -> None:
         from harness.lmeval import check_tasks
 
         check_tasks(cfg.eval.lm_eval)
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: Path):
-    """Hold an exclusive lock on a run directory; yields True if another process held it first.
-
-    Parallel sweep jobs can share a run (fp in a sweep over bits): the second waits for the first
-    instead of computing the same rows twice. The OS drops the lock when a process dies."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as handle:
-        waited = False
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s is being computed by another process: waiting for it", out_dir)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            waited = True
-        try:
-            yield waited
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:

@@ -147,3 +147,16 @@ def test_user_metric_rule_overrides_more_specific_default(tmp_path):
 def test_parse_tolerances_rejects_bad_direction():
     with pytest.raises(ValueError, match="direction"):
         parse_tolerances({"ppl": {"direction": "up"}})
+
+
+def test_interval_aware_mode_passes_noise_and_fails_a_significant_change():
+    def one(ppl: float, se: float):
+        return [run_rows("q", "rtn", 4, 128, [("ppl", "wiki", "ppl", ppl, se)])]
+
+    base = frame(one(20.0, 0.5))
+    small, large = frame(one(20.5, 0.5)), frame(one(25.0, 0.5))  # 0.5 beyond the 1e-3 tolerance, but in the noise
+    assert failed(compare(base, small))  # the exact gate: any change beyond tolerance fails
+    diff = compare(base, small, noise_level=0.95)
+    assert not failed(diff) and diff["note"].iloc[0] == "within noise"
+    assert failed(compare(base, large, noise_level=0.95))  # |5.0| > 1.96 * sqrt(0.5^2 + 0.5^2)
+    assert failed(compare(frame(one(20.0, None)), frame(one(20.5, None)), noise_level=0.95))  # no stderr: exact

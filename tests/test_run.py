@@ -292,25 +292,64 @@ def test_unknown_task_fails_before_the_model_loads(tiny_model_dir, tmp_path, mon
 
 
 def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(tiny_model_dir, text_file, tmp_path):
-    import fcntl
     import threading
+
+    from harness.runlock import run_lock
 
     cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=fp"))
     out = run_dir(cfg)
-    holder = open(_lock_path(out), "w")
-    fcntl.flock(holder, fcntl.LOCK_EX)  # another job is computing this run
     got = {}
-    worker = threading.Thread(target=lambda: got.setdefault("frame", execute(cfg)))
-    worker.start()
-    worker.join(timeout=2)
-    assert worker.is_alive()  # it waits instead of computing the same rows
-    results.write_run(out, results.to_frame([{"run_id": "other", "suite": "ppl", "task": "textfile",
-                                              "metric": "ppl", "value": 1.0}]), "", {})
-    fcntl.flock(holder, fcntl.LOCK_UN)
+    with run_lock(out):  # another job is computing this run
+        worker = threading.Thread(target=lambda: got.setdefault("frame", execute(cfg)))
+        worker.start()
+        worker.join(timeout=2)
+        assert worker.is_alive()  # it waits instead of computing the same rows
+        results.write_run(out, results.to_frame([{"run_id": "other", "suite": "ppl", "task": "textfile",
+                                                  "metric": "ppl", "value": 1.0}]), "", {})
     worker.join(timeout=60)
     assert got["frame"]["run_id"].tolist() == ["other"]  # it read the finished run
 
 
-def _lock_path(out):
-    out.mkdir(parents=True, exist_ok=True)
-    return out / ".lock"
+_RACER = """
+import sys, time
+from pathlib import Path
+from harness.runlock import run_lock
+out, log = Path(sys.argv[1]), Path(sys.argv[2])
+with run_lock(out, heartbeat_s=0.2, stale_s=5, poll_s=0.05) as waited:
+    if not (out / "DONE").exists():
+        with open(log, "a") as f:
+            f.write("computed" + chr(10))
+        time.sleep(1.0)
+        (out / "DONE").write_text("x")
+"""
+
+
+def test_processes_racing_for_one_run_compute_it_once(tmp_path):
+    """Two processes start the same run at once: one computes, the other waits and finds it done."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(log)]) for _ in range(2)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert log.read_text().splitlines() == ["computed"]
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    import os
+    import time
+
+    from harness.runlock import HEARTBEAT, LOCK_DIR, run_lock
+
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    holder = subprocess.Popen([sys.executable, "-c", _RACER.replace("time.sleep(1.0)", "time.sleep(600)"),
+                               str(out), str(log)])
+    deadline = time.time() + 30
+    while not log.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    holder.kill()  # dies holding the lock; its heartbeat stops
+    holder.wait()
+    assert (out / LOCK_DIR).is_dir()
+    old = time.time() - 3600
+    os.utime(out / LOCK_DIR / HEARTBEAT, (old, old))  # as if it had died an hour ago
+    start = time.time()
+    with run_lock(out, stale_s=60, poll_s=0.05) as waited:
+        assert waited is False and time.time() - start < 5  # taken over at once, not waited for
+    assert not (out / LOCK_DIR).exists()

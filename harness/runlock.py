@@ -1,0 +1,87 @@
+"""A run-directory lock that also holds on cluster network filesystems, where flock may not be honoured.
+
+The lock is a directory created with mkdir (atomic on local and network filesystems alike), holding an owner file
+and a heartbeat file that the holder touches every `heartbeat_s` seconds from a background thread. A waiter polls;
+a lock whose heartbeat is older than `stale_s` (its holder was killed, or its machine died) is taken over by
+renaming it aside (atomic: of several waiters exactly one wins) and creating a fresh one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+LOCK_DIR = ".lock.d"
+HEARTBEAT = "heartbeat"
+HEARTBEAT_S = 10.0
+STALE_S = 120.0  # no heartbeat for this long: the holder is gone
+
+
+def _try_create(lock: Path) -> bool:
+    try:
+        os.mkdir(lock)
+    except FileExistsError:
+        return False
+    (lock / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                 "since": time.time()}))
+    (lock / HEARTBEAT).touch()
+    return True
+
+
+def _age(lock: Path) -> float | None:
+    """Seconds since the holder's last heartbeat, None when the lock vanished meanwhile."""
+    try:
+        return time.time() - (lock / HEARTBEAT).stat().st_mtime
+    except FileNotFoundError:
+        try:  # created but not yet heartbeated: judge by the directory itself
+            return time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+
+def _take_over(lock: Path) -> None:
+    """Move a stale lock aside (one waiter wins the rename), then delete it."""
+    aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rename(lock, aside)
+        log.warning("took over a stale lock %s (no heartbeat for over %.0f s)", lock, STALE_S)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S, poll_s: float = 0.5):
+    """Hold the run directory's lock; yields True if another process held it first (and we waited for it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock, waited = out_dir / LOCK_DIR, False
+    while not _try_create(lock):
+        age = _age(lock)
+        if age is not None and age > stale_s:
+            _take_over(lock)
+            continue
+        if not waited:
+            log.info("%s is being computed by another process: waiting for it", out_dir)
+        waited = True
+        time.sleep(poll_s)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(heartbeat_s):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(lock / HEARTBEAT)
+
+    thread = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield waited
+    finally:
+        stop.set()
+        thread.join()
+        shutil.rmtree(lock, ignore_errors=True)
