@@ -87,3 +87,20 @@ def config_label(frame: pd.DataFrame, extra: list[str]) -> pd.Series:
         shown = labels[DISPLAY[key]]
         text = text.where(shown == DASH, text + f" {DISPLAY[key].lower()}=" + shown)
     return text
+
+
+def label_row_names(labels: pd.DataFrame) -> pd.Series:
+    """Names for the rows of a label_columns() frame, as config_label writes them: 'awq w4 g128', 'fp',
+    plus ' calib=wiki' etc. for each display column past Method/Bits/Group that is not the dash."""
+    names = []
+    for row in labels.itertuples(index=False):
+        fields = dict(zip(labels.columns, row))
+        text = str(fields["Method"]) if fields["Bits"] == DASH else f"{fields['Method']} w{fields['Bits']}"
+        group = fields["Group"]
+        if group != DASH:
+            text += f" {group}" if group == "per-channel" else f" g{group}"
+        for column in labels.columns[3:]:
+            if fields[column] != DASH:
+                text += f" {str(column).lower()}={fields[column]}"
+        names.append(text)
+    return pd.Series(names, index=labels.index, dtype=object)

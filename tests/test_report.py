@@ -1,13 +1,18 @@
-"""Reports from synthetic finished runs: files, numbers, bold markers, robustness penalty, duplicates, CLI errors."""
+"""Reports from synthetic finished runs: files, numbers, bold markers, robustness penalty, duplicates, CLI errors;
+intervals, paired significance (bold set, wins/ties/losses), KLD columns and plot, and a LaTeX compile."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from harness.report import (latest_per_key, main, main_table, make_report, pareto_front, robustness_matrices,
-                            robustness_penalty)
+from harness import stats
+from harness.report import (PairedEvidence, latest_per_key, main, main_table, make_report, not_worse_than_best,
+                            pareto_front, robustness_matrices, robustness_penalty, run_directories, wins_table)
 from harness.results import to_frame, write_run
 
 MODEL = "smollm2_135m"
@@ -145,3 +150,174 @@ def test_main_calib_restricts_main_table(results_dir, tmp_path):
     main_section = (out / "report.md").read_text().split("### ")[1]
     assert "21.30" not in main_section and "**20.50 (+0.50)**" in main_section and "22.00 (+2.00)" in main_section
     assert not list(out.glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals, paired significance, wins/ties/losses, KLD, LaTeX (runs with blocks.parquet / docs.parquet)
+# ---------------------------------------------------------------------------------------------
+
+PRINTS = json.dumps({"eval:wiki": "tok-wiki", "eval:code": "tok-code"}, sort_keys=True)
+BLOCKS, BLOCK_TOKENS, DOCS = 16, 256, 200
+SETS = {"wiki": np.log(20.0), "code": np.log(8.0)}
+ALT = np.where(np.arange(BLOCKS) % 2 == 0, 1.0, -0.8)  # a zig-zag with a tiny mean: never significant
+
+
+def paired_run(run_id: str, method: str, bits, group_size, nll_shift, kld, correct: np.ndarray,
+               root) -> None:
+    """A run with rows computed from its own blocks and documents (ppl, KLD, acc, all with intervals)."""
+    tokens = np.full(BLOCKS, BLOCK_TOKENS)
+    records, obs = [], []
+    for task, base in SETS.items():
+        wiggle = 0.3 * np.sin(np.arange(BLOCKS))  # blocks differ a lot; pairs differ little
+        nll = (base + wiggle + nll_shift) * tokens
+        kld_sum = np.asarray(kld, float) * tokens
+        records.append(pd.DataFrame({"task": task, "window": np.arange(BLOCKS) // 8, "block": np.arange(BLOCKS) % 8,
+                                     "tokens": tokens, "nll_sum": nll, "base_nll_sum": (base + wiggle) * tokens,
+                                     "kld_sum": kld_sum}))
+        for metric, est in (("ppl", stats.perplexity(nll, tokens)), ("kld", stats.ratio_of_sums(kld_sum, tokens))):
+            obs.append(("ppl", task, metric, est))
+    acc = stats.proportion(int(correct.sum()), DOCS)
+    rows = run_rows(run_id, method, bits, group_size, [])
+    base = {k: v for k, v in rows_base(run_id, method, bits, group_size).items()}
+    rows = [dict(base, suite=s, task=t, metric=m, **e.columns(), n=e.n, detail=None) for s, t, m, e in obs]
+    rows.append(dict(base, suite="lm_eval", task="arc_easy", metric="acc", **acc.columns(), n=DOCS, detail=None))
+    docs = pd.DataFrame({"task": "arc_easy", "doc_id": np.arange(DOCS), "acc": correct.astype(float),
+                         "acc_norm": correct.astype(float)})
+    write_run(root / run_id, to_frame(rows), "{}\n", {"run_id": run_id},
+              files={"blocks.parquet": pd.concat(records).to_parquet(index=False),
+                     "docs.parquet": docs.to_parquet(index=False)})
+
+
+def rows_base(run_id, method, bits, group_size) -> dict:
+    row = run_rows(run_id, method, bits, group_size, [("ppl", "wiki", "ppl", 0.0, None, None)])[0]
+    row["data_fingerprint"] = PRINTS
+    return {k: v for k, v in row.items() if k not in ("suite", "task", "metric", "value", "stderr", "n", "detail")}
+
+
+def correct_first(k: int, flips: tuple = ()) -> np.ndarray:
+    out = np.arange(DOCS) < k
+    out[list(flips)] = ~out[list(flips)]
+    return out
+
+
+@pytest.fixture
+def paired_dir(tmp_path):
+    """fp; gptq clearly better than rtn on every block and document; awq tied with gptq; two old runs (rows only):
+    rtn w3 far worse with intervals, rtn w4 per-channel close with a wide interval."""
+    root = tmp_path / "paired"
+    k = 0.02 + 0.005 * np.cos(np.arange(BLOCKS))
+    paired_run("fp", "fp", None, None, 0.0, np.zeros(BLOCKS), correct_first(121), root)
+    paired_run("gptq", "gptq", 4, 128, 0.02, k, correct_first(120), root)
+    paired_run("awq", "awq", 4, 128, 0.02 + 0.01 * ALT, k + 0.001 * ALT, correct_first(120, (0, 1, 2, 150, 151)), root)
+    paired_run("rtn", "rtn", 4, 128, 0.12 + 0.01 * np.cos(np.arange(BLOCKS)), 5 * k, correct_first(80), root)
+    old = [("rtn3", 3, 128, 40.0, 39.0, 41.0), ("rtnpc", 4, None, 21.5, 19.5, 23.5)]
+    for run_id, bits, group, value, low, high in old:
+        rows = [dict(rows_base(run_id, "rtn", bits, group), data_fingerprint="df01", suite="ppl", task="wiki",
+                     metric="ppl", value=value, stderr=0.5, ci_low=low, ci_high=high, n=4096, detail=None)]
+        write_run(root / run_id, to_frame(rows), "{}\n", {"run_id": run_id})
+    return root
+
+
+def _main_section(md: str) -> str:
+    return md.split("### ")[1]
+
+
+def _row(section: str, prefix: str) -> list[str]:
+    line = next(line for line in section.splitlines() if line.startswith(prefix))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_main_table_intervals_kld_columns_and_paired_bold(paired_dir, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(paired_dir), "--out", str(out)]) == 0
+    md, tex = (out / "report.md").read_text(), (out / "report.tex").read_text()
+    section = _main_section(md)
+    header = _row(section, "| Method")
+    assert header[3:] == ["PPL code", "PPL wiki", "KLD code", "KLD wiki", "arc_easy acc (%)"]
+    # (1) value [ci_low, ci_high] (delta vs fp), from the rows' own intervals; the compact form in LaTeX
+    rows = pd.read_parquet(paired_dir / "gptq" / "rows.parquet")
+    ppl = rows[(rows.task == "wiki") & (rows.metric == "ppl")].iloc[0]
+    fp_ppl = pd.read_parquet(paired_dir / "fp" / "rows.parquet").query("task == 'wiki' and metric == 'ppl'").value.iloc[0]
+    cell = f"{ppl.value:.2f} [{ppl.ci_low:.2f}, {ppl.ci_high:.2f}] ({ppl.value - fp_ppl:+.2f})"
+    assert f"**{cell}**" in section
+    assert rf"{ppl.value:.2f}$^{{+{ppl.ci_high - ppl.value:.2f}}}_{{-{ppl.value - ppl.ci_low:.2f}}}$" in tex
+    assert "40.00 [39.00, 41.00]" in section
+    assert rf"\textbf{{\boldmath {ppl.value:.2f}$^{{+" in tex  # the interval is bold along with its value
+    # (2) bold: gptq (best) and awq (tied) everywhere; rtn w4 g128 significantly worse everywhere
+    gptq, awq, rtn = (_row(section, f"| {m} | 4 | 128 |") for m in ("gptq", "awq", "rtn"))
+    assert all(c.startswith("**") for c in gptq[3:]) and all(c.startswith("**") for c in awq[3:])
+    assert not any(c.startswith("**") for c in rtn[3:])
+    # KLD: 4 decimals, no delta vs fp
+    assert gptq[5].startswith("**0.0") and "(" not in gptq[5]
+    # old runs without records: non-overlapping intervals drop rtn w3, the overlapping rtn w4 per-channel stays bold
+    assert not _row(section, "| rtn | 3 | 128 |")[4].startswith("**")
+    assert _row(section, "| rtn | 4 | per-channel |")[4].startswith("**21.50 [19.50, 23.50]")
+    assert "paired t-test over blocks of tokens" in section and "McNemar" in section and "Holm" in section
+    assert "PPL wiki (2)" in section  # two configs compared with the best by intervals only
+    assert (out / "kld_vs_bits_smollm2_135m.png").stat().st_size > 0
+    assert (out / "kld_vs_bits_smollm2_135m.pdf").stat().st_size > 0
+
+
+def test_wins_ties_losses_matrix(paired_dir, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(paired_dir), "--out", str(out), "--no-plots"]) == 0
+    md, tex = (out / "report.md").read_text(), (out / "report.tex").read_text()
+    section = md.split("### ")[2]
+    assert section.startswith("smollm2_135m: wins/ties/losses")
+    header = _row(section, "| config")
+    names = [_row(section, f"| ({i})")[0] for i in range(1, len(header) - 1)]
+    assert names == ["(1) fp", "(2) awq w4 g128", "(3) gptq w4 g128", "(4) rtn w4 g128", "(5) rtn w4 per-channel",
+                     "(6) rtn w3 g128"]
+    gptq, awq, rtn, fp = (_row(section, f"| ({i})") for i in (3, 2, 4, 1))
+    # 2 ppl sets + 2 KLD sets + 1 accuracy task, all on identical tokens/documents
+    assert gptq[4] == "5/0/0" and rtn[3] == "0/0/5"
+    assert gptq[2] == "0/5/0" and awq[3] == "0/5/0"
+    assert gptq[7] == "5/6/2" and rtn[7] == "0/0/13"  # totals over the row
+    # against fp: no KLD cells; fp's ppl is lower; accuracy 121 vs 120 of 200 (1 discordant document) is a tie
+    assert fp[3] == "2/1/0" and gptq[1] == "0/1/2"
+    assert fp[4] == "3/0/0"
+    # runs kept without records are compared with nothing
+    assert _row(section, "| (6)")[1:8] == ["—"] * 7
+    assert "Holm" in section and "tests" in section
+    assert r"wins/ties/losses" in tex and "5/0/0" in tex
+
+
+def test_not_worse_than_best_fallbacks():
+    values, lo, hi = [10.0, 11.0, 12.0, 10.5], [9.8, 10.9, 11.5, np.nan], [10.2, 11.1, 12.5, np.nan]
+    decision = not_worse_than_best(values, lo, hi, ["a", "b", "c", "d"], [True] * 4, False, "ppl", "wiki",
+                                   PairedEvidence())
+    # no records: b's interval lies above a's (dropped); c's too; d has none -> only the best
+    assert decision.bold.tolist() == [True, False, False, False]
+    assert (decision.paired, decision.intervals, decision.best_only) == (0, 2, 1)
+    wide = not_worse_than_best(values, [9.0, 10.0, 11.5, 9.0], [11.0, 12.0, 12.5, 12.0], ["a", "b", "c", "d"],
+                               [True] * 4, False, "ppl", "wiki", None)
+    assert wide.bold.tolist() == [True, True, False, True]
+    higher = not_worse_than_best(values, lo, hi, list("abcd"), [False, True, True, True], True, "acc", "x", None)
+    assert higher.bold.tolist() == [False, False, True, False]
+
+
+def test_paired_evidence_reads_records(paired_dir):
+    evidence = PairedEvidence(run_directories(paired_dir))
+    p, delta = evidence.cell("gptq", "rtn", "ppl", "wiki")
+    assert p < 1e-6 and delta < 0
+    p_rev, delta_rev = evidence.cell("rtn", "gptq", "ppl", "wiki")
+    assert p_rev == p and delta_rev == -delta
+    assert evidence.cell("gptq", "rtn3", "ppl", "wiki") is None  # old run: rows only
+    assert evidence.cell("gptq", "awq", "acc", "arc_easy")[0] == pytest.approx(1.0)
+
+
+def test_wins_table_needs_paired_records(results_dir):
+    frame, _ = latest_per_key(pd.concat([pd.read_parquet(p) for p in results_dir.rglob("rows.parquet")]))
+    table = wins_table(frame, "acc", PairedEvidence(run_directories(results_dir)))
+    assert table.text.empty and table.note == ""
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_report_tex_compiles(paired_dir, results_dir, tmp_path):
+    for source in (paired_dir, results_dir):
+        out = tmp_path / source.name
+        assert main([str(source), "--out", str(out)]) == 0
+        done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"], cwd=out,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert (out / "report.pdf").stat().st_size > 0

@@ -4,29 +4,35 @@ Reads results only and never runs a model. Every number printed is read from the
 arithmetic is the requested deltas (vs the fp row, and the out-of-domain penalty) and unit
 changes for display (accuracy shown in percent).
 
-Modules: select (which rows and runs a report shows), tables (pivot tables as cell text + bold mask),
+Modules: select (which rows and runs a report shows), significance (paired tests on the runs' per-block and
+per-document records, Holm's correction, fallbacks), tables (pivot tables as cell text + bold mask + note),
 plots (matplotlib figures), render (Markdown/LaTeX, provenance, make_report), cli (main, run by
 `python -m harness.report`). Row keys and config labels live in harness.labels.
 """
 from harness.labels import (CONFIG_KEYS, DASH, DISPLAY, OBS_KEYS, REFERENCE_METHOD, ROW_KEYS, SECONDARY_KEYS,
                             config_label, is_reference, label_columns, latest_per_key)
 from harness.report.cli import main
-from harness.report.plots import (PARAMS_DETAIL_KEY, model_size, pareto_front, plot_ppl_vs_bits, plot_size_vs_ppl,
-                                  plot_timing)
+from harness.report.plots import (PARAMS_DETAIL_KEY, model_size, pareto_front, plot_kld_vs_bits, plot_ppl_vs_bits,
+                                  plot_size_vs_ppl, plot_timing)
 from harness.report.render import (MODEL_NOTES, calibration_text, duplicates_text, latex_escape, make_report,
                                    merged_versions, model_sections, numeric_columns, provenance, render_latex,
                                    render_markdown)
-from harness.report.select import main_rows, varying_keys
-from harness.report.tables import (ROBUSTNESS_GROUP, main_observations, main_table, pivot_unique, quant_table,
-                                   robustness_matrices, robustness_penalty, robustness_tables, simple_table,
-                                   timing_table)
+from harness.report.select import main_rows, run_directories, varying_keys
+from harness.report.significance import (ALPHA, CellSpec, ColumnDecision, PairedEvidence, not_worse_than_best,
+                                         wins_ties_losses)
+from harness.report.tables import (ROBUSTNESS_GROUP, MainGrid, Table, main_grid, main_observations, main_table,
+                                   main_table_with_note, pivot_unique, quant_table, robustness_matrices,
+                                   robustness_penalty, robustness_tables, significance_note, simple_table,
+                                   timing_table, wins_table)
 
 __all__ = [
-    "CONFIG_KEYS", "DASH", "DISPLAY", "MODEL_NOTES", "OBS_KEYS", "PARAMS_DETAIL_KEY", "REFERENCE_METHOD",
-    "ROBUSTNESS_GROUP", "ROW_KEYS", "SECONDARY_KEYS", "calibration_text", "config_label", "duplicates_text",
-    "is_reference", "label_columns", "latest_per_key", "latex_escape", "main", "main_observations", "main_rows",
-    "main_table", "make_report", "merged_versions", "model_sections", "model_size", "numeric_columns",
-    "pareto_front", "pivot_unique", "plot_ppl_vs_bits", "plot_size_vs_ppl", "plot_timing", "provenance",
-    "quant_table", "render_latex", "render_markdown", "robustness_matrices", "robustness_penalty",
-    "robustness_tables", "simple_table", "timing_table", "varying_keys",
+    "ALPHA", "CONFIG_KEYS", "DASH", "DISPLAY", "MODEL_NOTES", "OBS_KEYS", "PARAMS_DETAIL_KEY", "REFERENCE_METHOD",
+    "ROBUSTNESS_GROUP", "ROW_KEYS", "SECONDARY_KEYS", "CellSpec", "ColumnDecision", "MainGrid", "PairedEvidence",
+    "Table", "calibration_text", "config_label", "duplicates_text", "is_reference", "label_columns",
+    "latest_per_key", "latex_escape", "main", "main_grid", "main_observations", "main_rows", "main_table",
+    "main_table_with_note", "make_report", "merged_versions", "model_sections", "model_size", "not_worse_than_best",
+    "numeric_columns", "pareto_front", "pivot_unique", "plot_kld_vs_bits", "plot_ppl_vs_bits", "plot_size_vs_ppl",
+    "plot_timing", "provenance", "quant_table", "render_latex", "render_markdown", "robustness_matrices",
+    "robustness_penalty", "robustness_tables", "run_directories", "significance_note", "simple_table",
+    "timing_table", "varying_keys", "wins_table", "wins_ties_losses",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness.labels import latest_per_key
 from harness.report.render import make_report
+from harness.report.select import run_directories
 from harness.results import load_results
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         paths = make_report(frame, args.out, args.acc_metric, plots=not args.no_plots,
-                            main_calib=args.main_calib)
+                            main_calib=args.main_calib, run_dirs=run_directories(args.paths))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Figures (PNG + PDF): perplexity vs bits, model size vs perplexity with its Pareto front, timing bars."""
+"""Figures (PNG + PDF): perplexity and KLD vs bits, model size vs perplexity with its Pareto front, timing bars."""
 from __future__ import annotations
 
 import json
@@ -44,29 +44,42 @@ def _safe_stem(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))
 
 
-def plot_ppl_vs_bits(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Perplexity vs bits, one line per method (and group size), one panel per eval set; fp as a dashed line."""
-    ppl = frame[(frame["suite"] == "ppl") & (frame["metric"] == "ppl")]
-    quant = ppl[~is_reference(ppl) & ppl["bits"].notna()]
+def _metric_vs_bits(frame: pd.DataFrame, out_dir: Path, metric: str, ylabel: str, what: str, stem: str,
+                    reference_line: bool) -> list[Path]:
+    """`metric` (suite ppl) vs bits, one line per method (and group size), one panel per eval set; with
+    `reference_line` the fp value as a dashed line."""
+    rows = frame[(frame["suite"] == "ppl") & (frame["metric"] == metric)]
+    quant = rows[~is_reference(rows) & rows["bits"].notna()]
     if quant.empty:
         return []
     extra = varying_keys(quant)
     series = config_label(quant.assign(bits=pd.NA), extra)  # label without bits: bits is the x axis
     quant = quant.assign(series=series.reindex(quant.index))
-    tasks = sorted(ppl["task"].unique())
+    tasks = sorted((rows if reference_line else quant)["task"].unique())
     fig, axes = _panels(len(tasks))
     for ax, task in zip(axes, tasks):
         for name, line in quant[quant["task"] == task].groupby("series", sort=True):
             line = line.sort_values("bits")
             ax.plot(line["bits"].astype(float), line["value"], marker="o", label=name)
-        ref = ppl[is_reference(ppl) & (ppl["task"] == task)]["value"]
-        if not ref.empty:
+        ref = rows[is_reference(rows) & (rows["task"] == task)]["value"]
+        if reference_line and not ref.empty:
             ax.axhline(ref.iloc[0], color="black", linestyle="--", linewidth=1, label="fp")
-        ax.set(title=f"{task}", xlabel="bits", ylabel="perplexity")
+        ax.set(title=f"{task}", xlabel="bits", ylabel=ylabel)
         ax.set_xticks(sorted(quant["bits"].dropna().astype(int).unique()))
         ax.legend(fontsize=7)
-    fig.suptitle(f"{frame['model'].iloc[0]}: perplexity vs bits")
-    return _save(fig, out_dir, f"ppl_vs_bits_{_safe_stem(frame['model'].iloc[0])}")
+    fig.suptitle(f"{frame['model'].iloc[0]}: {what}")
+    return _save(fig, out_dir, f"{stem}_{_safe_stem(frame['model'].iloc[0])}")
+
+
+def plot_ppl_vs_bits(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Perplexity vs bits, one line per method (and group size), one panel per eval set; fp as a dashed line."""
+    return _metric_vs_bits(frame, out_dir, "ppl", "perplexity", "perplexity vs bits", "ppl_vs_bits", True)
+
+
+def plot_kld_vs_bits(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Mean KL divergence from fp (nats/token) vs bits, as plot_ppl_vs_bits (no fp line: fp is the zero)."""
+    return _metric_vs_bits(frame, out_dir, "kld", "mean KLD vs fp (nats/token)", "KL divergence from fp vs bits",
+                           "kld_vs_bits", False)
 
 
 def model_size(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:

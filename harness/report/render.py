@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
 from harness.labels import DASH, latest_per_key, value_text
-from harness.report.plots import plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
+from harness.report.plots import plot_kld_vs_bits, plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
 from harness.report.select import main_rows
-from harness.report.tables import main_table, quant_table, robustness_matrices, robustness_tables, timing_table
+from harness.report.significance import PairedEvidence
+from harness.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
+                                   robustness_tables, timing_table, wins_table)
 
 MODEL_NOTES = {
     "smollm2_135m": "weights dequantized from a 4-bit GGUF (Q4_1) file; "
@@ -106,18 +109,28 @@ def latex_escape(text: str) -> str:
     return "".join(table.get(ch, ch) for ch in str(text))
 
 
-def render_latex(text: pd.DataFrame, bold: pd.DataFrame, caption: str) -> str:
-    """A booktabs table; bold cells wrapped in \\textbf{}."""
+def render_latex(text: pd.DataFrame, bold: pd.DataFrame, caption: str, note: str = "",
+                 latex: pd.DataFrame | None = None) -> str:
+    """A booktabs table (shrunk to the line width when wider), bold cells wrapped in \\textbf{}, `note` below it;
+    a cell of `latex` (same shape as `text`) that is not missing is used as is instead of the escaped text."""
     align = "".join("r" if num else "l" for num in numeric_columns(text))
+    latex = pd.DataFrame(None, index=text.index, columns=text.columns) if latex is None else latex
     rows = []
-    for row_t, row_b in zip(text.itertuples(index=False), bold.itertuples(index=False)):
-        cells = [rf"\textbf{{{latex_escape(t)}}}" if b else latex_escape(t) for t, b in zip(row_t, row_b)]
+    for row_t, row_b, row_l in zip(text.itertuples(index=False), bold.itertuples(index=False),
+                                   latex.itertuples(index=False)):
+        cells = [latex_escape(t) if pd.isna(tex) else str(tex) for t, tex in zip(row_t, row_l)]
+        # \boldmath: an interval typeset in math mode is bold along with its value
+        cells = [(rf"\textbf{{\boldmath {c}}}" if "$" in c else rf"\textbf{{{c}}}") if b else c
+                 for c, b in zip(cells, row_b)]
         rows.append(" & ".join(cells) + r" \\")
+    below = [r"\par\smallskip", rf"{{\footnotesize\raggedright {latex_escape(note)}\par}}"] if note else []
     return "\n".join([
-        r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}",
+        r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}",
+        # graphicx only: natural width, or the line width when the table is wider
+        r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
         rf"\begin{{tabular}}{{{align}}}", r"\toprule",
         " & ".join(latex_escape(c) for c in text.columns) + r" \\", r"\midrule",
-        *rows, r"\bottomrule", r"\end{tabular}", r"\end{table}",
+        *rows, r"\bottomrule", r"\end{tabular}}", *below, r"\end{table}",
     ])
 
 
@@ -125,31 +138,39 @@ def render_latex(text: pd.DataFrame, bold: pd.DataFrame, caption: str) -> str:
 # Assembling the report
 # ---------------------------------------------------------------------------------------------
 
-def model_sections(frame: pd.DataFrame, acc_metric: str, main_calib: str | None = None
-                   ) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """(title, text, bold) for every table of one model, in report order."""
+def model_sections(frame: pd.DataFrame, acc_metric: str, main_calib: str | None = None,
+                   evidence: PairedEvidence | None = None) -> list[tuple[str, Table]]:
+    """(title, table) for every table of one model, in report order; `evidence` (the runs' paired records) decides
+    the main table's bold set and the wins/ties/losses matrix."""
     model = frame["model"].iloc[0]
     sections = []
-    text, bold = main_table(main_rows(frame, main_calib), acc_metric)
-    if not text.empty:
-        sections.append((f"{model}: perplexity and accuracy (delta vs fp; best quantized value in bold)", text, bold))
-    text, bold = quant_table(frame)
-    if not text.empty:
-        sections.append((f"{model}: quantization cost", text, bold))
-    text, bold = timing_table(frame)
-    if not text.empty:
-        sections.append((f"{model}: timing", text, bold))
+    main = main_rows(frame, main_calib)
+    table = main_table_with_note(main, acc_metric, evidence)
+    if not table.text.empty:
+        title = (f"{model}: perplexity, KLD vs fp and accuracy (95% intervals where recorded; delta vs fp; "
+                 "bold: not significantly worse than the best quantized value)")
+        sections.append((title, table))
+    table = wins_table(main, acc_metric, evidence)
+    if not table.text.empty:
+        sections.append((f"{model}: wins/ties/losses of each config (row) against each other (column)", table))
+    table = Table(*quant_table(frame))
+    if not table.text.empty:
+        sections.append((f"{model}: quantization cost", table))
+    table = Table(*timing_table(frame))
+    if not table.text.empty:
+        sections.append((f"{model}: timing", table))
     for label, matrix in robustness_matrices(frame):
-        text, bold = robustness_tables(matrix)
-        sections.append((f"{model}: calibration robustness of {label} (perplexity; in parentheses the "
-                         "out-of-domain penalty vs calibrating in-domain; in-domain in bold)", text, bold))
+        title = (f"{model}: calibration robustness of {label} (perplexity; in parentheses the "
+                 "out-of-domain penalty vs calibrating in-domain; in-domain in bold)")
+        sections.append((title, Table(*robustness_tables(matrix))))
     return sections
 
 
 def _markdown_model(title_model: str, sections, prov, figures: list[Path]) -> list[str]:
     lines = [f"## {title_model}", ""]
-    for title, text, bold in sections:
-        lines += [f"### {title}", "", render_markdown(text, bold), ""]
+    for title, table in sections:
+        lines += [f"### {title}", "", render_markdown(table.text, table.bold), ""]
+        lines += [table.note, ""] if table.note else []
     for fig in figures:
         if fig.suffix == ".png":
             lines += [f"![{fig.stem}]({fig.name})", ""]
@@ -159,34 +180,38 @@ def _markdown_model(title_model: str, sections, prov, figures: list[Path]) -> li
 
 def _latex_model(title_model: str, sections, prov, figures: list[Path]) -> list[str]:
     lines = [rf"\section*{{{latex_escape(title_model)}}}", ""]
-    for title, text, bold in sections:
-        lines += [render_latex(text, bold, title), ""]
+    for title, table in sections:
+        lines += [render_latex(table.text, table.bold, title, table.note, table.latex), ""]
     for fig in figures:
         if fig.suffix == ".pdf":
             lines += [r"\begin{figure}[t]\centering", rf"\includegraphics[width=\linewidth]{{{fig.name}}}",
                       r"\end{figure}", ""]
     lines += [r"\paragraph{Provenance}", r"\begin{itemize}"]
     lines += [rf"\item \textbf{{{latex_escape(k)}}}: {latex_escape(v)}" for k, v in prov]
-    lines += [r"\end{itemize}", ""]
+    lines += [r"\end{itemize}", r"\clearpage", ""]  # flush this model's floats before the next model
     return lines
 
 
 def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plots: bool = True,
-                main_calib: str | None = None) -> list[Path]:
-    """Write report.md, report.tex and (if `plots`) the plots (PNG + PDF) for every model in `frame`; return the paths."""
+                main_calib: str | None = None, run_dirs: Mapping[str, Path] | None = None) -> list[Path]:
+    """Write report.md, report.tex and (if `plots`) the plots (PNG + PDF) for every model in `frame`; return the paths.
+
+    `run_dirs` (run_id -> run directory, see select.run_directories) gives the paired tests their per-block and
+    per-document records; without it (or for runs that kept none) bold falls back to intervals, then to the best."""
     if frame.empty:
         raise ValueError("no result rows to report")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, superseded = latest_per_key(frame)
+    evidence = PairedEvidence(run_dirs)
     md = ["# Quantization comparison", ""]
-    tex = [r"\documentclass{article}", r"\usepackage{booktabs}", r"\usepackage{graphicx}",
-           r"\usepackage[margin=2cm]{geometry}", r"\begin{document}", ""]
+    tex = [r"\documentclass{article}", r"\usepackage{booktabs}",
+           r"\usepackage{graphicx}", r"\usepackage[margin=2cm]{geometry}", r"\begin{document}", ""]
     written: list[Path] = []
     for model, model_rows in rows.groupby("model", sort=True):
-        sections = model_sections(model_rows, acc_metric, main_calib)
-        figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_size_vs_ppl(model_rows, out_dir)
-                   + plot_timing(model_rows, out_dir)) if plots else []
+        sections = model_sections(model_rows, acc_metric, main_calib, evidence)
+        figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_kld_vs_bits(model_rows, out_dir)
+                   + plot_size_vs_ppl(model_rows, out_dir) + plot_timing(model_rows, out_dir)) if plots else []
         prov = provenance(model_rows, superseded)
         md += _markdown_model(str(model), sections, prov, figures)
         tex += _latex_model(str(model), sections, prov, figures)

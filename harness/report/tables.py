@@ -1,10 +1,18 @@
-"""Tables as (text, bold) frame pairs: numbers become cell text, and a mask says which cells are bold."""
+"""Tables as (text, bold) frame pairs: numbers become cell text, and a mask says which cells are bold; the main
+table and the wins/ties/losses matrix also come with a note saying which test decided them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
 import pandas as pd
 
-from harness.labels import CONFIG_KEYS, DASH, REFERENCE_METHOD, SECONDARY_KEYS, config_label, label_columns
+from harness.labels import (CONFIG_KEYS, DASH, REFERENCE_METHOD, SECONDARY_KEYS, config_label, label_columns,
+                            label_row_names)
 from harness.report.select import varying_keys
+from harness.report.significance import (ALPHA, PAIRED_TESTS, CellSpec, ColumnDecision, PairedEvidence,
+                                         not_worse_than_best, wins_ties_losses)
 
 # Everything that identifies a calibration-robustness group except the calibration source itself.
 ROBUSTNESS_GROUP = [k for k in CONFIG_KEYS if k != "calib_source"]
@@ -18,59 +26,183 @@ def pivot_unique(frame: pd.DataFrame, index: list[str], columns: str | list[str]
     return frame.pivot_table(index=index, columns=columns, values="value", aggfunc="first", sort=False)
 
 
+class Table(NamedTuple):
+    """A rendered table: cell text (Markdown/plain), bold mask, a note printed below it, and optionally the LaTeX of
+    cells that need more than escaping their text (same shape as `text`; a missing cell means: escape the text)."""
+
+    text: pd.DataFrame
+    bold: pd.DataFrame
+    note: str = ""
+    latex: pd.DataFrame | None = None
+
+
+# Main-table quantities: header prefix/suffix, digits, whether a delta vs fp is shown, column order.
+MAIN_KINDS = {"ppl": ("PPL {task}", 2, True, 0), "kld": ("KLD {task}", 4, False, 1),
+              "acc": ("{task} {metric} (%)", 2, True, 2)}
+
+
 def main_observations(frame: pd.DataFrame, acc_metric: str) -> pd.DataFrame:
-    """Perplexity and lm-eval accuracy rows, with a column header and a 'higher is better' flag each."""
-    ppl = frame[(frame["suite"] == "ppl") & (frame["metric"] == "ppl")]
-    acc = frame[(frame["suite"] == "lm_eval") & (frame["metric"] == acc_metric)]
-    ppl = ppl.assign(column="PPL " + ppl["task"].astype(str), higher_better=False, scale=1.0)
-    acc = acc.assign(column=acc["task"].astype(str) + f" {acc_metric} (%)", higher_better=True, scale=100.0)
-    return pd.concat([ppl, acc])
+    """Perplexity, mean KLD vs fp and lm-eval accuracy rows, each with its column header, the name harness.compare
+    gives the quantity (`kind`), a 'higher is better' flag, a display scale and digits, and whether to show a delta."""
+    parts = []
+    for kind, suite, metric, higher, scale in (("ppl", "ppl", "ppl", False, 1.0), ("kld", "ppl", "kld", False, 1.0),
+                                               ("acc", "lm_eval", acc_metric, True, 100.0)):
+        rows = frame[(frame["suite"] == suite) & (frame["metric"] == metric)]
+        header, digits, delta, order = MAIN_KINDS[kind]
+        parts.append(rows.assign(
+            column=[header.format(task=t, metric=acc_metric) for t in rows["task"].astype(str)],
+            kind=acc_metric if kind == "acc" else kind, higher_better=higher, scale=scale, digits=digits,
+            delta=delta, order=order))
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts) if parts else frame.iloc[0:0]
 
 
-def main_table(frame: pd.DataFrame, acc_metric: str = "acc") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows method x bits x group (x varying keys), columns PPL per eval set and acc per task: (text, bold)."""
+@dataclass
+class MainGrid:
+    """The main table as numbers: one row per config (index = display label columns), one column per quantity."""
+
+    values: pd.DataFrame  # scaled for display (accuracy in percent)
+    ci_low: pd.DataFrame
+    ci_high: pd.DataFrame
+    run_ids: pd.DataFrame  # the run behind each cell
+    specs: pd.DataFrame  # per column: kind, task, higher_better, digits, delta
+
+    @property
+    def is_reference(self) -> np.ndarray:
+        return np.asarray(self.values.index.get_level_values("Method") == REFERENCE_METHOD)
+
+    def cell_specs(self) -> list[CellSpec]:
+        return [CellSpec(c, s.kind, s.task, bool(s.higher_better)) for c, s in self.specs.iterrows()]
+
+
+def main_grid(frame: pd.DataFrame, acc_metric: str = "acc") -> MainGrid | None:
+    """Values, intervals and run ids of the main table (None without ppl, KLD or accuracy rows)."""
     obs = main_observations(frame, acc_metric)
     if obs.empty:
-        return pd.DataFrame(), pd.DataFrame()
+        return None
     extra = varying_keys(obs)
     labels = label_columns(obs, extra)
     obs = obs.join(labels).loc[labels.index]
     index = list(labels.columns)
-    values = pivot_unique(obs, index, "column") * _column_scale(obs)
-    higher = obs.groupby("column")["higher_better"].first()
-    ref_mask = values.index.get_level_values("Method") == REFERENCE_METHOD
-    reference = values[ref_mask].iloc[0] if ref_mask.any() else None
-    text = values.apply(lambda col: _delta_cells(col, reference, ref_mask))
-    bold = values.apply(lambda col: _best_mask(col, ~ref_mask, bool(higher[col.name])))
-    text.columns.name = bold.columns.name = None
-    return text.reset_index(), _with_label_columns(bold, index)
+    specs = obs.groupby("column")[["kind", "task", "higher_better", "scale", "digits", "delta", "order"]].first()
+    specs = specs.sort_values(["order", "task"], kind="stable")
+    values = pivot_unique(obs, index, "column")[specs.index]
+
+    def field(name: str) -> pd.DataFrame:
+        cells = obs.set_index(index + ["column"])[name].unstack("column")
+        return cells.reindex(index=values.index, columns=values.columns)
+
+    scale = specs["scale"]
+    grid = MainGrid(values * scale, field("ci_low").astype(float) * scale, field("ci_high").astype(float) * scale,
+                    field("run_id"), specs.drop(columns=["scale", "order"]))
+    for part in (grid.values, grid.ci_low, grid.ci_high, grid.run_ids):
+        part.columns.name = None
+    return grid
 
 
-def _column_scale(obs: pd.DataFrame) -> pd.Series:
-    return obs.groupby("column")["scale"].first()
+def main_table(frame: pd.DataFrame, acc_metric: str = "acc",
+               evidence: PairedEvidence | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows method x bits x group (x varying keys), columns PPL and KLD per eval set and acc per task: (text, bold)."""
+    table = main_table_with_note(frame, acc_metric, evidence)
+    return table.text, table.bold
 
 
-def _delta_cells(col: pd.Series, reference: pd.Series | None, ref_mask) -> pd.Series:
-    """'12.34 (+0.56)' for quantized rows; the reference row shows its value alone."""
-    ref = None if reference is None else reference[col.name]
+def main_table_with_note(frame: pd.DataFrame, acc_metric: str = "acc", evidence: PairedEvidence | None = None
+                         ) -> Table:
+    """Cells 'value [ci_low, ci_high] (delta vs fp)' (LaTeX: 'value$^{+up}_{-down}$ (delta)'); bold = per column the
+    best quantized value and every quantized value not significantly worse than it (see not_worse_than_best); the
+    note says which test decided."""
+    grid = main_grid(frame, acc_metric)
+    if grid is None:
+        return Table(pd.DataFrame(), pd.DataFrame())
+    ref_mask = grid.is_reference
+    reference = grid.values[ref_mask].iloc[0] if ref_mask.any() else None
+    cells = {c: _interval_cells(grid, c, reference, ref_mask) for c in grid.values.columns}
+    text = pd.DataFrame({c: [md for md, _ in v] for c, v in cells.items()}, index=grid.values.index)
+    latex = pd.DataFrame({c: [tex for _, tex in v] for c, v in cells.items()}, index=grid.values.index)
+    decisions = {}
+    for column, spec in grid.specs.iterrows():
+        decisions[column] = not_worse_than_best(
+            grid.values[column], grid.ci_low[column], grid.ci_high[column], grid.run_ids[column].to_numpy(),
+            ~ref_mask, bool(spec.higher_better), spec.kind, spec.task, evidence)
+    bold = pd.DataFrame({c: d.bold for c, d in decisions.items()}, index=grid.values.index)
+    index = list(grid.values.index.names)
+    latex = latex.reset_index()
+    latex[index] = None
+    return Table(text.reset_index(), _with_label_columns(bold, index), significance_note(decisions, ref_mask.any()),
+                 latex)
+
+
+def _interval_cells(grid: MainGrid, column: str, reference: pd.Series | None, ref_mask) -> list[tuple[str, str | None]]:
+    """(text, LaTeX) per row: '12.34 [12.10, 12.58] (+0.56)', the interval where the row has one, the delta vs fp for
+    quantized rows of columns that show one; in LaTeX the interval is compact, 12.34$^{+0.24}_{-0.24}$."""
+    spec = grid.specs.loc[column]
+    digits = int(spec.digits)
+    ref = None if reference is None or not spec.delta else reference[column]
     cells = []
-    for value, is_ref in zip(col, ref_mask):
+    for value, lo, hi, is_ref in zip(grid.values[column], grid.ci_low[column], grid.ci_high[column], ref_mask):
         if pd.isna(value):
-            cells.append(DASH)
-        elif is_ref or ref is None or pd.isna(ref):
-            cells.append(f"{value:.2f}")
-        else:
-            cells.append(f"{value:.2f} ({value - ref:+.2f})")
-    return pd.Series(cells, index=col.index)
+            cells.append((DASH, None))
+            continue
+        md = tex = f"{value:.{digits}f}"
+        if pd.notna(lo) and pd.notna(hi):
+            md += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+            tex += f"$^{{+{max(hi - value, 0.0):.{digits}f}}}_{{-{max(value - lo, 0.0):.{digits}f}}}$"
+        if not is_ref and ref is not None and pd.notna(ref):
+            delta = f" ({value - ref:+.{digits}f})"
+            md, tex = md + delta, tex + delta
+        cells.append((md, tex))
+    return cells
 
 
-def _best_mask(col: pd.Series, candidates, higher_better: bool) -> pd.Series:
-    """True where a quantized row holds the best value of the column (ties all marked)."""
-    pool = col[candidates].dropna()
-    if pool.empty:
-        return pd.Series(False, index=col.index)
-    best = pool.max() if higher_better else pool.min()
-    return pd.Series((col == best).fillna(False).to_numpy() & candidates, index=col.index)
+def significance_note(decisions: dict[str, ColumnDecision], has_reference: bool) -> str:
+    """What the bold cells of the main table mean and which test decided them, column by column."""
+    who = "quantized value" if has_reference else "value"
+    paired = [c for c, d in decisions.items() if d.paired]
+    by_intervals = [f"{c} ({d.intervals})" for c, d in decisions.items() if d.intervals]
+    best_only = [f"{c} ({d.best_only})" for c, d in decisions.items() if d.best_only]
+    parts = [(f"Intervals: 95% (perplexity and KLD over blocks of tokens, accuracy Wilson). Bold: in each column the "
+              f"best {who} and every {who} not significantly worse than it.")]
+    if paired:
+        parts.append(f"Test: the best config against each other config with {PAIRED_TESTS}; Holm's correction over "
+                     f"the comparisons of each column, family-wise level {ALPHA:.2g}. Paired tests in: "
+                     + ", ".join(f"{c} ({decisions[c].paired})" for c in paired) + ".")
+    if by_intervals:
+        parts.append("Configs without paired records against the best (no blocks.parquet/docs.parquet, or not the "
+                     "same tokens or documents) are bold when their 95% interval overlaps the best one's: "
+                     + ", ".join(by_intervals) + ".")
+    if best_only:
+        parts.append("Without paired records or intervals only the best value is bold: " + ", ".join(best_only) + ".")
+    return " ".join(parts)
+
+
+def wins_table(frame: pd.DataFrame, acc_metric: str, evidence: PairedEvidence | None) -> Table:
+    """Config x config 'wins/ties/losses' of the row config against the column config over every main-table
+    quantity both measured on identical data (Holm over the whole matrix), plus a total column; empty without
+    any paired test."""
+    grid = main_grid(frame, acc_metric)
+    if grid is None or evidence is None or len(grid.values) < 2:
+        return Table(pd.DataFrame(), pd.DataFrame())
+    counts, n_tests = wins_ties_losses(grid.run_ids, grid.cell_specs(), grid.is_reference, evidence)
+    if n_tests == 0:
+        return Table(pd.DataFrame(), pd.DataFrame())
+    names = label_row_names(grid.values.index.to_frame(index=False))
+    n = len(names)
+    compared = counts.sum(axis=2) > 0
+    text = pd.DataFrame({"config": [f"({i + 1}) {name}" for i, name in enumerate(names)]})
+    for j in range(n):
+        text[f"({j + 1})"] = [DASH if i == j or not compared[i, j] else "/".join(map(str, counts[i, j]))
+                              for i in range(n)]
+    text["total"] = ["/".join(map(str, counts[i].sum(axis=0))) if compared[i].any() else DASH for i in range(n)]
+    bold = pd.DataFrame(False, index=text.index, columns=text.columns)
+    metric = f"accuracy ({acc_metric})"
+    note = (f"Each cell: wins/ties/losses of the row config against the column config, one per perplexity set, KLD "
+            f"set (not against fp, from which KLD is measured) and lm-eval task ({metric}) that both measured on "
+            f"identical tokens or documents; {DASH} where no such pair exists. {n_tests} tests ({PAIRED_TESTS}); a "
+            f"win or loss is a significant difference after Holm's correction over all {n_tests} tests of the "
+            f"matrix at family-wise level {ALPHA:.2g}, a tie is none. Runs without per-block/per-document records "
+            "count nothing.")
+    return Table(text, bold, note)
 
 
 def _with_label_columns(bold: pd.DataFrame, index: list[str]) -> pd.DataFrame:
