@@ -41,7 +41,11 @@ def load_run(path: Path) -> Run:
     first = rows.iloc[0]
     read = lambda name: pd.read_parquet(path / name) if (path / name).exists() else pd.DataFrame()  # noqa: E731
     label = f"{method_label(first['method'], first['bits'], first['group_size'])} ({first['run_id']})"
-    return Run(path, label, rows, read(BLOCKS_FILE), read(DOCS_FILE), json.loads(first["data_fingerprint"] or "{}"))
+    try:
+        prints = json.loads(first["data_fingerprint"] or "{}")
+    except (TypeError, ValueError):  # not a fingerprint map: nothing can be shown to be the same tokens
+        prints = {}
+    return Run(path, label, rows, read(BLOCKS_FILE), read(DOCS_FILE), prints if isinstance(prints, dict) else {})
 
 
 def _same_blocks(a: pd.DataFrame, b: pd.DataFrame) -> bool:

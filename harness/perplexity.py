@@ -85,7 +85,7 @@ def eval_windows(cfg: RunConfig, tokenizer, needs_bos: bool, cache: Path) -> tup
 def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
                 teacher: torch.Tensor | None = None, desc: str = "ppl") -> dict[str, np.ndarray]:
     """Per predicted token of every window ([n_windows, seqlen - 1] each): nll; and against the baseline (teacher:
-    its lm_head inputs [n_windows, seqlen - 1, hidden]), base_nll, kld = KL(P_baseline || Q) exactly over the
+    its lm_head inputs [n_windows, seqlen, hidden]), base_nll, kld = KL(P_baseline || Q) exactly over the
     vocabulary, same_top1 (1 where the argmax tokens agree) and dp (change in p of the true next token)."""
     out: dict[str, list] = {"nll": []}
     if teacher is not None:

@@ -23,13 +23,18 @@ from harness.results import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def window_logprobs(model: torch.nn.Module, ids: torch.Tensor, capture: list | None = None) -> torch.Tensor:
     """log-softmax of the next-token logits of one window: ids [1, L] -> [L - 1, vocab] (at least fp32). With
-    `capture`, the lm_head input of the predicting positions [L - 1, hidden] is appended to it."""
+    `capture`, the lm_head input of the window [L, hidden] is appended to it (all L rows: the same product shape
+    as the model's own, so that the logits rebuilt from it are bit-identical)."""
     handle = None
     if capture is not None:
         handle = model.get_output_embeddings().register_forward_hook(
-            lambda m, args, out: capture.append(args[0][0, :-1].detach().float().cpu()))
+            lambda m, args, out: capture.append(_at_least_fp32(args[0][0].detach()).cpu()))
     try:
         logits = model(ids, use_cache=False).logits[0, :-1]
     finally:
@@ -39,10 +44,10 @@ def window_logprobs(model: torch.nn.Module, ids: torch.Tensor, capture: list | N
 
 
 def teacher_logprobs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The baseline's log-probs [L - 1, vocab] from its stored lm_head input [L - 1, hidden], through `model`'s own
+    """The baseline's log-probs [L - 1, vocab] from its stored lm_head input [L, hidden], through `model`'s own
     (unquantized) lm_head and final logit soft-capping (Gemma 2/3)."""
     head = model.get_output_embeddings()
-    logits = head(hidden.to(head.weight.device, head.weight.dtype))
+    logits = head(hidden.to(head.weight.device, head.weight.dtype)[None])[0, :-1]
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -52,7 +57,8 @@ def teacher_logprobs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def compute_teacher(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
                     desc: str = "baseline") -> torch.Tensor:
-    """lm_head inputs of the unquantized `model` on windows [n, L] -> fp32 [n, L - 1, hidden]."""
+    """lm_head inputs of the unquantized `model` on windows [n, L] -> [n, L, hidden] (fp32, fp64 for an fp64
+    model)."""
     captured: list[torch.Tensor] = []
     for row in tqdm(windows, desc=desc, unit="window", leave=False):
         window_logprobs(model, row[None].to(device), captured)
