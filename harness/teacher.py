@@ -72,7 +72,7 @@ def teachers(model: torch.nn.Module, windows: dict[str, torch.Tensor], prints: d
     found = {}
     for name, w in windows.items():
         key = {"model_fingerprint": model_print, "tokens": prints[f"eval:{name}"], "windows": list(w.shape),
-               "first_ids": w[:, :2].tolist(), "kind": "lm_head_input"}
+               "first_ids": w[:, :2].tolist(), "kind": "lm_head_input, all window rows"}
         path = Path(cache) / "teacher" / f"{stable_hash(key, 20)}.pt"
         if path.exists():
             entry = torch.load(path, map_location="cpu", weights_only=True)
