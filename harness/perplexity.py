@@ -89,6 +89,9 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
     vocabulary, same_top1 (1 where the argmax tokens agree) and dp (change in p of the true next token)."""
     out: dict[str, list] = {"nll": []}
     if teacher is not None:
+        if tuple(teacher.shape[:2]) != tuple(windows.shape):
+            raise ValueError(f"{desc}: the baseline holds {tuple(teacher.shape[:2])} window positions, the eval has "
+                             f"{tuple(windows.shape)}; the baseline cache does not belong to these windows")
         out.update(base_nll=[], kld=[], same_top1=[], dp=[])
     for i, row in enumerate(tqdm(windows, desc=desc, unit="window", leave=False)):
         ids = row[None].to(device)
