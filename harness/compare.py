@@ -4,7 +4,7 @@
     python -m harness.compare results/ [--level 0.9] # every pair of runs under a directory (a sweep)
 
 Per eval set both runs measured on identical tokens (same token fingerprint, same blocks): ppl A and B, Δppl and
-the ratio A/B with a paired block-bootstrap interval, ΔKLD with its paired interval, each with a paired t-test
+the ratio A/B with a paired interval over token blocks, ΔKLD with its paired interval, each with a paired t-test
 over blocks; per lm-eval task both ran on the same documents: Δaccuracy with McNemar's exact test. A verdict per
 cell: "A better", "B better" or "no significant difference", after Holm's correction over every test in the
 printed table. Sets or tasks that were not measured on identical data are refused, with the reason.
@@ -138,7 +138,7 @@ def render(table: pd.DataFrame, level: float) -> str:
         lines.append("")
     n = len(table)
     lines.append(f"{n} tests; verdicts after Holm's correction over all {n} at family-wise level {1 - level:.2g}. "
-                 "Intervals: ppl ratio and ΔKLD per token by paired block bootstrap (BCa); p: paired t-test over "
+                 "Intervals: ppl ratio and ΔKLD per token, Student-t over paired 256-token blocks; p: paired t-test over "
                  "blocks (ppl, KLD), McNemar's exact test (accuracy).")
     return "\n".join(lines)
 

@@ -127,7 +127,7 @@ class EvalConfig:
     """What to evaluate. Perplexity on each set in `ppl_sets` (GPTQ/AWQ protocol: non-overlapping
     windows of `seqlen`, the first `max_windows` of them, None = all), with KL divergence against the
     unquantized model when `kld`; lm-eval tasks when `lm_eval` is set; prefill/decode timing when `timing`
-    is set. Intervals come from a block bootstrap over blocks of `ci_block` tokens."""
+    is set. Intervals treat blocks of `ci_block` consecutive tokens as the independent units."""
 
     ppl_sets: list[str] = field(default_factory=lambda: ["wiki", "code", "prose"])
     seqlen: int = 2048
@@ -135,7 +135,7 @@ class EvalConfig:
     lm_eval: Optional[LMEvalConfig] = None
     timing: Optional[TimingConfig] = None
     kld: bool = True  # KL divergence and top-1 agreement against the unquantized model on every ppl window
-    ci_block: int = 256  # tokens per resampling block of the block bootstrap behind every ppl/KLD interval
+    ci_block: int = 256  # tokens per block: the independent units behind every ppl/KLD interval
 
     def __post_init__(self) -> None:
         _require(self.seqlen > 1, "eval.seqlen", self.seqlen, "an integer > 1")

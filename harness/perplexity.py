@@ -134,7 +134,7 @@ def _row(name: str, metric: str, est: stats.Estimate | float, n: int | None = No
 
 
 def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, windows: int, wall_s: float) -> list[dict]:
-    """The rows of one eval set: ppl with its block-bootstrap interval; with a baseline, the ratio to the baseline's
+    """The rows of one eval set: ppl with its interval over blocks; with a baseline, the ratio to the baseline's
     ppl (paired interval), mean KLD and top-1 agreement and Δp with intervals, KLD percentiles."""
     tokens = records.tokens.to_numpy()
     n = int(tokens.sum())

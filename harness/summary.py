@@ -63,7 +63,7 @@ def versus_baseline(frame: pd.DataFrame) -> str:
         lines.append({"set": task, "ppl": cell("ppl"), "baseline ppl": cell("base_ppl"),
                       "ratio": cell("ppl_ratio_vs_base", ".4f"), "KLD": cell("kld", ".4f"),
                       "top-1 agree": cell("top1_agree", ".3f")})
-    return ("vs the unquantized model on the same tokens (95% block-bootstrap intervals):\n" +
+    return ("vs the unquantized model on the same tokens (95% intervals over blocks of tokens):\n" +
             pd.DataFrame(lines).to_string(index=False))
 
 
