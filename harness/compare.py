@@ -138,7 +138,7 @@ def render(table: pd.DataFrame, level: float) -> str:
         lines.append("")
     n = len(table)
     lines.append(f"{n} tests; verdicts after Holm's correction over all {n} at family-wise level {1 - level:.2g}. "
-                 "Intervals: ppl ratio and ΔKLD per token, Student-t over paired 256-token blocks; p: paired t-test over "
+                 "Intervals: ppl ratio and ΔKLD per token, Student-t over paired token blocks; p: paired t-test over "
                  "blocks (ppl, KLD), McNemar's exact test (accuracy).")
     return "\n".join(lines)
 
