@@ -133,7 +133,8 @@ def _row(name: str, metric: str, est: stats.Estimate | float, n: int | None = No
     return {"suite": "ppl", "task": name, "metric": metric, **est.columns(), "n": n, "detail": json.dumps(detail)}
 
 
-def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, windows: int, wall_s: float) -> list[dict]:
+def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, windows: int,
+             wall_s: float) -> list[dict]:
     """The rows of one eval set: ppl with its interval over blocks; with a baseline, the ratio to the baseline's
     ppl (paired interval), mean KLD and top-1 agreement and Δp with intervals, KLD percentiles."""
     tokens = records.tokens.to_numpy()

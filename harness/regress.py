@@ -203,7 +203,8 @@ def _skip_reason(rule: Rule, skip_timing: bool, dev_b, dev_c) -> str | None:
 
 
 def compare(baseline: pd.DataFrame, current: pd.DataFrame, tolerances: dict[str, Rule] | None = None,
-            allow_improvements: bool = False, skip_timing: bool = False, noise_level: float | None = None) -> pd.DataFrame:
+            allow_improvements: bool = False, skip_timing: bool = False,
+            noise_level: float | None = None) -> pd.DataFrame:
     """One row per key of either side: ROW_KEYS, baseline, current, delta, tolerance, status, note.
 
     noise_level (e.g. 0.95): the interval-aware mode, for results from different machines or thread counts. A

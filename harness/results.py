@@ -35,7 +35,8 @@ DONE_FILE = "DONE"  # written last: a run directory without it is unfinished
 
 _DTYPES = {
     "bits": "Int64", "group_size": "Int64", "calib_samples": "Int64", "calib_seqlen": "Int64", "seed": "Int64",
-    "n": "Int64", "value": "float64", "stderr": "float64", "ci_low": "float64", "ci_high": "float64", "wall_s": "float64", "peak_mem_mb": "float64",
+    "n": "Int64", "value": "float64", "stderr": "float64", "ci_low": "float64", "ci_high": "float64",
+    "wall_s": "float64", "peak_mem_mb": "float64",
     "symmetric": "boolean",
 }
 
