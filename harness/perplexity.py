@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import stats
@@ -44,27 +43,6 @@ PACKED_PPL_RTOL = 0.01
 
 class DisagreementError(RuntimeError):
     """A number computed through packed layers disagrees with the fake-quantized reference path."""
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl") -> dict:
-    """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s,
-    window_nll (mean NLL of each window)}."""
-    start = time.perf_counter()
-    nll_sum, n_predicted, window_nll = 0.0, 0, []
-    for row in tqdm(windows, desc=desc, unit="window", leave=False):
-        ids = row[None].to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32; float64 stays
-        window_sum = F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        nll_sum += window_sum
-        n_predicted += ids.shape[1] - 1
-        window_nll.append(window_sum / (ids.shape[1] - 1))
-    mean_nll = nll_sum / n_predicted
-    if not math.isfinite(mean_nll):
-        raise FloatingPointError(f"{desc}: non-finite mean NLL ({mean_nll}); the model produced NaN/Inf logits")
-    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": n_predicted, "windows": int(windows.shape[0]),
-            "wall_s": time.perf_counter() - start, "window_nll": window_nll}
 
 
 def eval_windows(cfg: RunConfig, tokenizer, needs_bos: bool, cache: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -110,6 +88,16 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
     if not np.isfinite(stats_["nll"]).all():
         raise FloatingPointError(f"{desc}: non-finite NLL; the model produced NaN/Inf logits")
     return stats_
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl") -> dict:
+    """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s,
+    window_nll (mean NLL of each window)} (token_stats without a baseline, aggregated)."""
+    start = time.perf_counter()
+    nll = token_stats(model, windows, device, desc=desc)["nll"]
+    mean_nll = float(nll.sum() / nll.size)
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": int(nll.size), "windows": int(windows.shape[0]),
+            "wall_s": time.perf_counter() - start, "window_nll": nll.mean(axis=1).tolist()}
 
 
 def block_records(name: str, per_token: dict[str, np.ndarray], block: int) -> pd.DataFrame:
