@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import stats
@@ -81,7 +82,8 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
             lp = teacher_logprobs(model, teacher[i])
             lp_target = lp.gather(-1, target)[:, 0]
             out["base_nll"].append((-lp_target).double().cpu())
-            out["kld"].append((lp.exp() * (lp - lq)).sum(-1).double().cpu())
+            # one fused pass: exp(lp) * (lp - lq), summed over the vocabulary
+            out["kld"].append(F.kl_div(lq, lp, reduction="none", log_target=True).sum(-1).double().cpu())
             out["same_top1"].append((lq.argmax(-1) == lp.argmax(-1)).double().cpu())
             out["dp"].append((lq_target.exp() - lp_target.exp()).double().cpu())
     stats_ = {k: torch.stack(v).numpy() for k, v in out.items()}
