@@ -53,7 +53,9 @@ def main() -> None:
     print(f"baseline, cold cache (one unquantized forward per window): {cold:.2f} s")
     for k, v in med.items():
         print(f"{k:10s} {v:7.2f} s   (runs: {', '.join(f'{x:.2f}' for x in times[k])})")
-    print(f"ratio (ppl + KLD) / ppl only: {med['ppl + KLD'] / med['ppl only']:.3f}")
+    paired = [b / a for a, b in zip(times["ppl only"], times["ppl + KLD"])]
+    print(f"ratio (ppl + KLD) / ppl only: {med['ppl + KLD'] / med['ppl only']:.3f} (of the medians); per repeat "
+          f"{', '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}")
     print(f"cache size: {per_million:.2f} GiB per million predicted tokens (hidden {teacher.shape[-1]} x fp32)")
 
 

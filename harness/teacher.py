@@ -4,7 +4,8 @@ eval tokens, and cached.
 What is kept is the input of the output layer (lm_head) at every predicted position. Every method leaves lm_head,
 the final norm and the embeddings untouched, so at evaluation the quantized model's own lm_head turns it back into
 the baseline's exact logits: the KLD is exact, and `method=fp` gets KLD 0 exactly. It costs hidden_size x 4 bytes
-per token (2.3 GB per million tokens for SmolLM2-135M, hidden 576) and one extra lm_head product per window.
+per token (2.3 GB per million tokens for SmolLM2-135M, hidden 576) and one extra lm_head product per window,
+computed a chunk of positions at a time (structure/head.py).
 Keeping top-k log-probs plus a tail bucket instead was measured and rejected: on SmolLM2 the bucketed KLD is 16%
 below the exact one at k = 32 and still 1.9% below at k = 1024 (benchmarks/kld_topk_error.py, docs/statistics.md).
 """
@@ -19,39 +20,16 @@ from tqdm.auto import tqdm
 
 from harness.identity import stable_hash
 from harness.results import atomic_write_bytes
+from structure.head import at_least_fp32, lm_head_input
 
 log = logging.getLogger(__name__)
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def window_logprobs(model: torch.nn.Module, ids: torch.Tensor, capture: list | None = None) -> torch.Tensor:
-    """log-softmax of the next-token logits of one window: ids [1, L] -> [L - 1, vocab] (at least fp32). With
-    `capture`, the lm_head input of the window [L, hidden] is appended to it (all L rows: the same product shape
-    as the model's own, so that the logits rebuilt from it are bit-identical)."""
-    handle = None
-    if capture is not None:
-        handle = model.get_output_embeddings().register_forward_hook(
-            lambda m, args, out: capture.append(_at_least_fp32(args[0][0].detach()).cpu()))
-    try:
-        logits = model(ids, use_cache=False).logits[0, :-1]
-    finally:
-        if handle is not None:
-            handle.remove()
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-def teacher_logprobs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The baseline's log-probs [L - 1, vocab] from its stored lm_head input [L, hidden], through `model`'s own
-    (unquantized) lm_head and final logit soft-capping (Gemma 2/3)."""
-    head = model.get_output_embeddings()
-    logits = head(hidden.to(head.weight.device, head.weight.dtype)[None])[0, :-1]
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+def window_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the full next-token logits of one window through the model's own forward: ids [1, L] ->
+    [L - 1, vocab] (at least fp32). The reference the chunked evaluator is tested against."""
+    logits = model(ids, use_cache=False).logits[0, :-1]
+    return torch.log_softmax(at_least_fp32(logits), dim=-1)
 
 
 @torch.no_grad()
@@ -59,10 +37,8 @@ def compute_teacher(model: torch.nn.Module, windows: torch.Tensor, device: torch
                     desc: str = "baseline") -> torch.Tensor:
     """lm_head inputs of the unquantized `model` on windows [n, L] -> [n, L, hidden] (fp32, fp64 for an fp64
     model)."""
-    captured: list[torch.Tensor] = []
-    for row in tqdm(windows, desc=desc, unit="window", leave=False):
-        window_logprobs(model, row[None].to(device), captured)
-    return torch.stack(captured)
+    return torch.stack([lm_head_input(model, row[None].to(device)).cpu()
+                        for row in tqdm(windows, desc=desc, unit="window", leave=False)])
 
 
 def teachers(model: torch.nn.Module, windows: dict[str, torch.Tensor], prints: dict[str, str], model_print: str,
