@@ -19,6 +19,7 @@ from core.quant import RANGE_RULES, qparams
 from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
 from structure.blockwise import BlockContext, iterate_blocks
+from structure.streaming import residency_of
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ class GPTQ(Method):
         cfg = self.config
         if calib is None or calib.numel() == 0:
             raise ValueError("method=gptq needs calibration data; got none (calib is empty)")
-        artifacts: dict[str, QuantizedWeights] = {}
+        artifacts = residency_of(model).artifact_store()  # a dict; files on disk for a streamed model
         layer_stats: dict[str, dict] = {}
         for ctx in iterate_blocks(model, layout, calib, device, desc="gptq", batch_size=cfg.batch_size):
             linears = layout.block_linears(ctx.block)

@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from core.quant import RANGE_RULES, quantize_weight
 from methods.base import Method, QuantizationResult, register_method
+from structure.streaming import residency_of
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class RTN(Method):
     needs_calibration = False
 
     def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
-        linears = layout.quantizable_linears(model)
-        return QuantizationResult({name: quantize_weight(lin.weight.data.to(device), spec, self.config.range_rule).to("cpu")
-                for name, lin in tqdm(linears.items(), desc="rtn", unit="layer", leave=False)})
+        residency = residency_of(model)
+        artifacts = residency.artifact_store()
+        for i in tqdm(range(len(layout.blocks(model))), desc="rtn", unit="block", leave=False):
+            with residency.block(model, layout, i, writeback=False) as block:
+                for name, lin in layout.block_linears(block).items():
+                    artifacts[f"{layout.block_prefix(i)}.{name}"] = quantize_weight(
+                        lin.weight.data.to(device), spec, self.config.range_rule).to("cpu")
+        return QuantizationResult(artifacts)

@@ -1,7 +1,8 @@
 """Block-by-block driver shared by the calibration-based methods (GPTQ, AWQ).
 
 Captures the inputs (and keyword arguments: position embeddings, masks) of decoder block 0 on the
-calibration tokens, then hands the methods one block at a time. Only one block's activations are held
+calibration tokens, then hands the methods one block at a time, materialized by the model's residency
+(structure/streaming.py: a no-op for an ordinary model, one block from the checkpoint for a streamed one). Only one block's activations are held
 at once, so calibration memory does not grow with depth. The method decides what feeds the next
 block: GPTQ passes the output of the already quantized block, AWQ the full-precision output.
 """
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from structure.architectures import ModelLayout, get_submodule
+from structure.streaming import residency_of
 
 
 class _StopForward(Exception):
@@ -32,6 +34,52 @@ def _clean_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
+@contextmanager
+def blocks_replaced(blocks: nn.ModuleList, forward_of: Callable[[int], Callable]):
+    """While active, block i runs forward_of(i) instead of its own forward (the model's own code still builds the
+    masks and position embeddings it passes, and hooks still fire)."""
+    saved = [b.__dict__.get("forward") for b in blocks]
+    for i, b in enumerate(blocks):
+        b.forward = forward_of(i)
+    try:
+        yield
+    finally:
+        for b, old in zip(blocks, saved):
+            if old is None:
+                del b.forward
+            else:
+                b.forward = old
+
+
+def record_block_calls(blocks: nn.ModuleList, block_kwargs: list[dict], on_input: Callable | None = None):
+    """blocks_replaced by recorders: block i stores its keyword arguments (the first time) in block_kwargs[i] and
+    passes its input through unchanged; block 0 hands its input to on_input; the last block stops the forward.
+    No block's weights are needed, so a streamed model only needs what lies before the blocks."""
+
+    def forward_of(index):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not block_kwargs[index]:
+                block_kwargs[index] = _clean_kwargs(kwargs)
+            if index == 0 and on_input is not None:
+                on_input(hidden.detach())
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+        return forward
+
+    return blocks_replaced(blocks, forward_of)
+
+
+def run_until_blocks_end(model: nn.Module, ids: torch.Tensor) -> None:
+    """Run the model on ids while record_block_calls is active; the last block's recorder ends the forward."""
+    try:
+        model(ids, use_cache=False)
+    except _StopForward:
+        return
+    raise RuntimeError(f"{type(model).__name__}: the forward did not reach its last decoder block")
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, layout: ModelLayout, calib: torch.Tensor,
                          device: torch.device) -> tuple[torch.Tensor, list[dict]]:
@@ -46,33 +94,10 @@ def capture_block_inputs(model: nn.Module, layout: ModelLayout, calib: torch.Ten
     blocks = layout.blocks(model)
     captured: list[torch.Tensor] = []
     block_kwargs: list[dict] = [{} for _ in blocks]
-
-    def record_kwargs(index):
-        def hook(module, args, kwargs):
-            if not block_kwargs[index]:
-                block_kwargs[index] = _clean_kwargs(kwargs)
-        return hook
-
-    def stop_at_block0(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-        raise _StopForward
-
-    # One full pass records each block's kwargs; every sample then stops at block 0.
-    handles = [b.register_forward_pre_hook(record_kwargs(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        model(calib[:1].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    handle = blocks[0].register_forward_pre_hook(stop_at_block0, with_kwargs=True)
-    try:
+    with residency_of(model).outside_blocks(model, layout, head=False), \
+            record_block_calls(blocks, block_kwargs, captured.append):
         for row in calib:
-            try:
-                model(row[None].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+            run_until_blocks_end(model, row[None].to(device))
     inputs = torch.cat(captured)
     if not torch.isfinite(inputs).all():
         raise ValueError("non-finite (NaN/Inf) activations at the input of block 0: check the model weights and dtype")
@@ -119,12 +144,13 @@ def iterate_blocks(model: nn.Module, layout: ModelLayout, calib: torch.Tensor, d
                    desc: str = "blocks", batch_size: int = 1) -> Iterator[BlockContext]:
     """Yield a BlockContext per decoder block; the method must set `ctx.next_inputs` before the next one."""
     inputs, block_kwargs = capture_block_inputs(model, layout, calib, device)
-    blocks = layout.blocks(model)
-    for i in tqdm(range(len(blocks)), desc=desc, unit="block"):
-        ctx = BlockContext(i, blocks[i], layout.block_prefix(i), inputs, block_kwargs[i], batch_size)
-        yield ctx
-        if ctx.next_inputs is None:
-            raise RuntimeError(f"{desc}: block {i} did not set next_inputs")
-        if not torch.isfinite(ctx.next_inputs).all():
-            raise ValueError(f"{desc}: non-finite (NaN/Inf) activations after block {ctx.prefix}")
+    residency = residency_of(model)
+    for i in tqdm(range(len(layout.blocks(model))), desc=desc, unit="block"):
+        with residency.block(model, layout, i) as block:  # a streamed model's block lives only in here
+            ctx = BlockContext(i, block, layout.block_prefix(i), inputs, block_kwargs[i], batch_size)
+            yield ctx
+            if ctx.next_inputs is None:
+                raise RuntimeError(f"{desc}: block {i} did not set next_inputs")
+            if not torch.isfinite(ctx.next_inputs).all():
+                raise ValueError(f"{desc}: non-finite (NaN/Inf) activations after block {ctx.prefix}")
         inputs = ctx.next_inputs

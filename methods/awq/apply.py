@@ -10,6 +10,7 @@ from torch import nn
 from methods.awq.maths import clip_weight, fold_scale_into_norm
 from methods.awq.state import AWQSearch, GroupScale
 from structure.architectures import ModelLayout, get_submodule
+from structure.streaming import residency_of
 
 
 @torch.no_grad()
@@ -43,12 +44,20 @@ def apply_clips(block: nn.Module, clips: dict[str, torch.Tensor], group_size: Op
         lin.weight.data = clip_weight(lin.weight.data, max_val.to(lin.weight.device), group_size)
 
 
-def apply_search(model: nn.Module, layout: ModelLayout, search: AWQSearch) -> None:
-    """Re-apply a saved search (scales, then clips) to every block of `model`, in place."""
-    for prefix, b in search.blocks.items():
-        block = model.get_submodule(prefix)
-        apply_scales(block, b.scales, layout.spec.norm_weight_offset)
-        apply_clips(block, b.clips, search.group_size)
+def apply_search(model: nn.Module, layout: ModelLayout, search: AWQSearch, on_block=None) -> None:
+    """Re-apply a saved search (scales, then clips) to every block of `model`, in place, one block at a time
+    (materialized by the model's residency); `on_block(block, prefix)` runs on each block after."""
+    residency = residency_of(model)
+    for i in range(len(layout.blocks(model))):
+        prefix = layout.block_prefix(i)
+        if prefix not in search.blocks:
+            continue
+        with residency.block(model, layout, i) as block:
+            b = search.blocks[prefix]
+            apply_scales(block, b.scales, layout.spec.norm_weight_offset)
+            apply_clips(block, b.clips, search.group_size)
+            if on_block is not None:
+                on_block(block, prefix)
 
 
 def folded_names(block: nn.Module, scales: list[GroupScale]) -> list[str]:
@@ -66,9 +75,8 @@ def folded_names(block: nn.Module, scales: list[GroupScale]) -> list[str]:
 
 def folded_tensors(model: nn.Module, search: AWQSearch) -> dict[str, torch.Tensor]:
     """{state_dict key: CPU copy} of every tensor a (searched or re-applied) AWQ search folded its scales into."""
-    found = {}
+    residency, found = residency_of(model), {}
     for prefix, b in search.blocks.items():
-        block = model.get_submodule(prefix)
-        for name in folded_names(block, b.scales):
-            found[f"{prefix}.{name}"] = block.get_parameter(name).detach().cpu().clone()
+        for name in folded_names(model.get_submodule(prefix), b.scales):  # names only: a meta block answers too
+            found[f"{prefix}.{name}"] = residency.read(model, f"{prefix}.{name}").clone()
     return found

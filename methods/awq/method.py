@@ -10,13 +10,13 @@ The searched scales and clips form an `AWQSearch`, which can be saved and re-app
 """
 from __future__ import annotations
 
-from core.quant import quantize_weight
 from methods.awq.apply import apply_search, folded_tensors
 from methods.awq.config import AWQConfig, AWQGPTQConfig
 from methods.awq.search import quantize_block, run_awq_search
 from methods.awq.state import SEARCH_FILE, AWQSearch
 from methods.base import Method, QuantizationResult, register_method
 from methods.gptq import GPTQ
+from structure.streaming import residency_of
 
 
 @register_method("awq", AWQConfig)
@@ -27,13 +27,12 @@ class AWQ(Method):
     needs_calibration = True
 
     def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
+        artifacts = residency_of(model).artifact_store()  # a dict; files on disk for a streamed model
         if self.config.load_search is not None:
-            search = load_search(self.config.load_search, model, layout, spec)
-            artifacts = {name: quantize_weight(lin.weight.data.to(device), spec, "minmax").to("cpu")
-                         for name, lin in layout.quantizable_linears(model).items()}
+            search = load_search(self.config.load_search, model, layout, spec,
+                                 on_block=lambda block, prefix: artifacts.update(
+                                     quantize_block(block, prefix, layout, spec, device)))
         else:
-            artifacts = {}
-
             def finish(ctx, features):
                 artifacts.update(quantize_block(ctx.block, ctx.prefix, layout, spec))
 
@@ -61,9 +60,10 @@ class AWQGPTQ(Method):
                                   extras={SEARCH_FILE: search.to_state()})
 
 
-def load_search(path: str, model, layout, spec) -> AWQSearch:
-    """Read a saved search, check that it fits this model and spec, and apply it in place."""
+def load_search(path: str, model, layout, spec, on_block=None) -> AWQSearch:
+    """Read a saved search, check that it fits this model and spec, and apply it in place, block by block;
+    `on_block(block, prefix)` runs on each block after."""
     search = AWQSearch.load(path)
     search.check_matches(model, layout, spec)
-    apply_search(model, layout, search)
+    apply_search(model, layout, search, on_block)
     return search

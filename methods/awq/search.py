@@ -126,9 +126,10 @@ def search_block(ctx: BlockContext, layout: ModelLayout, spec: QuantSpec, config
     return result
 
 
-def quantize_block(block: nn.Module, prefix: str, layout: ModelLayout, spec: QuantSpec) -> dict[str, QuantizedWeights]:
+def quantize_block(block: nn.Module, prefix: str, layout: ModelLayout, spec: QuantSpec,
+                   device: torch.device | None = None) -> dict[str, QuantizedWeights]:
     """AWQ min/max quantization of every linear of a (scaled, clipped) block -> {full name: artifact on CPU}."""
-    return {f"{prefix}.{name}": quantize_weight(lin.weight.data, spec, "minmax").to("cpu")
+    return {f"{prefix}.{name}": quantize_weight(lin.weight.data.to(device), spec, "minmax").to("cpu")
             for name, lin in layout.block_linears(block).items()}
 
 

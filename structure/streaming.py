@@ -1,0 +1,309 @@
+"""Where a model's weights live while methods and evaluators walk it, and streaming them from the checkpoint.
+
+Methods and evaluators never assume the whole model is in memory. They ask the model's `Residency` for one
+decoder block (or the parts outside the blocks) at a time:
+
+- `Resident`: the ordinary model, every weight in memory; asking costs nothing.
+- `Streamed`: a skeleton on the meta device (accelerate's `init_empty_weights`). Asking for a block materializes
+  its tensors on the compute device, read one by one from the safetensors shards (`safe_open`; the index file says
+  which shard holds which tensor), or from the run's overlay where an earlier pass changed them. Leaving the block
+  writes what the pass changed to the overlay (a safetensors file per block on disk) and returns the block to the
+  meta device. Peak memory is one block plus activations, whatever the depth.
+
+Quantization results leave a streamed model the same way: `artifact_store` gives a mapping that keeps each
+artifact on disk (`ArtifactStore`), so the artifacts of a deep model never sit in memory together.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from structure.architectures import ModelLayout
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint that cannot be streamed (not in safetensors form)."""
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory in safetensors form, read tensor by tensor, never a shard at once."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.directory / shard for name, shard in weight_map.items()}
+        elif (self.directory / SAFETENSORS_SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(self.directory / SAFETENSORS_SINGLE, "pt") as f:
+                self.files = {name: self.directory / SAFETENSORS_SINGLE for name in f.keys()}  # noqa: SIM118 (not a dict)
+        else:
+            found = sorted(p.name for p in self.directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+            raise CheckpointFormatError(
+                f"{self.directory} holds no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} (found {found or 'nothing'}):"
+                " streaming reads safetensors shards tensor by tensor; convert the checkpoint once with "
+                "from_pretrained(...).save_pretrained(dir, safe_serialization=True), or set model.streaming=false")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data on disk (the shards' sizes)."""
+        return sum(os.path.getsize(f) for f in set(self.files.values()))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """{name: CPU tensor}, each shard opened once per call and closed after, so no mapping outlives the read."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(path, "pt", device="cpu") as f:
+                for name in group:
+                    out[name] = f.get_tensor(name).clone()  # own memory: independent of the file mapping
+        return out
+
+
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The model of `config` with every parameter on the meta device (no memory); buffers computed at
+    construction (rotary frequencies, embedding scales) stay real, on the CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied parameters (lm_head = embeddings) are one object, as from_pretrained leaves them
+    return model.eval()
+
+
+class Residency:
+    """Access to a model's weights one piece at a time (see the module docstring)."""
+
+    streamed = False
+
+    @contextmanager
+    def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True) -> Iterator[nn.Module]:
+        yield layout.blocks(model)[index]
+
+    @contextmanager
+    def outside_blocks(self, model: nn.Module, layout: ModelLayout, head: bool = True) -> Iterator[None]:
+        """Everything outside the decoder blocks (embeddings, final norm; lm_head unless head=False)."""
+        yield
+
+    def read(self, model: nn.Module, name: str) -> torch.Tensor:
+        """The current value of one parameter (state_dict name), on the CPU."""
+        return model.get_parameter(name).detach().cpu()
+
+    def artifact_store(self) -> MutableMapping:
+        """Where a method puts its artifacts: a dict in memory (Streamed: files on disk)."""
+        return {}
+
+
+RESIDENT = Residency()
+
+
+def residency_of(model: nn.Module) -> Residency:
+    return getattr(model, "_weights_residency", RESIDENT)
+
+
+class ArtifactStore(MutableMapping):
+    """{linear name: artifact}, each artifact in its own file under `directory`; only the names stay in memory."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._names = sorted(p.stem for p in self.directory.glob("*.pt"))
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.pt"
+
+    def __setitem__(self, name: str, artifact) -> None:
+        tmp = self._path(name).with_suffix(".tmp")
+        torch.save(artifact, tmp)
+        os.replace(tmp, self._path(name))
+        if name not in self._names:
+            self._names.append(name)
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        return torch.load(self._path(name), map_location="cpu", weights_only=False)  # our own file
+
+    def __delitem__(self, name: str) -> None:
+        self._path(name).unlink()
+        self._names.remove(name)
+
+    def __iter__(self):
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class Streamed(Residency):
+    """A meta-device skeleton whose tensors come from `checkpoint`, overlaid by what earlier passes changed
+    (kept in `scratch`, a directory this object owns) and by `overlay` (tensors given in memory, e.g. what a
+    cached quantization folded into norms)."""
+
+    streamed = True
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, scratch: str | Path,
+                 overlay: dict[str, torch.Tensor] | None = None) -> None:
+        self.checkpoint, self.device = checkpoint, torch.device(device)
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.overlay = dict(overlay or {})
+        self._written: dict[str, Path] = {}  # name -> scratch file holding its latest value
+        self._aliases: dict[str, str] = {}
+        self._files = 0
+
+    # which stored tensor a parameter reads: tied parameters (lm_head = embeddings) share one checkpoint entry
+    def attach(self, model: nn.Module) -> nn.Module:
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        for names in groups.values():
+            stored = [n for n in names if n in self.checkpoint]
+            for n in names:
+                self._aliases[n] = stored[0] if stored else n
+        missing = sorted(n for n, a in self._aliases.items() if a not in self.checkpoint)
+        if missing:
+            raise CheckpointFormatError(f"{self.checkpoint.directory}: the checkpoint lacks {len(missing)} tensors "
+                                        f"of the model (e.g. {missing[:3]})")
+        for module in model.modules():  # buffers are computed at construction: move them once
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.device)
+        model._weights_residency = self
+        return model
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Current values (CPU) of parameters by state_dict name: overlay, then scratch, then checkpoint."""
+        out, from_scratch, from_checkpoint = {}, {}, []
+        for n in names:
+            if n in self.overlay:
+                out[n] = self.overlay[n]
+            elif n in self._written:
+                from_scratch.setdefault(self._written[n], []).append(n)
+            else:
+                from_checkpoint.append(n)
+        if from_scratch:
+            from safetensors import safe_open
+
+            for path, group in from_scratch.items():
+                with safe_open(path, "pt", device="cpu") as f:
+                    out.update({n: f.get_tensor(n).clone() for n in group})
+        if from_checkpoint:
+            stored = self.checkpoint.read(sorted({self._aliases.get(n, n) for n in from_checkpoint}))
+            out.update({n: stored[self._aliases.get(n, n)] for n in from_checkpoint})
+        return out
+
+    def read(self, model: nn.Module, name: str) -> torch.Tensor:
+        return self.read_many([name])[name]
+
+    def _onload(self, modules: list[tuple[str, nn.Module]], recurse: bool = True) -> dict[str, torch.Tensor]:
+        """Materialize the (prefix, module) pairs' parameters on the device, read in one go (so tied parameters
+        share one tensor); returns the values read (CPU, in the model's dtype, as from_pretrained casts them)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        params = {(prefix, module, n): p for prefix, module in modules
+                  for n, p in module.named_parameters(recurse=recurse)}
+        values = self.read_many([prefix + n for prefix, _, n in params])
+        for (prefix, module, n), p in params.items():
+            value = values[prefix + n]
+            if value.is_floating_point():
+                value = values[prefix + n] = value.to(p.dtype)
+            set_module_tensor_to_device(module, n, self.device, value=value)
+        return values
+
+    @staticmethod
+    def _release(module: nn.Module, recurse: bool = True) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n, _ in list(module.named_parameters(recurse=recurse)):
+            set_module_tensor_to_device(module, n, "meta")
+
+    @contextmanager
+    def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True) -> Iterator[nn.Module]:
+        module, prefix = layout.blocks(model)[index], f"{layout.block_prefix(index)}."
+        loaded = self._onload([(prefix, module)])
+        try:
+            yield module
+            if writeback:
+                self._write_changes(prefix, module, loaded)
+        finally:
+            self._release(module)
+
+    def _write_changes(self, prefix: str, module: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
+        """Persist the tensors this pass changed (AWQ's scaled weights and folded norms, GPTQ's quantized weights),
+        so that the next pass over the block and the evaluation see them."""
+        from safetensors.torch import save_file
+
+        changed = {}
+        for n, p in module.named_parameters():
+            now = p.detach()
+            if not torch.equal(now.cpu(), loaded[prefix + n]):
+                changed[prefix + n] = now.cpu().contiguous()
+        if changed:
+            self._files += 1
+            path = self.scratch / f"{prefix}{self._files}.safetensors"
+            save_file(changed, str(path))
+            self._written.update({n: path for n in changed})
+
+    @contextmanager
+    def outside_blocks(self, model: nn.Module, layout: ModelLayout, head: bool = True) -> Iterator[None]:
+        head_module = model.get_output_embeddings()
+        modules = [(name, m) for name, m in model.named_modules()
+                   if not (name + ".").startswith(layout.spec.blocks + ".")
+                   and any(True for _ in m.parameters(recurse=False)) and (head or m is not head_module)]
+        try:
+            self._onload([(f"{name}." if name else "", m) for name, m in modules], recurse=False)
+            yield
+        finally:
+            for _, m in modules:
+                self._release(m, recurse=False)
+
+    def artifact_store(self) -> MutableMapping:
+        return ArtifactStore(self.scratch / "artifacts")
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def load_streamed(directory: str | Path, dtype: torch.dtype, device: torch.device, scratch: str | Path,
+                  overlay: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A meta-device model of the checkpoint in `directory`, streamed through a `Streamed` residency."""
+    from transformers import AutoConfig
+
+    checkpoint = Checkpoint(directory)
+    model = skeleton(AutoConfig.from_pretrained(directory), dtype)
+    return Streamed(checkpoint, device, scratch, overlay).attach(model)
+
+
+def checkpoint_fits(directory: str | Path, device: torch.device, fraction: float = 0.6) -> tuple[bool, int, int]:
+    """(fits, checkpoint bytes, available bytes): whether the checkpoint takes less than `fraction` of the memory
+    available on `device` (host RAM for the CPU, free GPU memory for CUDA)."""
+    size = Checkpoint(directory).nbytes()
+    if torch.device(device).type == "cuda":
+        available = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    return size < fraction * available, size, available
