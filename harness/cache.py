@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ import torch
 from harness.identity import stable_hash
 from harness.results import atomic_write_bytes
 from methods.base import QuantizationResult
+from structure.streaming import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
 # The code that determines a quantized model: any edit here invalidates every cache entry.
@@ -37,18 +41,48 @@ def entry_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / "quantized" / f"{stable_hash(key, 20)}.pt"
 
 
-def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save({"key": key, "artifacts": result.artifacts, "modified": result.modified, "stats": result.stats,
-                "extras": result.extras, "meta": meta}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+def _directory_of(path: Path) -> Path:
+    """Where the entry of a streamed run lives: a directory with one file per artifact beside `<hash>.pt`."""
+    return path.with_suffix(".d")
+
+
+def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) -> QuantizationResult:
+    """Write the entry atomically; returns the result as stored (artifacts on disk move into the entry).
+
+    Artifacts held in memory go into one file. Artifacts a streamed run kept on disk (an ArtifactStore) move into
+    a directory entry, so that no step ever holds them all in memory."""
+    body = {"key": key, "modified": result.modified, "stats": result.stats, "extras": result.extras, "meta": meta}
+    if not isinstance(result.artifacts, ArtifactStore):
+        buffer = io.BytesIO()
+        torch.save({**body, "artifacts": result.artifacts}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        return result
+    target = _directory_of(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{target.name}-"))
+    try:
+        shutil.move(str(result.artifacts.directory), tmp / "artifacts")  # a rename: the scratch is in the cache
+        torch.save({**body, "artifacts": "artifacts/"}, tmp / "entry.pt")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return QuantizationResult(ArtifactStore(target / "artifacts"), result.modified, result.stats, result.extras)
 
 
 def load_entry(path: Path, key: dict) -> tuple[QuantizationResult, dict] | None:
-    """(result, meta) if a valid entry for exactly `key` exists, else None."""
-    if not path.exists():
+    """(result, meta) if a valid entry for exactly `key` exists (one file, or a streamed run's directory), else
+    None."""
+    directory = _directory_of(path)
+    if path.exists():
+        entry = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_entry
+    elif (directory / "entry.pt").exists():
+        entry = torch.load(directory / "entry.pt", map_location="cpu", weights_only=False)
+        entry["artifacts"] = ArtifactStore(directory / "artifacts")
+    else:
         return None
-    entry = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_entry
     if stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
         return None  # a hash collision or a foreign file: never reuse it
     if "stats" not in entry:

@@ -19,6 +19,7 @@ from methods import METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: bit-stable discrete choices (the CI gate)
 MODEL_SOURCES = ("packaged", "hf")
+STREAMING = ("auto", "true", "false")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,8 +43,13 @@ class ModelConfig:
     dtype: str = "float32"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # auto: stream decoder blocks from the safetensors checkpoint when it would not fit comfortably in memory;
+    # true/false force it. How the run computes, not what: results are bit-identical (tests/test_streaming.py).
+    streaming: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "streaming", str(self.streaming).lower())  # Hydra hands over true/false as bools
+        _require(self.streaming in STREAMING, "model.streaming", self.streaming, str(list(STREAMING)))
         _require(self.source in MODEL_SOURCES, "model.source", self.source, str(list(MODEL_SOURCES)))
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, str(list(DTYPES)))
         _require(self.source != "hf" or bool(self.path), "model.path", self.path,

@@ -38,10 +38,17 @@ def used_sources(cfg: RunConfig) -> set[str]:
     return set(cfg.eval.ppl_sets) | ({cfg.calib.source} if calibrates(cfg) else set())
 
 
+def _model_key(cfg: RunConfig) -> dict:
+    """The model config minus how it is held in memory (streaming gives bit-identical results)."""
+    key = dataclasses.asdict(cfg.model)
+    key.pop("streaming")
+    return key
+
+
 def result_key(cfg: RunConfig) -> dict:
-    """Everything that can change a run's numbers (and nothing else: paths, force and device are out)."""
+    """Everything that can change a run's numbers (and nothing else: paths, force, device and streaming are out)."""
     key = {
-        "model": dataclasses.asdict(cfg.model),
+        "model": _model_key(cfg),
         "method": dataclasses.asdict(cfg.method),
         "data": {name: dataclasses.asdict(cfg.data.sources[name]) for name in sorted(used_sources(cfg))},
         "eval": dataclasses.asdict(cfg.eval),
@@ -79,7 +86,7 @@ def run_dir(cfg: RunConfig) -> Path:
 def quantization_key(cfg: RunConfig, model_fingerprint: str, calib_fingerprint: str | None, code: str) -> dict:
     """What determines the quantized weights (not the evaluation): the cache key. `code` fingerprints the source
     of the quantization path."""
-    key = {"model_fingerprint": model_fingerprint, "model": dataclasses.asdict(cfg.model),
+    key = {"model_fingerprint": model_fingerprint, "model": _model_key(cfg),
            "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
            "code": code, "device": cfg.device}
     if calibrates(cfg):

@@ -146,11 +146,66 @@ def load_model(cfg: ModelConfig, device: torch.device, cache_dir: Path | None = 
     return model.to(device).eval(), tokenizer
 
 
+def checkpoint_directory(cfg: ModelConfig, cache_dir: Path) -> Path:
+    """The local directory of the model's checkpoint files (a hub id: its snapshot in the local HF cache, fetched
+    when this machine may download)."""
+    location = model_location(cfg, cache_dir)
+    if cfg.source == "packaged" or _looks_local(location):
+        return Path(os.path.expanduser(location))
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(location, revision=cfg.revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+
+
+def decide_streaming(cfg: ModelConfig, cache_dir: Path, device: torch.device) -> bool:
+    """Whether this run streams decoder blocks from the checkpoint (model.streaming; `auto` streams when the
+    checkpoint would take more than 60% of the free memory, and says so). A ConfigError when streaming is asked for
+    and the checkpoint is not in safetensors form."""
+    from structure.streaming import Checkpoint, CheckpointFormatError, checkpoint_fits
+
+    if cfg.streaming == "false":
+        return False
+    directory = checkpoint_directory(cfg, cache_dir)
+    try:
+        Checkpoint(directory)
+    except CheckpointFormatError as err:
+        if cfg.streaming == "true":
+            raise ConfigError(f"model.streaming=true: {err}") from None
+        log.info("model.streaming=auto: not streaming (%s)", err)
+        return False
+    if cfg.streaming == "true":
+        return True
+    fits, size, available = checkpoint_fits(directory, device)
+    log.info("model.streaming=auto: the checkpoint is %.1f GiB, %.1f GiB free on %s: %s", size / 2**30,
+             available / 2**30, device, "loading it whole" if fits else "streaming it block by block")
+    return not fits
+
+
+def load_streamed_model(cfg: ModelConfig, device: torch.device, cache_dir: Path, scratch: Path):
+    """Return (meta-device model streamed from its safetensors checkpoint, tokenizer); `scratch` holds what the run
+    changes (structure/streaming.py)."""
+    from transformers import AutoTokenizer
+
+    from structure.streaming import load_streamed
+
+    directory = checkpoint_directory(cfg, cache_dir)
+    model = load_streamed(directory, DTYPES[cfg.dtype], device, scratch)
+    tokenizer = AutoTokenizer.from_pretrained(directory, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer
+
+
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares)."""
+    """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares). A streamed model
+    reads its tensors one at a time from the checkpoint, and gets the same fingerprint as when loaded whole."""
+    from structure.streaming import residency_of
+
+    residency = residency_of(model)
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for name, p in model.state_dict().items():
+        if p.is_meta:
+            p = residency.read(model, name)
         x = p.detach().double()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.10e}{(x * x).sum().item():.10e}".encode())
     return h.hexdigest()[:16]

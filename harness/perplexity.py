@@ -17,7 +17,10 @@ from tqdm.auto import tqdm
 from harness import stats
 from harness.config import RunConfig
 from harness.data import eval_tokens
+from structure.architectures import layout_for
 from structure.head import head_logits, lm_head_input, position_chunks
+from structure.layerwise import layerwise_lm_head_inputs
+from structure.streaming import residency_of
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +182,25 @@ def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, wi
 
 
 def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor], device: torch.device,
-                        teachers: dict[str, torch.Tensor] | None = None,
-                        block: int = 256) -> tuple[list[dict], pd.DataFrame]:
+                        teachers: dict[str, torch.Tensor] | None = None, block: int = 256,
+                        prepare_block=None) -> tuple[list[dict], pd.DataFrame]:
     """The ppl evaluator: (rows per eval set, per-block records of every set). With `teachers` (the unquantized
-    model's distributions on the same windows) it adds the KLD, top-1 agreement and Δp rows."""
+    model's distributions on the same windows) it adds the KLD, top-1 agreement and Δp rows.
+
+    A streamed model is evaluated layer by layer (structure/layerwise.py), `prepare_block(i, block)` writing each
+    block's quantized weights as it is loaded; the numbers are those of the ordinary forward."""
     rows, records = [], []
+    residency, layout = residency_of(model), layout_for(model)
     for name, w in windows.items():
         start = time.perf_counter()
         teacher = None if teachers is None else teachers[name]
-        per_token = token_stats(model, w, device, teacher, desc=f"ppl {name}")
+        hidden_of = None
+        if residency.streamed:
+            inputs = layerwise_lm_head_inputs(model, layout, w, device, prepare_block, residency.scratch,
+                                              desc=f"ppl {name}: blocks")
+            hidden_of = lambda i, ids, inputs=inputs: inputs[i].to(device)
+        with residency.outside_blocks(model, layout):
+            per_token = token_stats(model, w, device, teacher, desc=f"ppl {name}", hidden_of=hidden_of)
         blocks = block_records(name, per_token, block)
         rows += set_rows(name, blocks, per_token.get("kld"), int(w.shape[0]), time.perf_counter() - start)
         records.append(blocks)

@@ -6,11 +6,14 @@ mutation. A run whose results directory is already complete is skipped (resume),
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import io
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +24,8 @@ import yaml
 from harness import data as datasets_
 from harness.config import ConfigError, RunConfig
 from harness.identity import calibrates, config_hash, quantizes, result_key, run_dir, run_id, used_sources
-from harness.models import (PACKAGED_NOTE, check_model_location, default_cache_dir, load_model, model_fingerprint,
-                            resolve_device)
+from harness.models import (PACKAGED_NOTE, check_model_location, decide_streaming, default_cache_dir, load_model,
+                            load_streamed_model, model_fingerprint, resolve_device)
 from harness.pack_stage import pack_stage, probe_window
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
@@ -32,7 +35,7 @@ from harness.results import BLOCKS_FILE, DOCS_FILE, is_complete, read_run, to_fr
 from harness.teacher import teachers
 from kernels.backends import default_backend
 from kernels.quant_linear import check_backend_device
-from structure.architectures import layout_for
+from structure.architectures import apply_block_artifacts, layout_for
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,41 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
     started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     cache, device = cache_dir_of(cfg), resolve_device(cfg.device)
     preflight(cfg, cache, device)
+    streamed = decide_streaming(cfg.model, cache, device)
+    if streamed:
+        check_streamable(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, device, cache)
+    with _loaded(cfg, cache, device, streamed) as (model, tokenizer):
+        return _evaluate(cfg, out_dir, config_yaml, model, tokenizer, cache, device, started_at, t0)
+
+
+def check_streamable(cfg: RunConfig) -> None:
+    """A streamed run evaluates perplexity and KLD layer by layer; what needs the whole model in memory is refused
+    before any model loads."""
+    wants = [key for key, value in (("kernel", cfg.kernel), ("eval.lm_eval", cfg.eval.lm_eval),
+                                    ("eval.timing", cfg.eval.timing)) if value is not None]
+    if wants:
+        raise ConfigError(f"this run streams the model block by block (model.streaming={cfg.model.streaming}), and "
+                          f"{', '.join(wants)} need the whole model in memory; set {'=null '.join(wants)}=null "
+                          "(perplexity and KLD stream), or model.streaming=false")
+
+
+@contextlib.contextmanager
+def _loaded(cfg: RunConfig, cache: Path, device: torch.device, streamed: bool):
+    """(model, tokenizer): loaded whole, or a streamed skeleton whose scratch files go when the run ends."""
+    if not streamed:
+        yield load_model(cfg.model, device, cache)
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=cache, prefix=".streaming-"))  # in the cache: artifacts move by rename
+    try:
+        yield load_streamed_model(cfg.model, device, cache, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tokenizer, cache: Path,
+              device: torch.device, started_at: str, t0: float) -> pd.DataFrame:
     layout = layout_for(model)
     fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
     shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
@@ -94,7 +130,8 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
             data_prints[f"calib:{cfg.calib.source}"] = stage.calib_fingerprint
         if cfg.kernel is not None:  # evaluate through the packed layers themselves
             rows += pack_stage(model, artifacts, cfg.kernel, probe, device)
-    ppl_rows, blocks = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block)
+    ppl_rows, blocks = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block,
+                                           _block_preparer(layout, artifacts))
     rows, records = rows + ppl_rows, {BLOCKS_FILE: blocks}
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import run_lm_eval
@@ -109,6 +146,14 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
     frame = to_frame({**run_columns(cfg), **provenance, **row} for row in rows)
     _write(cfg, out_dir, frame, config_yaml, extras, records)
     return frame
+
+
+def _block_preparer(layout, artifacts):
+    """How layer-wise evaluation of a streamed model writes each block's quantized weights (None: nothing to do,
+    an ordinary model already holds them)."""
+    if not artifacts:
+        return None
+    return lambda i, block: apply_block_artifacts(block, layout.block_prefix(i), layout, artifacts)
 
 
 def _timing(cfg: RunConfig, model, artifacts: dict, probe, cache: Path, device: torch.device,

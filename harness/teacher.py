@@ -20,7 +20,10 @@ from tqdm.auto import tqdm
 
 from harness.identity import stable_hash
 from harness.results import atomic_write_bytes
+from structure.architectures import layout_for
 from structure.head import at_least_fp32, lm_head_input
+from structure.layerwise import layerwise_lm_head_inputs
+from structure.streaming import residency_of
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,11 @@ def window_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def compute_teacher(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
                     desc: str = "baseline") -> torch.Tensor:
     """lm_head inputs of the unquantized `model` on windows [n, L] -> [n, L, hidden] (fp32, fp64 for an fp64
-    model)."""
+    model); a streamed model computes them layer by layer."""
+    residency = residency_of(model)
+    if residency.streamed:
+        return layerwise_lm_head_inputs(model, layout_for(model), windows, device, spill_dir=residency.scratch,
+                                        desc=desc).cpu().clone()
     return torch.stack([lm_head_input(model, row[None].to(device)).cpu()
                         for row in tqdm(windows, desc=desc, unit="window", leave=False)])
 

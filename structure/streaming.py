@@ -111,6 +111,9 @@ class Residency:
         """The current value of one parameter (state_dict name), on the CPU."""
         return model.get_parameter(name).detach().cpu()
 
+    def close(self) -> None:
+        """Release what the residency holds on disk."""
+
     def artifact_store(self) -> MutableMapping:
         """Where a method puts its artifacts: a dict in memory (Streamed: files on disk)."""
         return {}
@@ -216,7 +219,13 @@ class Streamed(Residency):
         return out
 
     def read(self, model: nn.Module, name: str) -> torch.Tensor:
-        return self.read_many([name])[name]
+        value = self.read_many([name])[name]
+        dtype = model.get_parameter(name).dtype
+        return value.to(dtype) if value.is_floating_point() else value  # cast as from_pretrained does
+
+    def reset(self, overlay: dict[str, torch.Tensor]) -> None:
+        """Forget what earlier passes wrote; from now on the model is the checkpoint overlaid by `overlay`."""
+        self.overlay, self._written = dict(overlay), {}
 
     def _onload(self, modules: list[tuple[str, nn.Module]], recurse: bool = True) -> dict[str, torch.Tensor]:
         """Materialize the (prefix, module) pairs' parameters on the device, read in one go (so tied parameters
@@ -300,10 +309,13 @@ def load_streamed(directory: str | Path, dtype: torch.dtype, device: torch.devic
 def checkpoint_fits(directory: str | Path, device: torch.device, fraction: float = 0.6) -> tuple[bool, int, int]:
     """(fits, checkpoint bytes, available bytes): whether the checkpoint takes less than `fraction` of the memory
     available on `device` (host RAM for the CPU, free GPU memory for CUDA)."""
-    size = Checkpoint(directory).nbytes()
-    if torch.device(device).type == "cuda":
-        available = torch.cuda.mem_get_info(torch.device(device))[0]
-    else:
-        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                         if line.startswith("MemAvailable:"))
+    size, available = Checkpoint(directory).nbytes(), available_memory(device)
     return size < fraction * available, size, available
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for tensors on `device`: free GPU memory for CUDA, the kernel's MemAvailable for the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemAvailable:"))

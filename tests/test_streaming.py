@@ -82,3 +82,64 @@ def test_reads_tensor_by_tensor_across_shards(tmp_path):
     got = checkpoint.read(sorted(everything))
     assert all(torch.equal(got[k], everything[k]) for k in everything)
     assert checkpoint.nbytes() == sum(f.stat().st_size for f in shards)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+def test_layerwise_forward_matches_the_ordinary_forward(family, tmp_path, monkeypatch):
+    """Every window through block i before block i + 1: the same NLL as the model's own forward (Gemma 3 passes
+    different masks and rotary embeddings to sliding and global layers; OPT has a final norm and no rotary). With
+    the hidden states spilled to a file on disk, too."""
+    import structure.layerwise
+    from harness.perplexity import token_stats
+    from structure.layerwise import layerwise_lm_head_inputs
+
+    model = tiny_model(family, seed=5)
+    windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
+    ordinary = token_stats(model, windows, CPU)["nll"]
+    inputs = layerwise_lm_head_inputs(model, layout_for(model), windows, CPU)
+    layerwise = token_stats(model, windows, CPU, hidden_of=lambda i, ids: inputs[i])["nll"]
+    torch.testing.assert_close(torch.from_numpy(layerwise), torch.from_numpy(ordinary), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(structure.layerwise, "SPILL_FRACTION", 0.0)
+    spilled = layerwise_lm_head_inputs(model, layout_for(model), windows, CPU, spill_dir=tmp_path)
+    assert list(tmp_path.glob("hidden-*.bin")) and torch.equal(spilled, inputs)
+
+
+def _tiny_run(model_dir, text_file, tmp_path, label, *extra):
+    from harness.run import execute
+    from test_run import tiny_run_overrides
+    from test_config import make_config
+
+    overrides = tiny_run_overrides(model_dir, text_file, tmp_path / label, *extra)
+    return execute(make_config(*overrides, f"cache_dir={tmp_path / label / 'cache'}"))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_streamed_run_gives_the_in_memory_numbers(method, tiny_model_dir, text_file, tmp_path):
+    """The whole run, model.streaming=true vs false: the same quantized weights (the cache entry is a directory of
+    artifact files), the same baseline, ppl and KLD; a second streamed run reuses the entry."""
+    args = (f"method={method}", "group_size=32", "calib.n_samples=4", "calib.seqlen=32", "eval.kld=true")
+    if method == "awq":
+        args += ("method.n_grid=4", "method.clip_grid=4")
+    resident = _tiny_run(tiny_model_dir, text_file, tmp_path, "resident", *args, "model.streaming=false")
+    streamed = _tiny_run(tiny_model_dir, text_file, tmp_path, "streamed", *args, "model.streaming=true")
+    key = ["suite", "task", "metric"]
+    a = resident[~resident.metric.str.endswith("wall_s")].set_index(key)["value"]
+    b = streamed[~streamed.metric.str.endswith("wall_s")].set_index(key)["value"]
+    assert a.index.equals(b.index) and ("ppl", "textfile", "kld") in a.index
+    torch.testing.assert_close(torch.tensor(b.to_numpy()), torch.tensor(a.to_numpy()), rtol=1e-5, atol=1e-7)
+    assert resident.model_fingerprint.iloc[0] == streamed.model_fingerprint.iloc[0]
+    entries = list((tmp_path / "streamed" / "cache" / "quantized").glob("*.d"))
+    assert len(entries) == 1 and len(list((entries[0] / "artifacts").glob("*.pt"))) == 14
+    assert not list((tmp_path / "streamed" / "cache").glob(".streaming-*"))  # the run's scratch is gone
+    again = _tiny_run(tiny_model_dir, text_file, tmp_path, "streamed", *args, "model.streaming=true",
+                      "eval.max_windows=2")
+    detail = again[again.metric == "quant_wall_s"]["detail"].iloc[0]
+    assert '"cached": true' in detail
+
+
+def test_a_streamed_run_refuses_what_needs_the_whole_model_before_loading(tiny_model_dir, text_file, tmp_path):
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.timing"):
+        _tiny_run(tiny_model_dir, text_file, tmp_path, "x", "method=rtn", "model.streaming=true",
+                  "+eval/timing=default")
