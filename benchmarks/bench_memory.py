@@ -2,7 +2,7 @@
 checkpoint (structure/streaming.py), over models of growing depth. Each measurement runs in a fresh process, so its
 peak RSS (VmHWM) is its own.
 
-    python benchmarks/bench_memory.py                              # depths 4,16,64; rtn, gptq, awq (~3 GB at 64)
+    python benchmarks/bench_memory.py                              # depths 4,16,64; rtn, gptq, awq: ~3.2 GB at 64
     python benchmarks/bench_memory.py --depths 2,4 --hidden 256 --intermediate 512 --vocab 1000 \\
         --calib-samples 2 --calib-seqlen 64 --shard-size 2MB        # a smoke run: a few minutes on 2 cores
 
@@ -13,7 +13,10 @@ The models are random Llama-family checkpoints (hidden 1024, intermediate 2816, 
 untied head by default) written with save_pretrained, sharded with an index file, into a temporary directory that
 is removed at the end. Both paths quantize to w4g128 on the CPU in fp32 with the same random calibration tokens;
 "identical" compares a sha256 over every artifact's codes, scales and zeros and over the method's modified tensors.
-Peak RSS covers the whole child process (imports, load, quantize), not the digest computed after it.
+Peak RSS covers the whole child process (imports, load, quantize), not the digest computed after it; wall
+seconds cover load + quantize. Rows print as they finish; the last lines give, per method, the peak at the largest
+depth over the peak at the smallest (~1: flat; near the checkpoint's ratio: linear). A failing child's stderr
+tail is printed and the script exits non-zero, as it does when any row is not identical.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,6 +254,8 @@ class Streamed(Residency):
     def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True) -> Iterator[nn.Module]:
         module, prefix = layout.blocks(model)[index], f"{layout.block_prefix(index)}."
         loaded = self._onload([(prefix, module)])
+        # the parameters may share memory with what was read: keep a copy, so in-place changes are seen too
+        loaded = {n: t.clone() for n, t in loaded.items()} if writeback else None
         try:
             yield module
             if writeback:
@@ -262,19 +265,23 @@ class Streamed(Residency):
 
     def _write_changes(self, prefix: str, module: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
         """Persist the tensors this pass changed (AWQ's scaled weights and folded norms, GPTQ's quantized weights),
-        so that the next pass over the block and the evaluation see them."""
+        so that the next pass over the block and the evaluation see them. One file per block: what an earlier pass
+        wrote and this one did not change moves into the new file, and the old file goes."""
         from safetensors.torch import save_file
 
-        changed = {}
-        for n, p in module.named_parameters():
-            now = p.detach()
-            if not torch.equal(now.cpu(), loaded[prefix + n]):
-                changed[prefix + n] = now.cpu().contiguous()
-        if changed:
-            self._files += 1
-            path = self.scratch / f"{prefix}{self._files}.safetensors"
-            save_file(changed, str(path))
-            self._written.update({n: path for n in changed})
+        changed = {prefix + n: p.detach().cpu().contiguous() for n, p in module.named_parameters()
+                   if not torch.equal(p.detach().cpu(), loaded[prefix + n])}
+        if not changed:
+            return
+        earlier = {self._written[n] for n in self._written if n.startswith(prefix)}
+        kept = self.read_many([n for n in self._written if n.startswith(prefix) and n not in changed]) \
+            if earlier else {}
+        self._files += 1
+        path = self.scratch / f"{prefix}{self._files}.safetensors"
+        save_file({**kept, **changed}, str(path))
+        self._written.update({n: path for n in (*kept, *changed)})
+        for old in earlier:
+            old.unlink()
 
     @contextmanager
     def outside_blocks(self, model: nn.Module, layout: ModelLayout, head: bool = True) -> Iterator[None]:
@@ -290,7 +297,8 @@ class Streamed(Residency):
                 self._release(m, recurse=False)
 
     def artifact_store(self) -> MutableMapping:
-        return ArtifactStore(self.scratch / "artifacts")
+        """A fresh store for one quantization (two quantizations of one model never mix their artifacts)."""
+        return ArtifactStore(tempfile.mkdtemp(dir=self.scratch, prefix="artifacts-"))
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -143,3 +143,21 @@ def test_a_streamed_run_refuses_what_needs_the_whole_model_before_loading(tiny_m
     with pytest.raises(ConfigError, match="eval.timing"):
         _tiny_run(tiny_model_dir, text_file, tmp_path, "x", "method=rtn", "model.streaming=true",
                   "+eval/timing=default")
+
+
+def test_in_place_changes_survive_the_block_and_scratch_keeps_one_file_per_block(tmp_path):
+    from structure.streaming import residency_of
+
+    directory = sharded_checkpoint("llama", tmp_path / "ckpt")
+    model = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
+    layout, residency = layout_for(model), residency_of(model)
+    name = "model.layers.0.mlp.down_proj.weight"
+    original = residency.read(model, name)
+    with residency.block(model, layout, 0) as block:
+        block.mlp.down_proj.weight.data.mul_(2)  # in place: no new tensor to notice
+    assert torch.equal(residency.read(model, name), original * 2)
+    with residency.block(model, layout, 0) as block:
+        block.input_layernorm.weight.data = block.input_layernorm.weight.data + 1
+    assert torch.equal(residency.read(model, name), original * 2)  # carried into the block's new file
+    assert len(list((tmp_path / "scratch").glob("model.layers.0.*.safetensors"))) == 1
+    assert residency.artifact_store().directory != residency.artifact_store().directory
