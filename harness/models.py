@@ -195,6 +195,9 @@ def load_streamed_model(cfg: ModelConfig, device: torch.device, cache_dir: Path,
     return model, tokenizer
 
 
+FINGERPRINT_CHUNK = 1 << 22  # elements: a 262k x 8192 embedding would otherwise need 2 x 17 GB of fp64 copies
+
+
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares). A streamed model
@@ -206,6 +209,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, p in model.state_dict().items():
         if p.is_meta:
             p = residency.read(model, name)
-        x = p.detach().double()
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}{x.sum().item():.10e}{(x * x).sum().item():.10e}".encode())
+        total = squares = 0.0
+        for x in torch.split(p.detach().reshape(-1), FINGERPRINT_CHUNK):  # fp64 copies of a chunk, not a tensor
+            x = x.double()
+            total, squares = total + x.sum().item(), squares + (x * x).sum().item()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}{total:.10e}{squares:.10e}".encode())
     return h.hexdigest()[:16]

@@ -46,3 +46,48 @@ def pack_stage(model, artifacts: dict, backend: str, probe: tuple[str, torch.Ten
         detail["dense_from_m"], detail["dense_dtype"] = DENSE_FROM_M, str(dense_dtype()).removeprefix("torch.")
     return [quant_row("kernel_fallback_layers", len(fallbacks), detail),
             quant_row("packed_ppl_ratio", float(torch.tensor(packed - reference).exp()), {"probe": label})]
+
+
+def packed_size_estimate(model, layout, bits: int, group_size: int | None) -> int:
+    """Bytes of `model` with its quantized linears packed (codes at `bits`, an fp32 scale and a zero per group) and
+    everything else at its dtype; read from shapes only, so a meta-device skeleton answers before anything loads."""
+    quantized = {id(lin.weight) for lin in layout.quantizable_linears(model).values()}
+    total = 0
+    for p in model.parameters():
+        if id(p) in quantized:
+            groups = p.shape[1] / (group_size or p.shape[1])
+            total += int(p.numel() * bits / 8 + p.shape[0] * groups * 8)
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor], device: torch.device,
+                  prepare_block) -> list[dict]:
+    """Make a streamed model whole in memory with every quantized linear packed as its block arrives (so the
+    unquantized model never is), then check the probe window's ppl against the fake-quantized model computed layer
+    by layer, as pack_stage does for a model in memory. Rows as pack_stage's."""
+    from structure.layerwise import layerwise_lm_head_inputs
+    from structure.streaming import residency_of
+
+    layout, residency = layout_for(model), residency_of(model)
+    label, window = probe
+    inputs = layerwise_lm_head_inputs(model, layout, window, device, prepare_block, residency.scratch,
+                                      desc="probe: fake-quant")
+    with residency.outside_blocks(model, layout):
+        reference = perplexity(model, window, device, desc="probe: fake-quant",
+                               hidden_of=lambda i, ids: inputs[i].to(device))["nll"]
+    groups = layout.shared_input_groups(model)
+    used: dict[str, str] = {}
+
+    def pack_block(i, block):
+        prefix = f"{layout.block_prefix(i)}."
+        names = {n: artifacts[n] for n in artifacts if n.startswith(prefix)}
+        used.update(pack_model(model, names, backend, [g for g in groups if g[0].startswith(prefix)]))
+
+    residency.materialize(model, layout, pack_block if artifacts else None)
+    packed = perplexity(model, window, device, desc="probe: packed")["nll"]
+    check_agreement(f"kernel={backend}, {label} (streamed model, packed block by block)", packed, reference)
+    return [quant_row("kernel_fallback_layers", sum(b != backend for b in used.values()),
+                      {"kernel": backend, "packed_from": "stream"}),
+            quant_row("packed_ppl_ratio", float(torch.tensor(packed - reference).exp()), {"probe": label})]

@@ -128,11 +128,12 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
     return stats_
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl") -> dict:
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl",
+               hidden_of=None) -> dict:
     """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s,
     window_nll (mean NLL of each window)} (token_stats without a baseline, aggregated)."""
     start = time.perf_counter()
-    nll = token_stats(model, windows, device, desc=desc)["nll"]
+    nll = token_stats(model, windows, device, desc=desc, hidden_of=hidden_of)["nll"]
     mean_nll = float(nll.sum() / nll.size)
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": int(nll.size), "windows": int(windows.shape[0]),
             "wall_s": time.perf_counter() - start, "window_nll": nll.mean(axis=1).tolist()}

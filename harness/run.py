@@ -26,7 +26,7 @@ from harness.config import ConfigError, RunConfig
 from harness.identity import calibrates, config_hash, quantizes, result_key, run_dir, run_id, used_sources
 from harness.models import (PACKAGED_NOTE, check_model_location, decide_streaming, default_cache_dir, load_model,
                             load_streamed_model, model_fingerprint, resolve_device)
-from harness.pack_stage import pack_stage, probe_window
+from harness.pack_stage import pack_stage, pack_streamed, probe_window
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
@@ -36,6 +36,7 @@ from harness.teacher import teachers
 from kernels.backends import default_backend
 from kernels.quant_linear import check_backend_device
 from structure.architectures import apply_block_artifacts, layout_for
+from structure.streaming import residency_of
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +82,32 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
     cache, device = cache_dir_of(cfg), resolve_device(cfg.device)
     preflight(cfg, cache, device)
     streamed = decide_streaming(cfg.model, cache, device)
-    if streamed:
-        check_streamable(cfg)
     torch.manual_seed(cfg.seed)
     with _loaded(cfg, cache, device, streamed) as (model, tokenizer):
         return _evaluate(cfg, out_dir, config_yaml, model, tokenizer, cache, device, started_at, t0)
 
 
-def check_streamable(cfg: RunConfig) -> None:
-    """A streamed run evaluates perplexity and KLD layer by layer; what needs the whole model in memory is refused
-    before any model loads."""
-    wants = [key for key, value in (("kernel", cfg.kernel), ("eval.lm_eval", cfg.eval.lm_eval),
-                                    ("eval.timing", cfg.eval.timing)) if value is not None]
-    if wants:
-        raise ConfigError(f"this run streams the model block by block (model.streaming={cfg.model.streaming}), and "
-                          f"{', '.join(wants)} need the whole model in memory; set {'=null '.join(wants)}=null "
-                          "(perplexity and KLD stream), or model.streaming=false")
+def needs_whole_model(cfg: RunConfig) -> bool:
+    """lm-eval, timing and packed kernels run on a model held whole in memory (a streamed run packs it first)."""
+    return cfg.kernel is not None or cfg.eval.lm_eval is not None or cfg.eval.timing is not None
+
+
+def check_packed_fits(cfg: RunConfig, model, layout, device: torch.device) -> None:
+    """A streamed run that needs the whole model (lm-eval, timing, kernel) holds it packed; refuse, before any
+    weight is read, when even that would not fit comfortably."""
+    from harness.pack_stage import packed_size_estimate
+    from structure.streaming import available_memory
+
+    size = packed_size_estimate(model, layout, cfg.bits if quantizes(cfg) else None, cfg.group_size)
+    free = available_memory(device)
+    if size > 0.6 * free:
+        wants = [key for key, value in (("kernel", cfg.kernel), ("eval.lm_eval", cfg.eval.lm_eval),
+                                        ("eval.timing", cfg.eval.timing)) if value is not None]
+        raise ConfigError(f"{', '.join(wants)} need the model whole in memory: packed it would take ~"
+                          f"{size / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free on {device}; set "
+                          f"{'=null '.join(wants)}=null (perplexity and KLD stream), or run on a larger machine")
+    log.info("this streamed run packs the model into memory for %s (~%.1f GiB)",
+             "kernel/lm-eval/timing", size / 2**30)
 
 
 @contextlib.contextmanager
@@ -116,6 +127,9 @@ def _loaded(cfg: RunConfig, cache: Path, device: torch.device, streamed: bool):
 def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tokenizer, cache: Path,
               device: torch.device, started_at: str, t0: float) -> pd.DataFrame:
     layout = layout_for(model)
+    streamed = residency_of(model).streamed
+    if streamed and needs_whole_model(cfg):
+        check_packed_fits(cfg, model, layout, device)
     fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
     shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
     windows, data_prints = eval_windows(cfg, tokenizer, layout.spec.needs_bos, cache)
@@ -128,18 +142,24 @@ def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tok
         rows, artifacts, extras = stage.rows, stage.result.artifacts, stage.result.extras
         if stage.calib_fingerprint is not None:
             data_prints[f"calib:{cfg.calib.source}"] = stage.calib_fingerprint
-        if cfg.kernel is not None:  # evaluate through the packed layers themselves
+        if cfg.kernel is not None and not streamed:  # evaluate through the packed layers themselves
             rows += pack_stage(model, artifacts, cfg.kernel, probe, device)
-    ppl_rows, blocks = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block,
-                                           _block_preparer(layout, artifacts))
-    rows, records = rows + ppl_rows, {BLOCKS_FILE: blocks}
+    prepare = _block_preparer(layout, artifacts)
+    ppl = None
+    if not (streamed and cfg.kernel is not None):  # ppl of the fake-quantized model (streamed: layer by layer)
+        ppl = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block, prepare)
+    if streamed and needs_whole_model(cfg):  # from here on the model is whole in memory, packed
+        rows += pack_streamed(model, artifacts, cfg.kernel or default_backend(device), probe, device, prepare)
+        if ppl is None:
+            ppl = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block)
+    rows, records = rows + ppl[0], {BLOCKS_FILE: ppl[1]}
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import run_lm_eval
 
         lm_rows, records[DOCS_FILE] = run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
         rows += lm_rows
     if cfg.eval.timing is not None:
-        rows += _timing(cfg, model, artifacts, probe, cache, device, shapes)
+        rows += _timing(cfg, model, artifacts, probe, cache, device, shapes, packed=streamed)
     provenance = {"git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
                   "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
                   "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device)}
@@ -157,14 +177,16 @@ def _block_preparer(layout, artifacts):
 
 
 def _timing(cfg: RunConfig, model, artifacts: dict, probe, cache: Path, device: torch.device,
-            shapes: list[tuple[int, int]]) -> list[dict]:
+            shapes: list[tuple[int, int]], packed: bool = False) -> list[dict]:
     """Time the packed model (packing it first when the run evaluated fake-quantized weights, which run at fp speed)
-    against a freshly loaded unquantized baseline."""
+    against a freshly loaded unquantized baseline. A streamed run's model is packed already, and its unquantized
+    baseline does not fit: it gets no baseline rows."""
     from harness.timing import evaluate_timing
 
     backend = cfg.kernel or default_backend(device)
-    rows = pack_stage(model, artifacts, backend, probe, device) if artifacts and cfg.kernel is None else []
-    baseline = load_model(cfg.model, device, cache)[0] if quantizes(cfg) else None
+    rows = pack_stage(model, artifacts, backend, probe, device) if artifacts and cfg.kernel is None and not packed \
+        else []
+    baseline = load_model(cfg.model, device, cache)[0] if quantizes(cfg) and not packed else None
     return rows + evaluate_timing(cfg.eval.timing, model, baseline, device, cfg.seed, shapes, cfg.group_size, backend)
 
 

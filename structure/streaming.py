@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -295,6 +295,22 @@ class Streamed(Residency):
         finally:
             for _, m in modules:
                 self._release(m, recurse=False)
+
+    def materialize(self, model: nn.Module, layout: ModelLayout,
+                    prepare_block: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+        """Make the model whole in memory, block by block, `prepare_block(i, block)` running on each as it arrives
+        (packing its linears shrinks it before the next one comes); the model is an ordinary one afterwards."""
+        for i in range(len(layout.blocks(model))):
+            block = layout.blocks(model)[i]
+            self._onload([(f"{layout.block_prefix(i)}.", block)])
+            if prepare_block is not None:
+                prepare_block(i, block)
+        head_and_rest = [(name, m) for name, m in model.named_modules()
+                         if not (name + ".").startswith(layout.spec.blocks + ".")
+                         and any(True for _ in m.parameters(recurse=False))]
+        self._onload([(f"{name}." if name else "", m) for name, m in head_and_rest], recurse=False)
+        del model._weights_residency
+        return model
 
     def artifact_store(self) -> MutableMapping:
         """A fresh store for one quantization (two quantizations of one model never mix their artifacts)."""

@@ -137,10 +137,28 @@ def test_a_streamed_run_gives_the_in_memory_numbers(method, tiny_model_dir, text
     assert '"cached": true' in detail
 
 
-def test_a_streamed_run_refuses_what_needs_the_whole_model_before_loading(tiny_model_dir, text_file, tmp_path):
+def test_a_streamed_run_packs_the_model_for_kernels_and_timing(tiny_model_dir, text_file, tmp_path):
+    """kernel=... and timing in a streamed run: the model is packed block by block into memory, checked against
+    the fake-quantized model on the probe window, and evaluated packed: the in-memory run's numbers."""
+    args = ("method=rtn", "group_size=32", "kernel=reference", "+eval/timing=default", "eval.timing.prompt_len=8",
+            "eval.timing.decode_tokens=2", "eval.timing.repeats=1", "eval.timing.warmup=0")
+    resident = _tiny_run(tiny_model_dir, text_file, tmp_path, "resident", *args, "model.streaming=false")
+    streamed = _tiny_run(tiny_model_dir, text_file, tmp_path, "streamed", *args, "model.streaming=true")
+    ppl = lambda f: f[(f.suite == "ppl") & (f.metric.isin(["ppl", "kld"]))].set_index("metric")["value"]  # noqa: E731
+    torch.testing.assert_close(torch.tensor(ppl(streamed).to_numpy()), torch.tensor(ppl(resident).to_numpy()),
+                               rtol=1e-6, atol=0)
+    ratio = streamed[streamed.metric == "packed_ppl_ratio"]["value"].iloc[0]
+    assert abs(ratio - 1) < 0.01
+    assert (streamed.suite == "timing").any()
+
+
+def test_a_streamed_run_that_cannot_hold_the_packed_model_is_refused_before_reading(tiny_model_dir, text_file,
+                                                                                   tmp_path, monkeypatch):
+    import structure.streaming
     from harness.config import ConfigError
 
-    with pytest.raises(ConfigError, match="eval.timing"):
+    monkeypatch.setattr(structure.streaming, "available_memory", lambda device: 1000)
+    with pytest.raises(ConfigError, match="eval.timing=null"):
         _tiny_run(tiny_model_dir, text_file, tmp_path, "x", "method=rtn", "model.streaming=true",
                   "+eval/timing=default")
 
@@ -161,3 +179,17 @@ def test_in_place_changes_survive_the_block_and_scratch_keeps_one_file_per_block
     assert torch.equal(residency.read(model, name), original * 2)  # carried into the block's new file
     assert len(list((tmp_path / "scratch").glob("model.layers.0.*.safetensors"))) == 1
     assert residency.artifact_store().directory != residency.artifact_store().directory
+
+
+def test_a_streamed_run_evaluates_lm_eval_tasks_on_the_packed_model(tiny_model_dir, text_file, tmp_path):
+    from harness.run import execute
+    from test_config import make_config
+    from test_run import tiny_run_overrides
+
+    args = [a for a in tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "group_size=32",
+                                          "model.streaming=true") if a != "eval.lm_eval=null"]
+    frame = execute(make_config(*args, "eval.lm_eval.tasks=[arc_easy]", "eval.lm_eval.limit=3"))
+    acc = frame[(frame.suite == "lm_eval") & (frame.metric == "acc")]
+    assert len(acc) == 1 and acc.n.iloc[0] == 3
+    detail = frame[frame.metric == "kernel_fallback_layers"]["detail"].iloc[0]
+    assert '"packed_from": "stream"' in detail
