@@ -161,6 +161,27 @@ class ArtifactStore(MutableMapping):
         return len(self._names)
 
 
+# glibc's malloc raises its mmap threshold as large blocks are freed, after which a block's tensors come from the heap
+# and their freed memory stays with the process: measured on a 64-block model, RSS grew ~20 MB per block streamed.
+# A fixed threshold (which also turns the adjustment off) gives every large tensor its own mapping, returned to the
+# system when freed, so the peak stays flat in depth.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+
+
+def bound_allocator() -> bool:
+    """Make freed large tensors go back to the system (glibc only; elsewhere a no-op). True if it applied."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except OSError:
+        return False
+
+
 class Streamed(Residency):
     """A meta-device skeleton whose tensors come from `checkpoint`, overlaid by what earlier passes changed
     (kept in `scratch`, a directory this object owns) and by `overlay` (tensors given in memory, e.g. what a
@@ -177,6 +198,8 @@ class Streamed(Residency):
         self._written: dict[str, Path] = {}  # name -> scratch file holding its latest value
         self._aliases: dict[str, str] = {}
         self._files = 0
+        if not bound_allocator():
+            log.info("streaming: could not fix the allocator's mmap threshold (not glibc); peak memory may creep up")
 
     # which stored tensor a parameter reads: tied parameters (lm_head = embeddings) share one checkpoint entry
     def attach(self, model: nn.Module) -> nn.Module:
