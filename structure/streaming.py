@@ -310,10 +310,7 @@ class Streamed(Residency):
 
     @contextmanager
     def outside_blocks(self, model: nn.Module, layout: ModelLayout, head: bool = True) -> Iterator[None]:
-        head_module = model.get_output_embeddings()
-        modules = [(name, m) for name, m in model.named_modules()
-                   if not (name + ".").startswith(layout.spec.blocks + ".")
-                   and any(True for _ in m.parameters(recurse=False)) and (head or m is not head_module)]
+        modules = _outside_modules(model, layout, head)
         try:
             self._onload([(f"{name}." if name else "", m) for name, m in modules], recurse=False)
             yield
@@ -330,10 +327,7 @@ class Streamed(Residency):
             self._onload([(f"{layout.block_prefix(i)}.", block)])
             if prepare_block is not None:
                 prepare_block(i, block)
-        head_and_rest = [(name, m) for name, m in model.named_modules()
-                         if not (name + ".").startswith(layout.spec.blocks + ".")
-                         and any(True for _ in m.parameters(recurse=False))]
-        self._onload([(f"{name}." if name else "", m) for name, m in head_and_rest], recurse=False)
+        self._onload([(f"{name}." if name else "", m) for name, m in _outside_modules(model, layout)], recurse=False)
         del model._weights_residency
         return model
 
@@ -343,6 +337,15 @@ class Streamed(Residency):
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _outside_modules(model: nn.Module, layout: ModelLayout, head: bool = True) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module outside the decoder blocks that holds parameters of its own (embeddings,
+    final norm, and lm_head unless head=False)."""
+    head_module = model.get_output_embeddings()
+    return [(name, m) for name, m in model.named_modules()
+            if not (name + ".").startswith(layout.spec.blocks + ".")
+            and any(True for _ in m.parameters(recurse=False)) and (head or m is not head_module)]
 
 
 def load_streamed(directory: str | Path, dtype: torch.dtype, device: torch.device, scratch: str | Path,
