@@ -101,6 +101,8 @@ class Residency:
 
     @contextmanager
     def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True) -> Iterator[nn.Module]:
+        """Decoder block `index`, materialized while the context lasts; with writeback, what the caller changed in
+        it is kept for later passes."""
         yield layout.blocks(model)[index]
 
     @contextmanager
