@@ -158,17 +158,20 @@ def checkpoint_directory(cfg: ModelConfig, cache_dir: Path) -> Path:
                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
 
 
+STREAM_ABOVE = 0.6  # model.streaming=auto streams a checkpoint larger than this share of the free memory
+
+
 def decide_streaming(cfg: ModelConfig, cache_dir: Path, device: torch.device) -> bool:
     """Whether this run streams decoder blocks from the checkpoint (model.streaming; `auto` streams when the
     checkpoint would take more than 60% of the free memory, and says so). A ConfigError when streaming is asked for
     and the checkpoint is not in safetensors form."""
-    from structure.streaming import Checkpoint, CheckpointFormatError, checkpoint_fits
+    from structure.streaming import Checkpoint, CheckpointFormatError, available_memory
 
     if cfg.streaming == "false":
         return False
     directory = checkpoint_directory(cfg, cache_dir)
     try:
-        Checkpoint(directory)
+        checkpoint = Checkpoint(directory)
     except CheckpointFormatError as err:
         if cfg.streaming == "true":
             raise ConfigError(f"model.streaming=true: {err}") from None
@@ -176,7 +179,8 @@ def decide_streaming(cfg: ModelConfig, cache_dir: Path, device: torch.device) ->
         return False
     if cfg.streaming == "true":
         return True
-    fits, size, available = checkpoint_fits(directory, device)
+    size, available = checkpoint.nbytes(), available_memory(device)
+    fits = size < STREAM_ABOVE * available
     log.info("model.streaming=auto: the checkpoint is %.1f GiB, %.1f GiB free on %s: %s", size / 2**30,
              available / 2**30, device, "loading it whole" if fits else "streaming it block by block")
     return not fits

@@ -36,10 +36,17 @@ def pack_stage(model, artifacts: dict, backend: str, probe: tuple[str, torch.Ten
     used = pack_model(model, artifacts, backend, layout_for(model).shared_input_groups(model))
     packed = perplexity(model, window, device, desc="probe: packed")["nll"]
     check_agreement(f"kernel={backend}, {label}", packed, reference)
+    return _pack_rows(used, backend, label, packed, reference)
+
+
+def _pack_rows(used: dict[str, str], backend: str, label: str, packed: float, reference: float,
+               **detail) -> list[dict]:
+    """The pack stage's rows: which layers fell back to another backend, and the probe's ppl ratio packed /
+    fake-quantized."""
     fallbacks = sorted(name for name, b in used.items() if b != backend)
     if fallbacks:
         log.warning("kernel=%s: %d layers fell back to another backend: %s", backend, len(fallbacks), fallbacks[:5])
-    detail = {"kernel": backend, "fallbacks": {n: used[n] for n in fallbacks}} if fallbacks else {"kernel": backend}
+    detail = {"kernel": backend, **detail, **({"fallbacks": {n: used[n] for n in fallbacks}} if fallbacks else {})}
     if backend == "cpu_int4":
         from kernels.cpu_int4 import DENSE_FROM_M, dense_dtype
 
@@ -67,16 +74,11 @@ def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.
     """Make a streamed model whole in memory with every quantized linear packed as its block arrives (so the
     unquantized model never is), then check the probe window's ppl against the fake-quantized model computed layer
     by layer, as pack_stage does for a model in memory. Rows as pack_stage's."""
-    from structure.layerwise import layerwise_lm_head_inputs
     from structure.streaming import residency_of
 
-    layout, residency = layout_for(model), residency_of(model)
+    layout = layout_for(model)
     label, window = probe
-    inputs = layerwise_lm_head_inputs(model, layout, window, device, prepare_block, residency.scratch,
-                                      desc="probe: fake-quant")
-    with residency.outside_blocks(model, layout):
-        reference = perplexity(model, window, device, desc="probe: fake-quant",
-                               hidden_of=lambda i, ids: inputs[i].to(device))["nll"]
+    reference = perplexity(model, window, device, desc="probe: fake-quant", prepare_block=prepare_block)["nll"]
     groups = layout.shared_input_groups(model)
     used: dict[str, str] = {}
 
@@ -85,9 +87,7 @@ def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.
         names = {n: artifacts[n] for n in artifacts if n.startswith(prefix)}
         used.update(pack_model(model, names, backend, [g for g in groups if g[0].startswith(prefix)]))
 
-    residency.materialize(model, layout, pack_block if artifacts else None)
+    residency_of(model).materialize(model, layout, pack_block if artifacts else None)
     packed = perplexity(model, window, device, desc="probe: packed")["nll"]
     check_agreement(f"kernel={backend}, {label} (streamed model, packed block by block)", packed, reference)
-    return [quant_row("kernel_fallback_layers", sum(b != backend for b in used.values()),
-                      {"kernel": backend, "packed_from": "stream"}),
-            quant_row("packed_ppl_ratio", float(torch.tensor(packed - reference).exp()), {"probe": label})]
+    return _pack_rows(used, backend, label, packed, reference, packed_from="stream")

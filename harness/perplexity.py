@@ -128,12 +128,28 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
     return stats_
 
 
+def model_token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
+                      teacher: torch.Tensor | None = None, desc: str = "ppl",
+                      prepare_block=None) -> dict[str, np.ndarray]:
+    """token_stats of any model: a streamed one is run layer by layer (structure/layerwise.py), with
+    `prepare_block(i, block)` writing each block's quantized weights as it is loaded; the numbers are those of the
+    ordinary forward."""
+    residency = residency_of(model)
+    if not residency.streamed:
+        return token_stats(model, windows, device, teacher, desc=desc)
+    layout = layout_for(model)
+    inputs = layerwise_lm_head_inputs(model, layout, windows, device, prepare_block, residency.scratch,
+                                      desc=f"{desc}: blocks")
+    with residency.outside_blocks(model, layout):
+        return token_stats(model, windows, device, teacher, desc=desc, hidden_of=lambda i, ids: inputs[i].to(device))
+
+
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl",
-               hidden_of=None) -> dict:
+               prepare_block=None) -> dict:
     """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s,
-    window_nll (mean NLL of each window)} (token_stats without a baseline, aggregated)."""
+    window_nll (mean NLL of each window)} (model_token_stats without a baseline, aggregated)."""
     start = time.perf_counter()
-    nll = token_stats(model, windows, device, desc=desc, hidden_of=hidden_of)["nll"]
+    nll = model_token_stats(model, windows, device, desc=desc, prepare_block=prepare_block)["nll"]
     mean_nll = float(nll.sum() / nll.size)
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": int(nll.size), "windows": int(windows.shape[0]),
             "wall_s": time.perf_counter() - start, "window_nll": nll.mean(axis=1).tolist()}
@@ -186,22 +202,13 @@ def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor]
                         teachers: dict[str, torch.Tensor] | None = None, block: int = 256,
                         prepare_block=None) -> tuple[list[dict], pd.DataFrame]:
     """The ppl evaluator: (rows per eval set, per-block records of every set). With `teachers` (the unquantized
-    model's distributions on the same windows) it adds the KLD, top-1 agreement and Δp rows.
-
-    A streamed model is evaluated layer by layer (structure/layerwise.py), `prepare_block(i, block)` writing each
-    block's quantized weights as it is loaded; the numbers are those of the ordinary forward."""
+    model's distributions on the same windows) it adds the KLD, top-1 agreement and Δp rows. A streamed model is
+    evaluated layer by layer (model_token_stats)."""
     rows, records = [], []
-    residency, layout = residency_of(model), layout_for(model)
     for name, w in windows.items():
         start = time.perf_counter()
         teacher = None if teachers is None else teachers[name]
-        hidden_of = None
-        if residency.streamed:
-            inputs = layerwise_lm_head_inputs(model, layout, w, device, prepare_block, residency.scratch,
-                                              desc=f"ppl {name}: blocks")
-            hidden_of = lambda i, ids, inputs=inputs: inputs[i].to(device)
-        with residency.outside_blocks(model, layout):
-            per_token = token_stats(model, w, device, teacher, desc=f"ppl {name}", hidden_of=hidden_of)
+        per_token = model_token_stats(model, w, device, teacher, desc=f"ppl {name}", prepare_block=prepare_block)
         blocks = block_records(name, per_token, block)
         rows += set_rows(name, blocks, per_token.get("kld"), int(w.shape[0]), time.perf_counter() - start)
         records.append(blocks)

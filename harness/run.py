@@ -87,9 +87,11 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataF
         return _evaluate(cfg, out_dir, config_yaml, model, tokenizer, cache, device, started_at, t0)
 
 
-def needs_whole_model(cfg: RunConfig) -> bool:
-    """lm-eval, timing and packed kernels run on a model held whole in memory (a streamed run packs it first)."""
-    return cfg.kernel is not None or cfg.eval.lm_eval is not None or cfg.eval.timing is not None
+def whole_model_keys(cfg: RunConfig) -> list[str]:
+    """The settings that need the model held whole in memory (lm-eval, timing, packed kernels; a streamed run packs
+    it first)."""
+    return [key for key, value in (("kernel", cfg.kernel), ("eval.lm_eval", cfg.eval.lm_eval),
+                                   ("eval.timing", cfg.eval.timing)) if value is not None]
 
 
 def check_packed_fits(cfg: RunConfig, model, layout, device: torch.device) -> None:
@@ -101,8 +103,7 @@ def check_packed_fits(cfg: RunConfig, model, layout, device: torch.device) -> No
     size = packed_size_estimate(model, layout, cfg.bits if quantizes(cfg) else None, cfg.group_size)
     free = available_memory(device)
     if size > 0.6 * free:
-        wants = [key for key, value in (("kernel", cfg.kernel), ("eval.lm_eval", cfg.eval.lm_eval),
-                                        ("eval.timing", cfg.eval.timing)) if value is not None]
+        wants = whole_model_keys(cfg)
         raise ConfigError(f"{', '.join(wants)} need the model whole in memory: packed it would take ~"
                           f"{size / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free on {device}; set "
                           f"{'=null '.join(wants)}=null (perplexity and KLD stream), or run on a larger machine")
@@ -128,7 +129,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tok
               device: torch.device, started_at: str, t0: float) -> pd.DataFrame:
     layout = layout_for(model)
     streamed = residency_of(model).streamed
-    if streamed and needs_whole_model(cfg):
+    if streamed and whole_model_keys(cfg):
         check_packed_fits(cfg, model, layout, device)
     fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
     shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
@@ -148,7 +149,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tok
     ppl = None
     if not (streamed and cfg.kernel is not None):  # ppl of the fake-quantized model (streamed: layer by layer)
         ppl = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block, prepare)
-    if streamed and needs_whole_model(cfg):  # from here on the model is whole in memory, packed
+    if streamed and whole_model_keys(cfg):  # from here on the model is whole in memory, packed
         rows += pack_streamed(model, artifacts, cfg.kernel or default_backend(device), probe, device, prepare)
         if ppl is None:
             ppl = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block)

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from core.quant import RANGE_RULES, quantize_weight
+from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
+from structure.architectures import ModelLayout
 from structure.streaming import residency_of
 
 
@@ -32,7 +36,14 @@ class RTN(Method):
         artifacts = residency.artifact_store()
         for i in tqdm(range(len(layout.blocks(model))), desc="rtn", unit="block", leave=False):
             with residency.block(model, layout, i, writeback=False) as block:
-                for name, lin in layout.block_linears(block).items():
-                    artifacts[f"{layout.block_prefix(i)}.{name}"] = quantize_weight(
-                        lin.weight.data.to(device), spec, self.config.range_rule).to("cpu")
+                artifacts.update(quantize_block(block, layout.block_prefix(i), layout, spec, self.config.range_rule,
+                                                device))
         return QuantizationResult(artifacts)
+
+
+def quantize_block(block: nn.Module, prefix: str, layout: ModelLayout, spec: QuantSpec, rule: str = "minmax",
+                   device: torch.device | None = None) -> dict[str, QuantizedWeights]:
+    """Round every linear of a (materialized) block to nearest -> {full name: artifact on CPU}. With "minmax" this
+    is also AWQ's quantizer, applied to the scaled and clipped block."""
+    return {f"{prefix}.{name}": quantize_weight(lin.weight.data.to(device), spec, rule).to("cpu")
+            for name, lin in layout.block_linears(block).items()}

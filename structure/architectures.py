@@ -144,5 +144,4 @@ def apply_artifacts(model: nn.Module, artifacts: dict, dtype: torch.dtype | None
 @torch.no_grad()
 def apply_block_artifacts(block: nn.Module, prefix: str, layout: ModelLayout, artifacts, dtype=None) -> None:
     """apply_artifacts for one (materialized) block: `prefix` is its full name, e.g. "model.layers.3"."""
-    for name, lin in layout.block_linears(block).items():
-        lin.weight.data = artifacts[f"{prefix}.{name}"].dequantize(dtype or lin.weight.dtype).to(lin.weight.device)
+    apply_artifacts(block, {name: artifacts[f"{prefix}.{name}"] for name in layout.block_linears(block)}, dtype)

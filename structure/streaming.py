@@ -287,7 +287,7 @@ class Streamed(Residency):
                 self._write_changes(prefix, module, loaded)
         finally:
             self._release(module)
-            loaded = None
+            loaded = None  # the copies go before the trim, so their memory is returned too
             release_freed_memory()
 
     def _write_changes(self, prefix: str, module: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
@@ -358,13 +358,6 @@ def load_streamed(directory: str | Path, dtype: torch.dtype, device: torch.devic
     checkpoint = Checkpoint(directory)
     model = skeleton(AutoConfig.from_pretrained(directory), dtype)
     return Streamed(checkpoint, device, scratch, overlay).attach(model)
-
-
-def checkpoint_fits(directory: str | Path, device: torch.device, fraction: float = 0.6) -> tuple[bool, int, int]:
-    """(fits, checkpoint bytes, available bytes): whether the checkpoint takes less than `fraction` of the memory
-    available on `device` (host RAM for the CPU, free GPU memory for CUDA)."""
-    size, available = Checkpoint(directory).nbytes(), available_memory(device)
-    return size < fraction * available, size, available
 
 
 def available_memory(device: torch.device) -> int:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from methods.awq.apply import apply_search, folded_tensors
 from methods.awq.config import AWQConfig, AWQGPTQConfig
-from methods.awq.search import quantize_block, run_awq_search
+from methods.awq.search import run_awq_search
 from methods.awq.state import SEARCH_FILE, AWQSearch
 from methods.base import Method, QuantizationResult, register_method
 from methods.gptq import GPTQ
+from methods.rtn import quantize_block
 from structure.streaming import residency_of
 
 
@@ -31,7 +32,7 @@ class AWQ(Method):
         if self.config.load_search is not None:
             search = load_search(self.config.load_search, model, layout, spec,
                                  on_block=lambda block, prefix: artifacts.update(
-                                     quantize_block(block, prefix, layout, spec, device)))
+                                     quantize_block(block, prefix, layout, spec, device=device)))
         else:
             def finish(ctx, features):
                 artifacts.update(quantize_block(ctx.block, ctx.prefix, layout, spec))

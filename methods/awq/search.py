@@ -7,8 +7,8 @@ import inspect
 import torch
 from torch import nn
 
-from core.quant import fake_quantize, quantize_weight
-from core.spec import QuantizedWeights, QuantSpec
+from core.quant import fake_quantize
+from core.spec import QuantSpec
 from methods.awq.apply import apply_clips, apply_scales
 from methods.awq.config import AWQConfig
 from methods.awq.maths import act_mean, awq_scale, sample_tokens, search_clip, weight_mean
@@ -124,13 +124,6 @@ def search_block(ctx: BlockContext, layout: ModelLayout, spec: QuantSpec, config
             result.clips[name] = search_clip(lin.weight.data, x, spec, config.clip_grid, config.clip_max_shrink)
         apply_clips(ctx.block, result.clips, spec.group_size)
     return result
-
-
-def quantize_block(block: nn.Module, prefix: str, layout: ModelLayout, spec: QuantSpec,
-                   device: torch.device | None = None) -> dict[str, QuantizedWeights]:
-    """AWQ min/max quantization of every linear of a (scaled, clipped) block -> {full name: artifact on CPU}."""
-    return {f"{prefix}.{name}": quantize_weight(lin.weight.data.to(device), spec, "minmax").to("cpu")
-            for name, lin in layout.block_linears(block).items()}
 
 
 def run_awq_search(model: nn.Module, layout: ModelLayout, spec: QuantSpec, calib: torch.Tensor,
