@@ -55,10 +55,11 @@ def _pack_rows(used: dict[str, str], backend: str, label: str, packed: float, re
             quant_row("packed_ppl_ratio", float(torch.tensor(packed - reference).exp()), {"probe": label})]
 
 
-def packed_size_estimate(model, layout, bits: int, group_size: int | None) -> int:
+def packed_size_estimate(model, layout, bits: int | None, group_size: int | None) -> int:
     """Bytes of `model` with its quantized linears packed (codes at `bits`, an fp32 scale and a zero per group) and
-    everything else at its dtype; read from shapes only, so a meta-device skeleton answers before anything loads."""
-    quantized = {id(lin.weight) for lin in layout.quantizable_linears(model).values()}
+    everything else at its dtype (bits=None: an unquantized run, all of it); read from shapes only, so a meta-device
+    skeleton answers before anything loads."""
+    quantized = set() if bits is None else {id(lin.weight) for lin in layout.quantizable_linears(model).values()}
     total = 0
     for p in model.parameters():
         if id(p) in quantized:
@@ -77,6 +78,9 @@ def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.
     from structure.streaming import residency_of
 
     layout = layout_for(model)
+    if not artifacts:  # an unquantized run: nothing to pack or check, the model is only made whole
+        residency_of(model).materialize(model, layout)
+        return []
     label, window = probe
     reference = perplexity(model, window, device, desc="probe: fake-quant", prepare_block=prepare_block)["nll"]
     groups = layout.shared_input_groups(model)
@@ -87,7 +91,7 @@ def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.
         names = {n: artifacts[n] for n in artifacts if n.startswith(prefix)}
         used.update(pack_model(model, names, backend, [g for g in groups if g[0].startswith(prefix)]))
 
-    residency_of(model).materialize(model, layout, pack_block if artifacts else None)
+    residency_of(model).materialize(model, layout, pack_block)
     packed = perplexity(model, window, device, desc="probe: packed")["nll"]
     check_agreement(f"kernel={backend}, {label} (streamed model, packed block by block)", packed, reference)
     return _pack_rows(used, backend, label, packed, reference, packed_from="stream")

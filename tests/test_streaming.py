@@ -193,3 +193,14 @@ def test_a_streamed_run_evaluates_lm_eval_tasks_on_the_packed_model(tiny_model_d
     assert len(acc) == 1 and acc.n.iloc[0] == 3
     detail = frame[frame.metric == "kernel_fallback_layers"]["detail"].iloc[0]
     assert '"packed_from": "stream"' in detail
+
+
+def test_a_streamed_unquantized_run_is_made_whole_for_timing(tiny_model_dir, text_file, tmp_path):
+    """method=fp has nothing to pack: the streamed model is only materialized, and timed."""
+    args = ("method=fp", "+eval/timing=default", "eval.timing.prompt_len=8", "eval.timing.decode_tokens=2",
+            "eval.timing.repeats=1", "eval.timing.warmup=0")
+    resident = _tiny_run(tiny_model_dir, text_file, tmp_path, "resident", *args, "model.streaming=false")
+    streamed = _tiny_run(tiny_model_dir, text_file, tmp_path, "streamed", *args, "model.streaming=true")
+    assert (streamed.suite == "timing").any() and not (streamed.suite == "quant").any()
+    ppl = lambda f: f[f.metric == "ppl"]["value"].to_numpy()  # noqa: E731
+    assert (ppl(streamed) == ppl(resident)).all()
