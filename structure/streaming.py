@@ -203,8 +203,10 @@ class Streamed(Residency):
         self._aliases: dict[str, str] = {}
         self._files = 0
 
-    # which stored tensor a parameter reads: tied parameters (lm_head = embeddings) share one checkpoint entry
     def attach(self, model: nn.Module) -> nn.Module:
+        """Make `model` (a skeleton) stream through this residency: map every parameter to the stored tensor it
+        reads (tied parameters, lm_head = embeddings, share one checkpoint entry), fail on any the checkpoint lacks,
+        and move the buffers to the device."""
         groups: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
