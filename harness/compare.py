@@ -1,13 +1,17 @@
 """Paired comparisons of finished runs, from their records alone (no model is run).
 
-    python -m harness.compare RUN_A RUN_B            # two run directories
-    python -m harness.compare results/ [--level 0.9] # every pair of runs under a directory (a sweep)
+    python -m harness.compare RUN_A RUN_B            # two run directories: A is the first, B the second
+    python -m harness.compare results/ [--level 0.9] # every pair of runs under a directory (a sweep), sorted
+    python -m harness.compare RUN_A RUN_B --allow-cross-model   # two models: ppl and accuracy only, no KLD
 
 Per eval set both runs measured on identical tokens (same token fingerprint, same blocks): ppl A and B, Δppl and
 the ratio A/B with a paired interval over token blocks, ΔKLD with its paired interval, each with a paired t-test
 over blocks; per lm-eval task both ran on the same documents: Δaccuracy with McNemar's exact test. A verdict per
 cell: "A better", "B better" or "no significant difference", after Holm's correction over every test in the
-printed table. Sets or tasks that were not measured on identical data are refused, with the reason.
+printed table. Sets or tasks that were not measured on identical data are refused, with the reason. So is a pair of
+runs of different models (other `model_fingerprint`, or none recorded): KLD is measured against each run's own
+unquantized model, so ΔKLD across models compares two different baselines. `--allow-cross-model` compares such a
+pair on perplexity and accuracy (still only on identical tokens and documents) and drops every KLD cell.
 """
 from __future__ import annotations
 
@@ -34,6 +38,13 @@ class Run:
     blocks: pd.DataFrame
     docs: pd.DataFrame
     prints: dict
+    model: str = ""
+    model_print: str = ""  # fingerprint of the unquantized weights, the baseline of KLD; "" when none was recorded
+
+
+def _text(value) -> str:
+    """A row value as text, "" for a missing one."""
+    return "" if value is None or pd.isna(value) else str(value)
 
 
 def load_run(path: Path) -> Run:
@@ -45,7 +56,37 @@ def load_run(path: Path) -> Run:
         prints = json.loads(first["data_fingerprint"] or "{}")
     except (TypeError, ValueError):  # not a fingerprint map: nothing can be shown to be the same tokens
         prints = {}
-    return Run(path, label, rows, read(BLOCKS_FILE), read(DOCS_FILE), prints if isinstance(prints, dict) else {})
+    return Run(path, label, rows, read(BLOCKS_FILE), read(DOCS_FILE), prints if isinstance(prints, dict) else {},
+               _text(first["model"]), _text(first["model_fingerprint"]))
+
+
+def model_mismatch(a: Run, b: Run) -> str | None:
+    """Why two runs cannot be shown to share an unquantized model (the baseline of their KLD), or None."""
+    if a.model_print and a.model_print == b.model_print:
+        return None
+    shown = (f"{r.model or '?'} (model_fingerprint {r.model_print or 'missing'})" for r in (a, b))
+    return "different models: " + " vs ".join(shown)
+
+
+def run_dirs_in_order(paths: list[str]) -> list[Path]:
+    """Finished runs in the order given, so that A is the first argument; a directory holding several runs adds
+    them in sorted order. A run named twice counts once."""
+    found: dict[Path, Path] = {}
+    for path in paths:
+        for run in find_run_dirs(path):
+            found.setdefault(run.resolve(), run)
+    return list(found.values())
+
+
+def level_arg(text: str) -> float:
+    """--level: a confidence level strictly inside (0, 1); 95 (a percentage) or 1 would print nonsense intervals."""
+    try:
+        level = float(text)
+    except ValueError:
+        level = float("nan")
+    if not 0 < level < 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must lie strictly in (0, 1), e.g. 0.95; got {text!r}")
+    return level
 
 
 def _same_blocks(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -53,14 +94,28 @@ def _same_blocks(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return len(a) == len(b) and (a[keys].to_numpy() == b[keys].to_numpy()).all()
 
 
-def ppl_cells(a: Run, b: Run, level: float) -> tuple[list[dict], list[str]]:
-    """One cell per eval set measured by both runs on identical tokens (and one for KLD where both have it)."""
+def _other_tokens(pa, pb, ba: pd.DataFrame, bb: pd.DataFrame) -> str | None:
+    """Why two runs' blocks of one eval set are not the same tokens, or None when they are."""
+    missing = [side for side, p in (("A", pa), ("B", pb)) if p is None]
+    if missing:
+        return f"no token fingerprint recorded by {' and '.join(missing)}"
+    if pa != pb:
+        return f"token fingerprint {pa} (A) vs {pb} (B)"
+    if not _same_blocks(ba, bb):
+        return f"other windows/blocks ({len(ba)} vs {len(bb)} blocks)"
+    return None
+
+
+def ppl_cells(a: Run, b: Run, level: float, kld: bool = True) -> tuple[list[dict], list[str]]:
+    """One cell per eval set measured by both runs on identical tokens (and one for KLD where both have it, unless
+    `kld` is false)."""
     cells, refused = [], []
     for task in sorted(set(a.blocks.get("task", [])) & set(b.blocks.get("task", []))):
         pa, pb = a.prints.get(f"eval:{task}"), b.prints.get(f"eval:{task}")
         ba, bb = (r.blocks[r.blocks.task == task].sort_values(["window", "block"]) for r in (a, b))
-        if pa is None or pa != pb or not _same_blocks(ba, bb):
-            refused.append(f"{task}: not the same tokens (fingerprints {pa} vs {pb}, or other windows/blocks)")
+        why = _other_tokens(pa, pb, ba, bb)
+        if why:
+            refused.append(f"{task}: not the same tokens: {why}")
             continue
         tokens = ba.tokens.to_numpy()
         na, nb = ba.nll_sum.to_numpy(), bb.nll_sum.to_numpy()
@@ -70,7 +125,7 @@ def ppl_cells(a: Run, b: Run, level: float) -> tuple[list[dict], list[str]]:
                       "ratio": ratio.value, "ci_low": ratio.ci_low, "ci_high": ratio.ci_high,
                       "p": stats.paired_p_value(na / tokens, nb / tokens), "lower_is_better": True,
                       "note": ratio.note})
-        if "kld_sum" in ba and "kld_sum" in bb:
+        if kld and "kld_sum" in ba and "kld_sum" in bb:
             ka, kb = ba.kld_sum.to_numpy(), bb.kld_sum.to_numpy()
             diff = stats.paired_difference(ka, kb, tokens, level)
             cells.append({"kind": "kld", "task": task, "A": ka.sum() / tokens.sum(), "B": kb.sum() / tokens.sum(),
@@ -101,9 +156,16 @@ def accuracy_cells(a: Run, b: Run, level: float) -> tuple[list[dict], list[str]]
     return cells, refused
 
 
-def compare(a: Run, b: Run, level: float = stats.LEVEL) -> tuple[pd.DataFrame, list[str]]:
-    """The cells of one pair (without verdicts) and the reasons for any refused set or task."""
-    ppl, refused_ppl = ppl_cells(a, b, level)
+def compare(a: Run, b: Run, level: float = stats.LEVEL,
+            allow_cross_model: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """The cells of one pair (without verdicts) and the reasons for any refused set or task. A pair of different
+    models is refused as a whole, or with `allow_cross_model` compared without KLD (each run's KLD is against its
+    own baseline)."""
+    mismatch = model_mismatch(a, b)
+    if mismatch and not allow_cross_model:
+        return pd.DataFrame(), [f"{mismatch}; KLD is measured against each run's own unquantized model, so the pair "
+                                "is refused (--allow-cross-model compares ppl and accuracy only)"]
+    ppl, refused_ppl = ppl_cells(a, b, level, kld=mismatch is None)
     acc, refused_acc = accuracy_cells(a, b, level)
     table = pd.DataFrame(ppl + acc)
     if not table.empty:
@@ -120,19 +182,23 @@ def with_verdicts(table: pd.DataFrame, level: float) -> pd.DataFrame:
     return table.assign(verdict=verdict).drop(columns=["lower_is_better"])
 
 
-def render(table: pd.DataFrame, level: float) -> str:
+def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] | None = None) -> str:
+    """The table per pair of runs, each headed by A and B and its note in `notes` (keyed by (A_run, B_run))."""
     def fmt(v, spec=".4g"):
         return "-" if v is None or pd.isna(v) else format(v, spec)
 
+    ci_header = f"{level * 100:.4g}% CI"  # 0.975 reads 97.5%, not 98%
     lines = []
     for (a, b), group in table.groupby(["A_run", "B_run"], sort=False):
         lines.append(f"A = {a}\nB = {b}")
+        if (notes or {}).get((a, b)):
+            lines.append(notes[(a, b)])
         body = pd.DataFrame({
             "what": group["kind"] + " " + group["task"], "A": group["A"].map(fmt), "B": group["B"].map(fmt),
             "A - B": group["delta"].map(lambda v: fmt(v, "+.4g")), "A / B": group["ratio"].map(fmt),
-            f"{level:.0%} CI": [f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None and not pd.isna(lo) else
-                                ("(too little data)" if note else "-")
-                                for lo, hi, note in zip(group["ci_low"], group["ci_high"], group["note"])],
+            ci_header: [f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None and not pd.isna(lo) else
+                        ("(too little data)" if note else "-")
+                        for lo, hi, note in zip(group["ci_low"], group["ci_high"], group["note"])],
             "p": group["p"].map(lambda v: fmt(v, ".3g")), "verdict": group["verdict"]})
         lines.append(body.to_string(index=False))
         lines.append("")
@@ -145,29 +211,39 @@ def render(table: pd.DataFrame, level: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="+", help="two run directories, or one directory holding several runs")
-    ap.add_argument("--level", type=float, default=stats.LEVEL, help="confidence level (default 0.95)")
+    ap.add_argument("paths", nargs="+", help="two run directories (A first, then B), or one directory holding "
+                                             "several runs (every pair, in sorted order)")
+    ap.add_argument("--level", type=level_arg, default=stats.LEVEL,
+                    help="confidence level, strictly in (0, 1) (default 0.95)")
+    ap.add_argument("--allow-cross-model", action="store_true",
+                    help="compare runs of different models (other model_fingerprint) on ppl and accuracy; "
+                         "their KLD cells are dropped (each is against its own baseline)")
     ap.add_argument("--csv", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
-    dirs = find_run_dirs(args.paths)
+    dirs = run_dirs_in_order(args.paths)
     if len(dirs) < 2:
         print(f"compare: need at least two finished runs; found {len(dirs)} under {args.paths}", file=sys.stderr)
         return 2
     runs = [load_run(d) for d in dirs]
-    tables, refused = [], []
+    tables, refused, notes = [], [], {}
     for a, b in itertools.combinations(runs, 2):
-        table, why = compare(a, b, args.level)
+        table, why = compare(a, b, args.level, args.allow_cross_model)
         tables.append(table)
         refused += [f"{a.label} vs {b.label}: {w}" for w in why]
+        mismatch = model_mismatch(a, b)
+        if mismatch and not table.empty:
+            notes[(a.label, b.label)] = f"{mismatch} (--allow-cross-model): KLD not compared, each run's KLD is " \
+                                        "against its own unquantized model"
     table = pd.concat([t for t in tables if not t.empty], ignore_index=True) if any(
         not t.empty for t in tables) else pd.DataFrame()
     for line in refused:
         print(f"refused: {line}", file=sys.stderr)
     if table.empty:
-        print("compare: no eval set or task was measured on identical data by both runs of any pair", file=sys.stderr)
+        print("compare: nothing to compare: no pair of runs measured an eval set or task on identical data with the "
+              "same model (reasons above)", file=sys.stderr)
         return 2
     table = with_verdicts(table, args.level)
-    print(render(table, args.level))
+    print(render(table, args.level, notes))
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0

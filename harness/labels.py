@@ -14,6 +14,11 @@ SECONDARY_KEYS = ["symmetric", "calib_source", "calib_samples", "calib_seqlen", 
 CONFIG_KEYS = ["model", *PRIMARY_KEYS, *SECONDARY_KEYS]
 OBS_KEYS = ["suite", "task", "metric"]
 ROW_KEYS = CONFIG_KEYS + OBS_KEYS
+# A model is its unquantized weights, not its name: rows of different fingerprints never supersede each other.
+# (Every run of one base model, fp and quantized, carries the fingerprint taken before quantization.)
+FINGERPRINT = "model_fingerprint"
+SUPERSEDE_KEYS = ROW_KEYS + [FINGERPRINT]
+FINGERPRINT_TAG = 8  # hex digits of the fingerprint that tell two models of one name apart (more if they collide)
 REFERENCE_METHOD = "fp"
 # Table headers for the secondary keys (distinct from the raw column names so both can live in one frame).
 DISPLAY = {"symmetric": "Sym", "calib_source": "Calib", "calib_samples": "Samples", "calib_seqlen": "Seqlen",
@@ -21,14 +26,43 @@ DISPLAY = {"symmetric": "Sym", "calib_source": "Calib", "calib_samples": "Sample
 DASH = "—"
 
 
-def latest_per_key(frame: pd.DataFrame, keys: list[str] = ROW_KEYS) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Keep one row per key (latest started_at wins, run_id breaks ties); also return the superseded rows."""
+def latest_per_key(frame: pd.DataFrame, keys: list[str] = SUPERSEDE_KEYS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep one row per key (latest started_at wins, run_id breaks ties); also return the superseded rows. The default
+    key includes the model fingerprint, so a run of another model never supersedes one of the same name."""
     frame = frame.reset_index(drop=True)  # concatenated inputs repeat index labels; later joins need them unique
     started = pd.to_datetime(frame["started_at"], utc=True, errors="coerce", format="ISO8601")
     # Unparseable/missing timestamps sort first so any dated run supersedes them.
     order = frame.assign(_t=started).sort_values(["_t", "run_id"], na_position="first", kind="stable")
     dup = order.duplicated(subset=keys, keep="last")
     return order.loc[~dup].drop(columns="_t"), order.loc[dup].drop(columns="_t")
+
+
+def distinct_model_names(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """`frame` with every model name that covers several unquantized models (different model_fingerprint, a missing
+    one counting as its own) shown as 'name (first hex digits of the fingerprint)', so no table merges them; and a
+    warning per renamed model, keyed by its new name."""
+    prints = frame[FINGERPRINT].astype(object).where(frame[FINGERPRINT].notna(), "").astype(str)
+    shown = frame["model"].astype(object).copy()
+    warnings: dict[str, str] = {}
+    for name, group in prints.groupby(frame["model"].astype(str), sort=True):
+        distinct = sorted(set(group))
+        if len(distinct) < 2:
+            continue
+        tags = _fingerprint_tags(distinct)
+        shown[group.index] = [f"{name} ({tags[p]})" for p in group]
+        text = (f"model name {name!r} covers {len(distinct)} different models (model_fingerprint "
+                f"{', '.join(p or 'missing' for p in distinct)}); kept apart as "
+                f"{', '.join(repr(f'{name} ({tags[p]})') for p in distinct)}; set model.name to name them")
+        warnings.update({f"{name} ({tags[p]})": text for p in distinct})
+    return frame.assign(model=shown), warnings
+
+
+def _fingerprint_tags(prints: list[str]) -> dict[str, str]:
+    """The shortest prefix (FINGERPRINT_TAG hex digits or more) that tells the fingerprints apart."""
+    n = FINGERPRINT_TAG
+    while len({p[:n] for p in prints}) < len(prints):
+        n += FINGERPRINT_TAG
+    return {p: p[:n] if p else "no fingerprint" for p in prints}
 
 
 def is_reference(frame: pd.DataFrame) -> pd.Series:

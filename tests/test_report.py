@@ -321,3 +321,67 @@ def test_report_tex_compiles(paired_dir, results_dir, tmp_path):
                               capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stdout[-3000:]
         assert (out / "report.pdf").stat().st_size > 0
+
+
+def two_models_named_hf() -> list[list[dict]]:
+    """fp and rtn of two different models that both carry the generic name 'hf' (model=hf before a name was derived
+    from model.path); the second model's runs started later, so it would supersede the first by key alone."""
+    runs = []
+    for model_print, scale, started in (("aaaaaaaa1111", 1.0, "2026-11-22T10:00:00+00:00"),
+                                        ("bbbbbbbb2222", 2.0, "2026-11-22T11:00:00+00:00")):
+        for method, bits, group, ppl in (("fp", None, None, 20.0), ("rtn", 4, 128, 22.0)):
+            rows = run_rows(f"{method}_{model_print[0]}", method, bits, group,
+                            ppl_obs(ppl * scale, 8.0 * scale, 30.0 * scale), started_at=started)
+            runs.append([dict(r, model="hf", model_fingerprint=model_print) for r in rows])
+    return runs
+
+
+def test_latest_per_key_never_supersedes_another_model():
+    kept, dropped = latest_per_key(to_frame([r for rows in two_models_named_hf() for r in rows]))
+    assert dropped.empty and set(kept["run_id"]) == {"fp_a", "rtn_a", "fp_b", "rtn_b"}
+
+
+def test_report_keeps_two_models_sharing_a_name_apart(tmp_path, capsys):
+    root, out = tmp_path / "results", tmp_path / "report"
+    for rows in two_models_named_hf():
+        write_run(root / rows[0]["run_id"], to_frame(rows), "{}\n", {"run_id": rows[0]["run_id"]})
+    assert main([str(root), "--out", str(out)]) == 0
+    md, err = (out / "report.md").read_text(), capsys.readouterr().err
+    sections = {s.split("\n")[0]: s for s in md.split("\n## ")[1:]}
+    assert sorted(sections) == ["hf (aaaaaaaa)", "hf (bbbbbbbb)"]
+    assert "| fp | — | — | 8.00 | 30.00 | 20.00 |" in sections["hf (aaaaaaaa)"]
+    assert "| fp | — | — | 16.00 | 60.00 | 40.00 |" in sections["hf (bbbbbbbb)"]
+    assert "superseded" not in md + err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and all(t in warning[0] for t in ("'hf'", "aaaaaaaa1111", "bbbbbbbb2222", "model.name"))
+    assert (out / "ppl_vs_bits_hf__aaaaaaaa_.png").exists() and (out / "ppl_vs_bits_hf__bbbbbbbb_.png").exists()
+
+
+def test_a_normal_sweep_is_one_model(results_dir, tmp_path, capsys):
+    # fp and every quantized run share the fingerprint of the unquantized weights: one section, no warning
+    out = tmp_path / "report"
+    assert main([str(results_dir), "--out", str(out), "--no-plots"]) == 0
+    assert (out / "report.md").read_text().count("\n## ") == 1 and "warning:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path, name", [
+    ("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB--SmolLM2-360M"), ("gpt2", "gpt2"),
+    ("/models/Llama 3 8B/", "Llama_3_8B"), ("./checkpoints/run-1/step_100", "step_100"),
+])
+def test_hf_model_without_a_name_is_named_by_its_path(path, name):
+    from harness.config import ModelConfig
+
+    assert ModelConfig(name="hf", source="hf", path=path).name == name
+    assert ModelConfig(name="mine", source="hf", path=path).name == "mine"  # an explicit model.name is kept
+
+
+def test_hf_model_name_from_a_local_directory_and_from_the_cli(tmp_path, monkeypatch):
+    from harness.config import ModelConfig
+    from test_config import make_config
+
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert ModelConfig(name="hf", source="hf", path=".").name == tmp_path.name
+    assert ModelConfig(name="hf", source="hf", path="ckpt").name == "ckpt"
+    assert make_config("model=hf", "model.path=org/some.model").model.name == "org--some.model"
+    assert make_config("model=hf", "model.path=org/some.model", "model.name=x").model.name == "x"

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from harness.labels import DASH, latest_per_key, value_text
+from harness.labels import DASH, distinct_model_names, latest_per_key, value_text
 from harness.report.plots import plot_kld_vs_bits, plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
 from harness.report.select import main_rows
 from harness.report.significance import PairedEvidence
@@ -202,6 +203,9 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
         raise ValueError("no result rows to report")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    frame, name_warnings = distinct_model_names(frame)  # before superseding: a name may cover several models
+    for text in dict.fromkeys(name_warnings.values()):
+        print(f"warning: {text}", file=sys.stderr)
     rows, superseded = latest_per_key(frame)
     evidence = PairedEvidence(run_dirs)
     md = ["# Quantization comparison", ""]
@@ -213,6 +217,7 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
         figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_kld_vs_bits(model_rows, out_dir)
                    + plot_size_vs_ppl(model_rows, out_dir) + plot_timing(model_rows, out_dir)) if plots else []
         prov = provenance(model_rows, superseded)
+        prov += [("warning", name_warnings[model])] if model in name_warnings else []
         md += _markdown_model(str(model), sections, prov, figures)
         tex += _latex_model(str(model), sections, prov, figures)
         written += figures
