@@ -2,11 +2,13 @@
 
 A YAML key typo or a value of the wrong type fails at compose time; semantic checks (bits 5, group
 size 0, an eval set nobody defined, ...) run in __post_init__ when `OmegaConf.to_object` builds these
-objects, before any model loads. Nothing below harness/__main__.py sees a DictConfig.
+objects, before any model loads. Only harness/__main__.py and harness/preflight.py (a sweep's jobs) see a DictConfig.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
@@ -46,6 +48,10 @@ class ModelConfig:
     # auto: stream decoder blocks from the safetensors checkpoint when it would not fit comfortably in memory;
     # true/false force it. How the run computes, not what: results are bit-identical (tests/test_streaming.py).
     streaming: str = "auto"
+    # Class constants, not fields (no annotation): conf/model/hf.yaml's generic name, replaced by one from `path`;
+    # what a hub id looks like ('gpt2', 'org/name'), anything else is a local path.
+    GENERIC_HF_NAME = "hf"
+    HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "streaming", str(self.streaming).lower())  # Hydra hands over true/false as bools
@@ -54,6 +60,20 @@ class ModelConfig:
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, str(list(DTYPES)))
         _require(self.source != "hf" or bool(self.path), "model.path", self.path,
                  "a hub id or local directory when model=hf (e.g. model.path=HuggingFaceTB/SmolLM2-360M)")
+        if self.source == "hf" and self.name == self.GENERIC_HF_NAME:
+            # Every model=hf run without model.name would be called "hf": reports would take two models for one.
+            object.__setattr__(self, "name", self.name_from_path(self.path))
+
+    @classmethod
+    def name_from_path(cls, path: str) -> str:
+        """A filesystem-safe model name (it names results/<run_id>/) from a hub id or local directory:
+        'org/name' -> 'org--name', a local directory -> its last component."""
+        local = Path(path).expanduser()
+        if local.is_dir() or not cls.HUB_ID.fullmatch(path):
+            text = local.resolve().name if local.is_dir() else local.name
+        else:
+            text = path.replace("/", "--")
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".") or cls.GENERIC_HF_NAME
 
 
 @dataclass(frozen=True)
