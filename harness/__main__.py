@@ -1,18 +1,23 @@
 """Entry point: `python -m harness method=awq bits=4 group_size=128` (add -m for sweeps).
 
-The only module that sees Hydra's DictConfig: it becomes a typed, validated RunConfig here.
+Hydra's DictConfig becomes a typed, validated RunConfig here (harness/preflight.py does the same for each job of a
+sweep before any starts). Bad input ends the run with one `config error: ...` line and exit status 2, before any
+expensive work and before anything is written.
 """
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import ConfigError, RunConfig, register_configs
+from harness.preflight import to_run_config
 from harness.summary import RUN_FILE, summary_table, versus_baseline
 
 log = logging.getLogger("harness")
@@ -22,21 +27,24 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        run_cfg: RunConfig = OmegaConf.to_object(cfg)
-    except ValueError as err:  # ConfigError and the methods' and evaluators' own config checks
-        log.error("config error: %s", err)
-        sys.exit(2)
+        run_cfg: RunConfig = to_run_config(cfg)
+    except (ValueError, OmegaConfBaseException) as err:  # ConfigError, the methods' and evaluators' own checks
+        _config_error(err)
     from harness.run import execute, run_dir  # heavy imports (torch, transformers) only after validation
 
     try:
         frame = execute(run_cfg, OmegaConf.to_yaml(cfg, resolve=True))
     except ConfigError as err:  # found by the preflight, before any model loads (or by a check on the model)
-        log.error("config error: %s", err)
-        sys.exit(2)
+        _config_error(err)
     Path(HydraConfig.get().runtime.output_dir, RUN_FILE).write_text(str(run_dir(run_cfg).resolve()) + "\n")
     log.info("summary (%s):\n%s", run_dir(run_cfg), summary_table(frame))
     if comparison := versus_baseline(frame):
         log.info("%s", comparison)
+
+
+def _config_error(err: Exception) -> NoReturn:
+    log.error("config error: %s", " ".join(str(err).split()))  # one line, whatever the message
+    sys.exit(2)
 
 
 if __name__ == "__main__":

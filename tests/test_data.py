@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
+from conftest import WORDS, random_text, tiny_tokenizer
 from harness.config import TextSourceConfig
-from harness.data import SOURCES, calibration_tokens, eval_tokens, role_documents, split_documents
+from harness.data import (SOURCES, TEXTFILE_DOC_CHARS, calibration_stream_size, calibration_tokens, check_source,
+                          eval_tokens, role_documents, split_documents, textfile_documents)
 
 
 def test_split_is_disjoint_stable_and_sized():
@@ -78,3 +79,67 @@ def test_code_source_reads_the_stdlib(tmp_path):
     docs = role_documents(TextSourceConfig(kind="code"), tmp_path, "eval")
     assert len(docs) > 20 and all(key.endswith(".py") for key, _ in docs)
     assert not any(key.startswith("test/") for key, _ in docs)
+
+
+def _one_line_of(n_chars: int, sentence_end: str = ". ") -> str:
+    import random
+
+    rng = random.Random(0)
+    words, size = [], 0
+    while size < n_chars:
+        word = rng.choice(WORDS) + (sentence_end if rng.random() < 0.08 else " ")
+        words.append(word)
+        size += len(word)
+    return "".join(words).strip()
+
+
+def test_a_5mb_file_on_one_line_is_cut_at_sentence_ends(tmp_path):
+    text = _one_line_of(5_000_000)
+    path = tmp_path / "one_line.txt"
+    path.write_text(text + "\n")
+    cfg = TextSourceConfig(kind="textfile", path=str(path))
+    check_source("t", cfg, tmp_path)  # refused before: one line, one document
+    docs = [t for _, t in textfile_documents(cfg, tmp_path, "eval")]
+    assert len(docs) > 0.8 * len(text) / (2 * TEXTFILE_DOC_CHARS)
+    assert all(len(d) < 2 * TEXTFILE_DOC_CHARS + 10 for d in docs)
+    assert all(d.endswith(".") for d in docs[:-1])  # cut where a sentence ends
+    assert " ".join(docs) == text  # nothing lost, nothing reordered
+    assert len(role_documents(cfg, tmp_path, "eval")) >= 1 and len(role_documents(cfg, tmp_path, "calib")) >= 1
+
+
+def test_a_one_line_file_without_sentence_ends_is_cut_at_whitespace(tmp_path):
+    text = _one_line_of(50_000, sentence_end=" ")
+    path = tmp_path / "no_sentences.txt"
+    path.write_text(text)
+    docs = [t for _, t in textfile_documents(TextSourceConfig(kind="textfile", path=str(path)), tmp_path, "eval")]
+    assert len(docs) > 10 and all(len(d) < 2 * TEXTFILE_DOC_CHARS + 10 for d in docs)
+    assert " ".join(docs).split() == text.split()
+
+
+def test_one_sentence_per_line_files_keep_their_documents(tmp_path):
+    """Lines shorter than a document are joined with newlines as before."""
+    lines = [" ".join(WORDS[i % 7:i % 7 + 8]) + "." for i in range(1500)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    docs = [t for _, t in textfile_documents(TextSourceConfig(kind="textfile", path=str(path)), tmp_path, "eval")]
+    assert "\n".join(docs).splitlines() == lines and all(len(d) >= TEXTFILE_DOC_CHARS for d in docs[:-1])
+
+
+def test_non_utf8_file_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "cp1252.txt"
+    path.write_bytes(random_text(2000).replace("fox", "\u201cfox\u201d").encode("cp1252"))
+    cfg = TextSourceConfig(kind="textfile", path=str(path))
+    with pytest.raises(ValueError, match=r"data source 'mine': data.sources.mine.path: .*cp1252.txt is not UTF-8 text: "
+                                         r"byte 0x93 at offset \d+"):
+        check_source("mine", cfg, tmp_path)
+
+
+def test_calibration_stream_size_matches_calibration_tokens(text_file, tmp_path):
+    cfg = TextSourceConfig(kind="textfile", path=str(text_file))
+    tok = tiny_tokenizer()
+    full = calibration_stream_size(cfg, tok, tmp_path, seed=3, up_to=10**9)
+    assert calibration_stream_size(cfg, tok, tmp_path, seed=3, up_to=100) == 100
+    calibration_tokens("t", cfg, tok, tmp_path, n_samples=2, seqlen=full - 1, seed=3)  # fits: more than seqlen tokens
+    with pytest.raises(ValueError, match="calib.seqlen"):
+        calibration_tokens("t", cfg, tok, tmp_path, n_samples=2, seqlen=full, seed=3)
+

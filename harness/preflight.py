@@ -1,0 +1,368 @@
+"""The preflight: bad input fails before any expensive work (before the model loads, the packaged GGUF is converted
+or a baseline pass runs) and before anything is written, as one `config error: ...` line naming the key, its value
+and what is allowed (or the file at fault).
+
+One function per check, each raising ConfigError; `preflight` runs them cheapest first. `harness.run.execute` runs
+them before it writes anything, and `SweepPreflight` (a Hydra callback) runs them for every job of a sweep before
+the first job starts. Besides harness/__main__.py this is the one module that sees Hydra's DictConfig:
+`to_run_config` turns one into a RunConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from harness import data as datasets_
+from harness.config import ConfigError, RunConfig
+from harness.identity import calibrates, used_sources
+from harness.models import (PACKAGED_MAX_POSITIONS, cache_dir_of, check_model_location, local_model_directory,
+                            resolve_device)
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Source kinds whose token budget is checked. The packaged kinds (wiki, code, prose) hold millions of tokens, far
+# more than any seqlen a model accepts (check_seqlens bounds those), so only a user's own text can be too short.
+TOKEN_CHECKED_KINDS = ("textfile", "hf")
+
+
+def preflight(cfg: RunConfig, cache: Path, device: torch.device | None) -> None:
+    """Every check, each raising ConfigError: what must exist first, then what must fit. `device=None` skips the
+    checks that need the machine the run will use (a sweep submitted to a cluster is checked on the submitting
+    host)."""
+    if device is not None:
+        check_kernel_device(cfg, device)
+    check_writable("results_dir", cfg.results_dir)
+    check_writable("cache_dir" if cfg.cache_dir else "cache_dir (unset: $QUANT_HARNESS_CACHE or "
+                   "~/.cache/quant-harness)", cache)
+    check_model_location(cfg.model)
+    directory = local_model_directory(cfg.model, cache)
+    model_config = read_model_config(cfg.model, directory)
+    if cfg.model.source == "hf" and directory == Path(os.path.expanduser(cfg.model.path)):  # a local directory
+        check_safetensors(cfg.model, directory)  # (a hub snapshot may hold only some shards yet: they download later)
+    for name in sorted(used_sources(cfg)):
+        check_source(name, cfg, cache)
+    check_lm_eval_tasks(cfg)
+    check_seqlens(cfg, model_config)
+    check_token_budgets(cfg, cache, directory, model_config)
+
+
+def preflight_config(cfg: RunConfig, check_device: bool = True) -> None:
+    """The preflight of one run's config, with its device and cache directory resolved as the run resolves them."""
+    preflight(cfg, cache_dir_of(cfg), resolve_device(cfg.device) if check_device else None)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed, validated RunConfig of a composed config (ValueError, ConfigError among them, when invalid)."""
+    unknown = next(unknown_keys(cfg), None)
+    if unknown is not None:
+        key, value, allowed = unknown
+        raise ConfigError(f"{key}={value} is not a config key (added with +?); allowed keys here: {allowed}")
+    return OmegaConf.to_object(cfg)
+
+
+def unknown_keys(node: DictConfig, prefix: str = ""):
+    """(dotted key, value, the schema's keys) for every key that a `+key=value` override added to a typed node. Hydra
+    accepts these, and the frozen dataclasses would only fail on them with an AttributeError traceback."""
+    schema = OmegaConf.get_type(node)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        child = node._get_node(key)  # not resolved: a missing value (???) is reported by to_object, naming its key
+        if fields is not None and key not in fields:
+            yield f"{prefix}{key}", child, fields
+        elif isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            yield from unknown_keys(child, f"{prefix}{key}.")
+
+
+def check_kernel_device(cfg: RunConfig, device: torch.device) -> None:
+    """A packed kernel that cannot run on the device (triton without CUDA, ...)."""
+    if cfg.kernel is None:
+        return
+    from kernels.quant_linear import check_backend_device
+
+    try:
+        check_backend_device(cfg.kernel, device)
+    except ValueError as err:
+        raise ConfigError(f"kernel={cfg.kernel!r} cannot run on device {device}: {err}") from None
+
+
+def check_writable(key: str, path: str | Path) -> None:
+    """`path` is a writable directory, or can be created as one: its nearest existing ancestor is a directory this
+    process may write to. Probed with a temporary file that is removed at once (os.access alone says yes to root on
+    a read-only mount); the directory itself is not created here."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} is not writable: {existing} is a file, not a directory; allowed "
+                          "values: a writable directory")
+    try:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError("permission denied")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".preflight-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}={str(path)!r} is not writable ({existing}: {err.strerror or err}); allowed "
+                          "values: a writable directory") from None
+
+
+def read_model_config(model: ModelConfig, directory: Path | None) -> dict | None:
+    """The model's config.json, parsed; None while it is not on this machine (the packaged model before its first
+    conversion)."""
+    if directory is None:
+        return None
+    file = directory / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        return config
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if model.source == "packaged":  # a damaged conversion fails its manifest and is redone by convert_packaged
+            return None
+        raise ConfigError(f"model.path={model.path!r}: {file} is not a valid config.json ({err}); allowed values: "
+                          "a model directory written by save_pretrained") from None
+
+
+def check_safetensors(model: ModelConfig, directory: Path) -> None:
+    """Every *.safetensors file of the model directory, and every shard its model.safetensors.index.json names,
+    exists and is as long as its header says (a truncated download or copy). Reads the headers only."""
+    files = set(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"model.path={model.path!r}: {index} is not a valid safetensors index "
+                              f"({type(err).__name__}: {err})") from None
+        for shard in sorted(shards):
+            if not (directory / shard).is_file():
+                raise ConfigError(f"model.path={model.path!r}: {index} names the shard {shard}, which is missing")
+        files |= {directory / shard for shard in shards}
+    for file in sorted(files):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ConfigError(f"model.path={model.path!r}: {file} {problem}; allowed values: complete safetensors "
+                              "files (download or copy the checkpoint again)")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (None: nothing): its 8-byte little-endian header length, the
+    JSON header, and a file long enough for the furthest tensor's data_offsets end. The tensor data is not read."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is truncated: {size} bytes, shorter than the 8-byte header length"
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            return f"is truncated: {size} bytes, shorter than its {header_len}-byte header"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            return f"has a malformed header ({type(err).__name__}: {err})"
+    if 8 + header_len + end > size:
+        return f"is truncated: {size:,} bytes where its header needs {8 + header_len + end:,}"
+    return None
+
+
+def max_positions(model: ModelConfig, config: dict | None) -> tuple[int | None, str]:
+    """(the model's max_position_embeddings or None when unknown, where it was read)."""
+    config = config or {}
+    for node, where in ((config, "config.json"), (config.get("text_config") or {}, "config.json text_config")):
+        if isinstance(node.get("max_position_embeddings"), int):
+            return node["max_position_embeddings"], where
+    if model.source == "packaged":  # not converted yet: the packaged model's known value
+        return PACKAGED_MAX_POSITIONS, "the packaged SmolLM2-135M"
+    return None, ""
+
+
+def check_seqlens(cfg: RunConfig, model_config: dict | None) -> None:
+    """eval.seqlen (and calib.seqlen, when the method calibrates) fit in the model's max_position_embeddings."""
+    limit, where = max_positions(cfg.model, model_config)
+    if limit is None:
+        return
+    keys = [("eval.seqlen", cfg.eval.seqlen)] + ([("calib.seqlen", cfg.calib.seqlen)] if calibrates(cfg) else [])
+    for key, seqlen in keys:
+        if seqlen > limit:
+            raise ConfigError(f"{key}={seqlen} is longer than the model's max_position_embeddings={limit} ({where}); "
+                              f"allowed values: 2 to {limit}")
+
+
+def check_source(name: str, cfg: RunConfig, cache: Path) -> None:
+    """A source's data is there, is UTF-8 and can be split into calibration and evaluation documents."""
+    try:
+        datasets_.check_source(name, cfg.data.sources[name], cache)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_token_budgets(cfg: RunConfig, cache: Path, directory: Path | None, model_config: dict | None) -> None:
+    """The user's own sources hold enough tokens: a full window of eval.seqlen in an eval set's eval split, more than
+    calib.seqlen in the calibration source's calibration split. A warning when eval.max_windows asks for more
+    windows than there are."""
+    names = [name for name in sorted(used_sources(cfg)) if cfg.data.sources[name].kind in TOKEN_CHECKED_KINDS]
+    if not names:
+        return
+    tokenizer = load_tokenizer(cfg.model, directory)
+    if tokenizer is None:
+        return
+    bos = int(_needs_bos(model_config) and tokenizer.bos_token_id is not None)  # as perplexity.eval_windows
+    for name in names:
+        if name in cfg.eval.ppl_sets:
+            check_eval_budget(cfg, name, tokenizer, cache, bos)
+        if calibrates(cfg) and name == cfg.calib.source:
+            check_calib_budget(cfg, name, tokenizer, cache)
+
+
+def load_tokenizer(model: ModelConfig, directory: Path | None):
+    """The run's tokenizer (cheap next to the model), None for the packaged model before its first conversion.
+
+    The packaged model's tokenizer is saved with its converted copy, which the first run makes (~30 s, the expensive
+    work the preflight runs before). Its own sources are large; a user's text file with it is checked from the second
+    run on, and on the first run fails as before, after the conversion."""
+    if model.source == "packaged":
+        if directory is None:
+            return None
+        location, revision = str(directory), None
+    else:
+        location, revision = os.path.expanduser(model.path), model.revision
+    try:
+        return _tokenizer(location, revision, model.trust_remote_code)
+    except Exception as err:  # OSError, ValueError, ...: transformers' own classes
+        if model.source == "packaged":  # a damaged conversion is redone by convert_packaged
+            return None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model.path={model.path!r}: its tokenizer cannot be loaded ({type(err).__name__}: "
+                          f"{reason})") from None
+
+
+@functools.lru_cache(maxsize=4)  # a sweep checks every job against the same model
+def _tokenizer(location: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _needs_bos(model_config: dict | None) -> bool:
+    from structure.architectures import ARCHITECTURES
+
+    model_type = (model_config or {}).get("model_type")
+    return model_type in ARCHITECTURES and ARCHITECTURES.get(model_type).needs_bos
+
+
+def check_eval_budget(cfg: RunConfig, name: str, tokenizer, cache: Path, bos: int) -> None:
+    """At least one window of eval.seqlen tokens in the eval split (a warning when max_windows asks for more)."""
+    body, wanted = cfg.eval.seqlen - bos, cfg.eval.max_windows or 1
+    have = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, wanted * body).tokens.numel()
+    if have < body:
+        raise ConfigError(f"eval.seqlen={cfg.eval.seqlen} is longer than the eval split of data.sources.{name} "
+                          f"({have} tokens): not one window; allowed values: eval.seqlen <= {have + bos} for this "
+                          "source, or more text in it")
+    if have < wanted * body:
+        _warn_once(f"eval.max_windows={wanted} asks for more windows than the eval split of data.sources.{name} "
+                   f"holds: {have} tokens make {have // body} windows of eval.seqlen={cfg.eval.seqlen}; evaluating "
+                   "those")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning, once per process (a run passes the preflight more than once: the CLI's, the run's own)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def check_calib_budget(cfg: RunConfig, name: str, tokenizer, cache: Path) -> None:
+    """More than calib.seqlen tokens in the calibration split, which calibration draws its windows from."""
+    seqlen = cfg.calib.seqlen
+    have = datasets_.calibration_stream_size(cfg.data.sources[name], tokenizer, cache, cfg.seed, seqlen + 1)
+    if have <= seqlen:
+        raise ConfigError(f"calib.seqlen={seqlen} needs more than {seqlen} tokens in the calibration split of "
+                          f"calib.source={name!r}, which has {have}; allowed values: calib.seqlen < {have}, or more "
+                          f"text in data.sources.{name}")
+
+
+_TASKS_CHECKED: set[str] = set()  # lm-eval settings found valid in this process (a sweep's jobs share them)
+
+
+def check_lm_eval_tasks(cfg: RunConfig) -> None:
+    """Unknown lm-eval tasks or MMLU subjects, missing task data (once per distinct setting: a passthrough name
+    costs a ~13 s scan of lm-eval's registry)."""
+    if cfg.eval.lm_eval is None or repr(cfg.eval.lm_eval) in _TASKS_CHECKED:
+        return
+    from harness.lmeval import check_tasks
+
+    check_tasks(cfg.eval.lm_eval)
+    _TASKS_CHECKED.add(repr(cfg.eval.lm_eval))
+
+
+class SweepPreflight(Callback):
+    """Hydra callback: before a sweep (-m) launches any job, compose every job's config and run the preflight on it.
+    When any job fails, print one line per failing job (its overrides and the error) and exit 2, so that a bad value
+    in the last job does not wait for the first jobs to finish.
+
+    Only for Hydra's basic sweeper, which knows every job in advance; the launcher (basic, joblib, submitit) is
+    unaffected. A job for a Slurm cluster is checked on the submitting host, without its device checks."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return
+        remote = "slurm" in str(config.hydra.launcher.get("_target_", "")).lower()
+        jobs = sweep_jobs(config)
+        common = set.intersection(*(set(job) for job in jobs))  # the overrides every job shares
+        failures = []
+        for number, job in enumerate(jobs):
+            error = job_error(config, job, check_device=not remote)
+            if error is not None:
+                shown = [o for o in job if o not in common] or job  # what tells the jobs apart
+                failures.append(f"config error: sweep job {number} ({' '.join(shown)}): {error}")
+        if failures:
+            print("\n".join(failures), file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Every job of the sweep, as its list of overrides, expanded exactly as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    arguments = params + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def job_error(config: DictConfig, job: list[str], check_device: bool) -> str | None:
+    """Why one sweep job's config is invalid (composed as its launcher will compose it), None when it is valid."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import open_dict, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        job_config = GlobalHydra.instance().config_loader().load_sweep_config(config, job)
+        with read_write(job_config), open_dict(job_config):
+            del job_config["hydra"]  # what the task function receives
+        preflight_config(to_run_config(job_config), check_device=check_device)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ConfigError is a ValueError
+        return " ".join(str(err).split())  # one line
+    return None
+
