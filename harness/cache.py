@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 
 from harness.identity import stable_hash
-from harness.results import atomic_write_bytes
+from harness.integrity import read_or_quarantine, read_sealed, verify_manifest, write_manifest, write_sealed
 from methods.base import QuantizationResult
 from structure.streaming import ArtifactStore
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 # The code that determines a quantized model: any edit here invalidates every cache entry.
 QUANT_CODE = ("core", "structure", "methods", "harness/data.py", "harness/models.py")
@@ -49,13 +51,14 @@ def _directory_of(path: Path) -> Path:
 def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) -> QuantizationResult:
     """Write the entry atomically; returns the result as stored (artifacts on disk move into the entry).
 
-    Artifacts held in memory go into one file. Artifacts a streamed run kept on disk (an ArtifactStore) move into
-    a directory entry, so that no step ever holds them all in memory."""
+    Artifacts held in memory go into one sealed file (its sha256 in its header). Artifacts a streamed run kept on
+    disk (an ArtifactStore) move into a directory entry with a manifest of checksums, so that no step ever holds
+    them all in memory."""
     body = {"key": key, "modified": result.modified, "stats": result.stats, "extras": result.extras, "meta": meta}
     if not isinstance(result.artifacts, ArtifactStore):
         buffer = io.BytesIO()
         torch.save({**body, "artifacts": result.artifacts}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        write_sealed(path, buffer.getvalue())
         return result
     target = _directory_of(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,7 @@ def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) ->
     try:
         shutil.move(str(result.artifacts.directory), tmp / "artifacts")  # a rename: the scratch is in the cache
         torch.save({**body, "artifacts": "artifacts/"}, tmp / "entry.pt")
+        write_manifest(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -73,19 +77,27 @@ def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) ->
 
 
 def load_entry(path: Path, key: dict) -> tuple[QuantizationResult, dict] | None:
-    """(result, meta) if a valid entry for exactly `key` exists (one file, or a streamed run's directory), else
-    None."""
+    """(result, meta) if a verified entry for exactly `key` exists (one file, or a streamed run's directory), else
+    None. An entry that fails its checksum or cannot be read is moved aside, with a warning naming it."""
     directory = _directory_of(path)
-    if path.exists():
-        entry = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_entry
-    elif (directory / "entry.pt").exists():
-        entry = torch.load(directory / "entry.pt", map_location="cpu", weights_only=False)
-        entry["artifacts"] = ArtifactStore(directory / "artifacts")
-    else:
+    where = path if path.exists() else directory
+    if not where.exists():
+        return None
+    entry = read_or_quarantine(where, lambda: _read_entry(path, directory))
+    if entry is None:
         return None
     if stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
-        return None  # a hash collision or a foreign file: never reuse it
-    if "stats" not in entry:
-        return None  # written before results carried stats and extras: recompute rather than lose them
+        log.warning("%s holds another key (a hash collision or a foreign file): not reused", where)
+        return None
     result = QuantizationResult(entry["artifacts"], entry["modified"], entry["stats"], entry["extras"])
     return result, entry["meta"]
+
+
+def _read_entry(path: Path, directory: Path) -> dict:
+    """The verified content of an entry: a sealed file, or a directory checked against its manifest."""
+    if path.exists():
+        return torch.load(io.BytesIO(read_sealed(path)), map_location="cpu", weights_only=False)  # our own file
+    verify_manifest(directory)
+    entry = torch.load(directory / "entry.pt", map_location="cpu", weights_only=False)
+    entry["artifacts"] = ArtifactStore(directory / "artifacts")
+    return entry

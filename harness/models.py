@@ -20,6 +20,7 @@ import torch
 
 from harness.config import DTYPES as DTYPE_NAMES
 from harness.config import ConfigError, ModelConfig
+from harness.integrity import file_sha256, read_or_quarantine, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QUANT_HARNESS_CACHE", Path.home() / ".cache" / "quant-harness"))
 
 
+def cache_dir_of(cfg) -> Path:
+    """The cache directory of a run config: `cache_dir`, else $QUANT_HARNESS_CACHE or ~/.cache/quant-harness."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+        raise ConfigError("device='cuda' is invalid on this machine: torch sees no CUDA device; allowed values: "
+                          "cpu, auto (cuda needs a GPU and a CUDA build of torch)")
     return torch.device(name)
 
 
@@ -54,12 +61,9 @@ def packaged_gguf_path() -> Path:
     return path
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def converted_directory(cache_dir: Path) -> Path:
+    """Where the packaged GGUF's fp32 conversion lives: named by the GGUF's sha256, so another file converts anew."""
+    return cache_dir / "models" / f"smollm2_135m-{file_sha256(packaged_gguf_path())[:12]}"
 
 
 def convert_packaged(cache_dir: Path) -> Path:
@@ -67,8 +71,8 @@ def convert_packaged(cache_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = packaged_gguf_path()
-    target = cache_dir / "models" / f"smollm2_135m-{_file_sha256(gguf)[:12]}"
-    if (target / "config.json").exists():
+    target = converted_directory(cache_dir)
+    if target.exists() and read_or_quarantine(target, lambda: verify_manifest(target)):
         return target
     log.info("converting %s to fp32 safetensors in %s (one time, ~30 s)", gguf.name, target)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -89,6 +93,7 @@ def convert_packaged(cache_dir: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf.name, "note": PACKAGED_NOTE}, indent=2))
+        write_manifest(tmp)  # verified at every reuse: a damaged conversion is moved aside and redone
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -121,12 +126,22 @@ def check_model_location(cfg: ModelConfig) -> None:
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path={cfg.path!r} has no config.json: not a Hugging Face model directory")
         return
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
-    if not isinstance(cached, str) and constants.HF_HUB_OFFLINE:
+    if isinstance(try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision), str):
+        return
+    if constants.HF_HUB_OFFLINE:
         raise ConfigError(f"model.path={cfg.path!r} is not a local directory and not in the local Hugging Face "
                           "cache, and HF_HUB_OFFLINE is set: it cannot be downloaded")
+    try:  # one small file: whether the hub can be reached and knows this id (and revision)
+        get_hf_file_metadata(hf_hub_url(cfg.path, "config.json", revision=cfg.revision))  # no retries: fails at once
+        hf_hub_download(cfg.path, "config.json", revision=cfg.revision)
+    except Exception as err:  # offline, unknown or gated repository, bad revision: each its own exception class
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"model.path={cfg.path!r} is not a local directory and not in the local Hugging Face "
+                          f"cache, and fetching its config.json from the hub failed ({type(err).__name__}: {reason}); "
+                          "allowed values: a local model directory or a reachable hub id (offline: set "
+                          "HF_HUB_OFFLINE=1 and use a cached one)") from None
 
 
 def load_model(cfg: ModelConfig, device: torch.device, cache_dir: Path | None = None):
@@ -219,3 +234,68 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             total, squares = total + x.sum().item(), squares + (x * x).sum().item()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}{total:.10e}{squares:.10e}".encode())
     return h.hexdigest()[:16]
+
+
+STAMP_EDGE = 1 << 16  # bytes hashed at each end of a file: a safetensors header, a GGUF's tensor table
+
+
+def _weight_files(cfg: ModelConfig) -> list[Path] | None:
+    """The files the model is loaded from, None when they are not on this machine yet (a hub id not downloaded)."""
+    if cfg.source == "packaged":
+        try:
+            return [packaged_gguf_path()]  # the converted copy derives from it and is verified by its own manifest
+        except FileNotFoundError:
+            return None
+    if _looks_local(cfg.path):
+        root = Path(os.path.expanduser(cfg.path))
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+        if not isinstance(config, str):
+            return None
+        root = Path(config).parent
+    if not root.is_dir():
+        return None
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def weights_stamp(cfg: ModelConfig) -> str | None:
+    """A cheap stand-in for the model fingerprint, read without loading the model: every file's name, size, mtime
+    and a hash of its first and last STAMP_EDGE bytes. It changes whenever a weight file is rewritten (a fine-tuned
+    checkpoint saved over the old one); a run confirms a changed stamp with the full fingerprint. None when the
+    files are not on this machine yet."""
+    files = _weight_files(cfg)
+    if files is None:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(STAMP_EDGE))
+            if st.st_size > 2 * STAMP_EDGE:
+                f.seek(-STAMP_EDGE, os.SEEK_END)
+                h.update(f.read(STAMP_EDGE))
+    return h.hexdigest()[:16]
+
+
+PACKAGED_MAX_POSITIONS = 8192  # SmolLM2-135M's max_position_embeddings (its config.json; the GGUF's context length)
+
+
+def local_model_directory(cfg: ModelConfig, cache_dir: Path) -> Path | None:
+    """The directory on this machine holding the model's config.json, None while there is none yet: a local
+    model.path, a hub id's snapshot in the local Hugging Face cache, the packaged model's converted copy (made by
+    the first run)."""
+    if cfg.source == "packaged":  # where convert_packaged puts it
+        directory = converted_directory(cache_dir)
+    elif _looks_local(cfg.path):
+        directory = Path(os.path.expanduser(cfg.path))
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+        directory = Path(cached).parent if isinstance(cached, str) else None
+    return directory if directory is not None and (directory / "config.json").is_file() else None
+

@@ -6,13 +6,20 @@ regression checks read results/ only and never run a model.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
 import os
-import tempfile
+import time
+from dataclasses import dataclass, field
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from harness.integrity import atomic_write_bytes, atomic_write_text, file_sha256
+
+log = logging.getLogger(__name__)
 
 # Run-level keys, repeated on every row of a run so each row stands alone.
 RUN_COLUMNS = [
@@ -60,50 +67,97 @@ def quant_row(metric: str, value: float, detail: dict | None = None) -> dict:
             "detail": json.dumps(detail) if detail else None}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def write_run(run_dir: Path, frame: pd.DataFrame, config_yaml: str, meta: dict,
               files: dict[str, bytes] | None = None) -> None:
     """Write a finished run: rows (parquet + CSV), composed config, extra files (a method's extras, such as
-    awq_search.pt), metadata, and the DONE marker last."""
+    awq_search.pt), and last the DONE marker, which holds the metadata and the sha256 of every file written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in (files or {}).items():
+    contents = {**(files or {}), CONFIG_FILE: config_yaml.encode(), ROWS_FILE: frame.to_parquet(index=False),
+                CSV_FILE: frame.to_csv(index=False).encode()}
+    for name, data in contents.items():
         atomic_write_bytes(run_dir / name, data)
-    atomic_write_text(run_dir / CONFIG_FILE, config_yaml)
-    atomic_write_bytes(run_dir / ROWS_FILE, frame.to_parquet(index=False))
-    atomic_write_text(run_dir / CSV_FILE, frame.to_csv(index=False))
-    atomic_write_text(run_dir / DONE_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+    checksums = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    atomic_write_text(run_dir / DONE_FILE, json.dumps({**meta, "files": checksums}, indent=2, default=str) + "\n")
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """What a run directory holds: `complete` (every file matches the checksum in DONE), `unfinished` (no DONE),
+    `damaged` (a file is missing or does not match), or `legacy` (finished before checksums were recorded, so it
+    cannot be verified). `meta` is the content of DONE where it could be read."""
+
+    state: str
+    reason: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def readable(self) -> bool:
+        """Whether readers (compare, report, regress) may use it: verified, or legacy (with a warning)."""
+        return self.state in ("complete", "legacy")
+
+
+def check_run(run_dir: Path) -> RunCheck:
+    """Verify a run directory against the checksums its DONE marker recorded."""
+    run_dir = Path(run_dir)
+    try:
+        meta = json.loads((run_dir / DONE_FILE).read_text())
+    except FileNotFoundError:
+        return RunCheck("unfinished", f"no {DONE_FILE} marker")
+    except (OSError, ValueError) as err:
+        return RunCheck("damaged", f"unreadable {DONE_FILE}: {err}")
+    if not isinstance(meta, dict):
+        return RunCheck("damaged", f"{DONE_FILE} is not a JSON object")
+    if "files" not in meta:
+        state = "legacy" if (run_dir / ROWS_FILE).exists() else "damaged"
+        return RunCheck(state, f"written before checksums were recorded ({DONE_FILE} has no 'files')", meta)
+    for name, expected in meta["files"].items():
+        path = run_dir / name
+        if not path.is_file():
+            return RunCheck("damaged", f"{name} is missing", meta)
+        if file_sha256(path) != expected:
+            return RunCheck("damaged", f"{name} does not match its checksum", meta)
+    return RunCheck("complete", None, meta)
 
 
 def is_complete(run_dir: Path) -> bool:
+    """A finished run whose every file matches its checksum."""
+    return check_run(run_dir).state == "complete"
+
+
+def update_done(run_dir: Path, **fields) -> None:
+    """Rewrite DONE's metadata (not its checksums) atomically, e.g. a new weights stamp for the same weights."""
+    meta = json.loads((Path(run_dir) / DONE_FILE).read_text())
+    atomic_write_text(Path(run_dir) / DONE_FILE, json.dumps({**meta, **fields}, indent=2, default=str) + "\n")
+
+
+def set_aside(run_dir: Path, reason: str) -> Path:
+    """Move a damaged run's files (not its lock or temporary files, whose names start with '.') into a sibling
+    `<run>.corrupt-<time>` directory, its DONE renamed so no reader takes it for a run; never deletes anything."""
     run_dir = Path(run_dir)
-    return (run_dir / DONE_FILE).exists() and (run_dir / ROWS_FILE).exists()
+    aside = run_dir.with_name(f"{run_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    aside.mkdir(parents=True)
+    for entry in run_dir.iterdir():
+        if not entry.name.startswith("."):
+            os.replace(entry, aside / (f"{DONE_FILE}.corrupt" if entry.name == DONE_FILE else entry.name))
+    log.warning("%s is damaged (%s): its files moved aside to %s; re-running it", run_dir, reason, aside)
+    return aside
 
 
 def read_run(run_dir: Path) -> pd.DataFrame:
     frame = pd.read_parquet(Path(run_dir) / ROWS_FILE)
     # a run written before a column existed (ci_low/ci_high) reads with that column empty
     return frame.reindex(columns=COLUMNS).astype(_DTYPES)
+
+
+def _readable(run_dir: Path) -> bool:
+    """Whether a reader may use this run; a damaged one is skipped with a warning, a legacy one read with one."""
+    check = check_run(run_dir)
+    if check.state == "damaged":
+        log.warning("skipping %s: damaged (%s)", run_dir, check.reason)
+    elif check.state == "legacy":
+        log.warning("reading %s unverified: %s", run_dir, check.reason)
+    return check.readable
 
 
 def find_run_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -114,16 +168,20 @@ def find_run_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     for p in paths:
         for root in glob.glob(str(p)) or []:
             root = Path(root)
-            if is_complete(root):
-                found.add(root)
+            if (root / DONE_FILE).is_file():
+                if _readable(root):
+                    found.add(root)
             elif root.is_dir():
-                found.update(d.parent for d in root.rglob(DONE_FILE) if is_complete(d.parent))
+                found.update(d.parent for d in root.rglob(DONE_FILE) if _readable(d.parent))
     return sorted(found)
 
 
 def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Every finished run under `paths` (dirs or globs) as one tidy DataFrame; unfinished runs are skipped."""
-    dirs = find_run_dirs(paths)
-    if not dirs:
-        return to_frame([])
-    return pd.concat([read_run(d) for d in dirs], ignore_index=True)
+    frames = []
+    for run_dir in find_run_dirs(paths):
+        try:
+            frames.append(read_run(run_dir))
+        except Exception as err:  # noqa: BLE001 -- a legacy run's damaged parquet: skip it, say which and why
+            log.warning("skipping %s: its %s cannot be read (%s)", run_dir, ROWS_FILE, err)
+    return pd.concat(frames, ignore_index=True) if frames else to_frame([])

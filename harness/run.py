@@ -21,70 +21,76 @@ import pandas as pd
 import torch
 import yaml
 
-from harness import data as datasets_
 from harness.config import ConfigError, RunConfig
-from harness.identity import calibrates, config_hash, quantizes, result_key, run_dir, run_id, used_sources
-from harness.models import (PACKAGED_NOTE, check_model_location, decide_streaming, default_cache_dir, load_model,
-                            load_streamed_model, model_fingerprint, resolve_device)
+from harness.identity import calibrates, config_hash, quantizes, result_key, run_dir, run_id
+from harness.models import (PACKAGED_NOTE, cache_dir_of, decide_streaming, load_model,
+                            load_streamed_model, model_fingerprint, resolve_device, weights_stamp)
+from harness.preflight import preflight
 from harness.pack_stage import pack_stage, pack_streamed, probe_window
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
 from harness.runlock import run_lock
-from harness.results import BLOCKS_FILE, DOCS_FILE, is_complete, read_run, to_frame, write_run
+from harness.results import (BLOCKS_FILE, DOCS_FILE, RunCheck, check_run, read_run, set_aside, to_frame, update_done,
+                             write_run)
 from harness.teacher import teachers
 from kernels.backends import default_backend
-from kernels.quant_linear import check_backend_device
 from structure.architectures import apply_block_artifacts, layout_for
 from structure.streaming import residency_of
 
 log = logging.getLogger(__name__)
 
 
-def cache_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-
-
-def preflight(cfg: RunConfig, cache: Path, device: torch.device) -> None:
-    """Fail fast with a ConfigError, before any model loads: a model that cannot be found, a kernel that cannot run
-    on the device, missing data packages or files, a source that cannot be split, unknown lm-eval tasks."""
-    check_model_location(cfg.model)
-    if cfg.kernel is not None:
-        try:
-            check_backend_device(cfg.kernel, device)
-        except ValueError as err:
-            raise ConfigError(f"kernel={cfg.kernel!r} cannot run on device {device}: {err}") from None
-    for name in sorted(used_sources(cfg)):
-        try:
-            datasets_.check_source(name, cfg.data.sources[name], cache)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(str(err)) from None
-    if cfg.eval.lm_eval is not None:
-        from harness.lmeval import check_tasks
-
-        check_tasks(cfg.eval.lm_eval)
-
-
 def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
-    """Run `cfg` (or reuse its finished results) and return its rows."""
+    """Run `cfg` (or reuse its finished results, verified and measured on the same weights) and return its rows.
+    Bad input is a ConfigError from the preflight, before anything is written (the run's lock directory included)."""
+    preflight(cfg, cache_dir_of(cfg), resolve_device(cfg.device))
     out_dir = run_dir(cfg)
-    if is_complete(out_dir) and not cfg.force:
-        log.info("%s is complete: skipping (force=true re-runs it)", out_dir)
+    stamp = weights_stamp(cfg.model)
+    check = check_run(out_dir)
+    if not cfg.force and _reusable(out_dir, check, stamp):
         return read_run(out_dir)
     with run_lock(out_dir) as waited:
-        if waited and is_complete(out_dir):
+        check = check_run(out_dir) if waited else check
+        if waited and not cfg.force and _reusable(out_dir, check, stamp):
             return read_run(out_dir)
-        return _execute(cfg, out_dir, config_yaml)
+        if check.state == "damaged":
+            set_aside(out_dir, check.reason)
+        confirm = check.meta.get("model_fingerprint") if check.state == "complete" and not cfg.force else None
+        return _execute(cfg, out_dir, config_yaml, Resume(stamp, confirm))
 
 
-def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None) -> pd.DataFrame:
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """What a run knows of an earlier finished run in its directory: the weights stamp now, and the fingerprint the
+    earlier run measured when only the stamp differs (equal fingerprints: the same weights, the result stands)."""
+
+    stamp: str | None
+    confirm_fingerprint: str | None = None
+
+
+def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
+    """Whether the finished run in `out_dir` can be returned as it is; says why not when it cannot."""
+    if check.state == "complete" and stamp is not None and check.meta.get("weights_stamp") == stamp:
+        log.info("%s is complete: skipping (force=true re-runs it)", out_dir)
+        return True
+    if check.state == "complete":
+        log.info("%s finished on model files that have changed since (weights stamp %s, now %s): checking the "
+                 "weights' fingerprint", out_dir, check.meta.get("weights_stamp"), stamp)
+    elif check.state == "legacy":
+        log.info("%s finished before checksums were recorded (%s): re-running it", out_dir, check.reason)
+    elif check.state == "damaged":
+        log.warning("%s is damaged (%s): re-running it", out_dir, check.reason)
+    return False
+
+
+def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None, resume: Resume) -> pd.DataFrame:
     started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     cache, device = cache_dir_of(cfg), resolve_device(cfg.device)
-    preflight(cfg, cache, device)
     streamed = decide_streaming(cfg.model, cache, device)
     torch.manual_seed(cfg.seed)
     with _loaded(cfg, cache, device, streamed) as (model, tokenizer):
-        return _evaluate(cfg, out_dir, config_yaml, model, tokenizer, cache, device, started_at, t0)
+        return _evaluate(cfg, out_dir, config_yaml, model, tokenizer, cache, device, started_at, t0, resume)
 
 
 def whole_model_keys(cfg: RunConfig) -> list[str]:
@@ -126,12 +132,21 @@ def _loaded(cfg: RunConfig, cache: Path, device: torch.device, streamed: bool):
 
 
 def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tokenizer, cache: Path,
-              device: torch.device, started_at: str, t0: float) -> pd.DataFrame:
+              device: torch.device, started_at: str, t0: float, resume: Resume) -> pd.DataFrame:
     layout = layout_for(model)
     streamed = residency_of(model).streamed
     if streamed and whole_model_keys(cfg):
         check_packed_fits(cfg, model, layout, device)
     fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
+    stamp = resume.stamp or weights_stamp(cfg.model)  # a hub id's files are on this machine now
+    if fingerprint == resume.confirm_fingerprint:  # the files were touched or copied, the weights are the same
+        log.info("%s: the model files changed but their weights did not (fingerprint %s): the finished result "
+                 "stands", out_dir, fingerprint)
+        update_done(out_dir, weights_stamp=stamp)
+        return read_run(out_dir)
+    if resume.confirm_fingerprint is not None:
+        log.info("%s: the weights changed (fingerprint %s, was %s): re-running", out_dir, fingerprint,
+                 resume.confirm_fingerprint)
     shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
     windows, data_prints = eval_windows(cfg, tokenizer, layout.spec.needs_bos, cache)
     baseline = teachers(model, windows, data_prints, fingerprint, cache, device) \
@@ -165,7 +180,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tok
                   "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
                   "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device)}
     frame = to_frame({**run_columns(cfg), **provenance, **row} for row in rows)
-    _write(cfg, out_dir, frame, config_yaml, extras, records)
+    _write(cfg, out_dir, frame, config_yaml, extras, records, {"model_fingerprint": fingerprint, "weights_stamp": stamp})
     return frame
 
 
@@ -202,8 +217,8 @@ def run_columns(cfg: RunConfig) -> dict:
 
 
 def _write(cfg: RunConfig, out_dir: Path, frame: pd.DataFrame, config_yaml: str | None, extras: dict,
-           records: dict[str, pd.DataFrame]) -> None:
-    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg),
+           records: dict[str, pd.DataFrame], weights: dict) -> None:
+    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg), **weights,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.model.source == "packaged":
         meta["note"] = PACKAGED_NOTE

@@ -3,7 +3,9 @@
 The lock is a directory created with mkdir (atomic on local and network filesystems alike), holding an owner file
 and a heartbeat file that the holder touches every `heartbeat_s` seconds from a background thread. A waiter polls;
 a lock whose heartbeat is older than `stale_s` (its holder was killed, or its machine died) is taken over by
-renaming it aside (atomic: of several waiters exactly one wins) and creating a fresh one.
+renaming it aside (atomic: of several waiters exactly one wins) and creating a fresh one. A holder on this host
+whose process no longer exists (killed with -9, say) is known dead at once, without waiting for `stale_s`; the
+heartbeat timeout is for holders on other hosts.
 """
 from __future__ import annotations
 
@@ -47,12 +49,29 @@ def _age(lock: Path) -> float | None:
             return None
 
 
-def _take_over(lock: Path) -> None:
+def _dead_local_holder(lock: Path) -> int | None:
+    """The pid of the lock's holder when it ran on this host and that process is gone, else None."""
+    try:
+        owner = json.loads((lock / "owner.json").read_text())
+    except (OSError, ValueError):
+        return None  # not yet written, or vanished: judge by the heartbeat
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return None
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return owner["pid"]
+    except PermissionError:  # exists, owned by another user
+        return None
+    return None
+
+
+def _take_over(lock: Path, why: str) -> None:
     """Move a stale lock aside (one waiter wins the rename), then delete it."""
     aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rename(lock, aside)
-        log.warning("took over a stale lock %s (no heartbeat for over %.0f s)", lock, STALE_S)
+        log.warning("took over the lock %s (%s)", lock, why)
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -62,9 +81,12 @@ def run_lock(out_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = S
     out_dir.mkdir(parents=True, exist_ok=True)
     lock, waited = out_dir / LOCK_DIR, False
     while not _try_create(lock):
+        if (dead := _dead_local_holder(lock)) is not None:
+            _take_over(lock, f"its holder, pid {dead} on this host, no longer exists")
+            continue
         age = _age(lock)
         if age is not None and age > stale_s:
-            _take_over(lock)
+            _take_over(lock, f"no heartbeat for over {stale_s:.0f} s")
             continue
         if not waited:
             log.info("%s is being computed by another process: waiting for it", out_dir)

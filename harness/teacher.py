@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.identity import stable_hash
-from harness.results import atomic_write_bytes
+from harness.integrity import read_or_quarantine, read_sealed, write_sealed
 from structure.architectures import layout_for
 from structure.head import at_least_fp32, lm_head_input
 from structure.layerwise import layerwise_lm_head_inputs
@@ -57,14 +57,23 @@ def teachers(model: torch.nn.Module, windows: dict[str, torch.Tensor], prints: d
         key = {"model_fingerprint": model_print, "tokens": prints[f"eval:{name}"], "windows": list(w.shape),
                "first_ids": w[:, :2].tolist(), "kind": "lm_head_input, all window rows"}
         path = Path(cache) / "teacher" / f"{stable_hash(key, 20)}.pt"
-        if path.exists():
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if stable_hash(entry["key"], 64) == stable_hash(key, 64):
-                found[name] = entry["hidden"]
-                continue
+        if (hidden := _cached(path, key)) is not None:
+            found[name] = hidden
+            continue
         log.info("computing the unquantized model on %s (once; cached in %s)", name, path.parent)
         found[name] = compute_teacher(model, w, device, desc=f"baseline {name}")
         buffer = io.BytesIO()
         torch.save({"key": key, "hidden": found[name]}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        write_sealed(path, buffer.getvalue())
     return found
+
+
+def _cached(path: Path, key: dict) -> torch.Tensor | None:
+    """The cached baseline for exactly `key`, verified against its checksum; a damaged entry is moved aside."""
+    if not path.exists():
+        return None
+    entry = read_or_quarantine(path, lambda: torch.load(io.BytesIO(read_sealed(path)), map_location="cpu",
+                                                        weights_only=True))
+    if entry is None or stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
+        return None
+    return entry["hidden"]

@@ -9,6 +9,7 @@ import pytest
 
 from harness import results
 from harness.config import ConfigError
+from harness.models import weights_stamp
 from harness.run import execute, run_dir
 from test_config import make_config
 
@@ -305,7 +306,8 @@ def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(tiny_model_dir
         worker.join(timeout=2)
         assert worker.is_alive()  # it waits instead of computing the same rows
         results.write_run(out, results.to_frame([{"run_id": "other", "suite": "ppl", "task": "textfile",
-                                                  "metric": "ppl", "value": 1.0}]), "", {})
+                                                  "metric": "ppl", "value": 1.0}]), "",
+                          {"weights_stamp": weights_stamp(cfg.model)})
     worker.join(timeout=60)
     assert got["frame"]["run_id"].tolist() == ["other"]  # it read the finished run
 
