@@ -220,11 +220,15 @@ FINGERPRINT_CHUNK = 1 << 22  # elements: a 262k x 8192 embedding would otherwise
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares). A streamed model
-    reads its tensors one at a time from the checkpoint, and gets the same fingerprint as when loaded whole."""
+    reads its tensors one at a time from the checkpoint, and gets the same fingerprint as when loaded whole. Where
+    the model was loaded from is not part of it: the same weights copied elsewhere (another machine's cache dir)
+    are the same model, comparable and served by the same cache entries."""
     from structure.streaming import residency_of
 
     residency = residency_of(model)
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, p in model.state_dict().items():
         if p.is_meta:
             p = residency.read(model, name)

@@ -251,3 +251,20 @@ def test_a_live_holder_on_this_host_is_waited_for(tmp_path):
         from harness.runlock import _dead_local_holder
 
         assert _dead_local_holder(out / LOCK_DIR) is None
+
+
+def test_the_same_weights_at_another_path_are_the_same_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    from harness.models import load_model, model_fingerprint
+
+    copy = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(tiny_model_dir, copy)
+    prints = [model_fingerprint(load_model(make_config("model=hf", f"model.path={p}").model, "cpu", tmp_path)[0])
+              for p in (tiny_model_dir, copy)]
+    assert prints[0] == prints[1]  # comparable, and one cache entry serves both
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    assert model_fingerprint(load_model(make_config("model=hf", f"model.path={other}").model, "cpu", tmp_path)[0]) \
+        != prints[0]
