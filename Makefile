@@ -11,9 +11,9 @@ test: setup       ## the test suite (what CI runs)
 	$(PY) -m pytest -q
 report: setup     ## the comparison sweep (resumable) and its report
 	OMP_NUM_THREADS=1 $(PY) -m harness +experiment=paper_table  # one thread per parallel job
-	$(PY) -m harness.report results --main-calib wiki --out $(REPORT_DIR)
+	$(PY) -m analysis.report results --main-calib wiki --out $(REPORT_DIR)
 robustness: setup ## calibrate on each domain, evaluate on each
 	$(PY) -m harness +experiment=calib_robustness
-	$(PY) -m harness.report results --out reports/calib_robustness
+	$(PY) -m analysis.report results --out reports/calib_robustness
 regress-baseline: ## regenerate tests/baselines/tiny after an intended change of numbers
 	$(PY) tests/regression_suite.py

@@ -212,7 +212,7 @@ def export_check(tags: list[str], calib: torch.Tensor, threads: int, max_blocks:
     from safetensors.torch import load_file
 
     from structure.architectures import apply_artifacts, layout_for
-    from harness.export import WEIGHTS_FILE, save_quantized
+    from kernels.export import WEIGHTS_FILE, save_quantized
     from methods.awq import AWQ, AWQConfig
 
     print(f"{'spec':6} {'layers':>6} {'codes equal':>11} {'zeros equal':>11} {'W equal (fp16 math)':>19} "

@@ -3,7 +3,7 @@
 Both sides get the SAME calibration windows (harness.data, fingerprints compared) and the same settings
 (asymmetric, damp 0.01, block 128, true-sequential, GPTQModel's act_group_aware off). Each side quantizes in
 its own subprocess (so peak RSS is its own) and writes a GPTQ checkpoint; both checkpoints are then read by
-harness.export.load_quantized_model (GPTQModel's through the same loader: a format interop check too) and
+kernels.export.load_quantized_model (GPTQModel's through the same loader: a format interop check too) and
 evaluated with the same perplexity code, so only the quantization differs. Scales are fp16 on both sides.
 
 Run with the reference venv (scripts/setup_gptq_reference.sh), from the repo root:
@@ -51,7 +51,7 @@ def calibration(args, tokenizer):
 def worker_ours(args, out_dir: Path) -> dict:
     from structure.architectures import layout_for
     from harness.config import ModelConfig
-    from harness.export import save_quantized
+    from kernels.export import save_quantized
     from harness.models import load_model
     from kernels.pack import pack_gptq
     from core.spec import QuantSpec
@@ -145,7 +145,7 @@ def main_parent(args) -> None:
 
     from structure.architectures import apply_artifacts, layout_for
     from harness.config import ModelConfig
-    from harness.export import load_quantized_model
+    from kernels.export import load_quantized_model
     from harness.models import load_model
     from core.spec import QuantSpec
     from core.quant import quantize_weight
@@ -247,7 +247,7 @@ def noise_floor(args) -> None:
     """Ours twice on the same calibration, once with 1 and once with 2 torch threads: only the floating-point
     summation order differs. The ppl spread between the two is the resolution of any ours-vs-theirs comparison."""
     from harness.config import ModelConfig
-    from harness.export import load_quantized_model
+    from kernels.export import load_quantized_model
     from harness.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -281,7 +281,7 @@ def export_check(args) -> None:
 
     from structure.architectures import layout_for
     from harness.config import ModelConfig
-    from harness.export import load_quantized_model, save_quantized
+    from kernels.export import load_quantized_model, save_quantized
     from harness.models import load_model
     from core.spec import QuantSpec
     from methods.gptq import GPTQ, GPTQConfig

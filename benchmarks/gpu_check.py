@@ -143,7 +143,7 @@ def build_model(directory: Path, config: dict, seed: int = 0) -> tuple[Path, Pat
 
 
 def check_e2e(p: dict, device: torch.device, out: Path, dry: bool) -> pd.DataFrame:
-    from harness.results import load_results
+    from analysis.results import load_results
 
     model_dir, corpus = build_model(out / "e2e_assets", p["model"])
     n, seqlen = p["calib"]

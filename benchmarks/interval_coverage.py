@@ -3,7 +3,7 @@
     python benchmarks/interval_coverage.py --draws 600
 
 Token losses are AR(1)-correlated (rho 0.8) inside blocks of 64 tokens, blocks independent, true ppl exp(2). For
-each number of blocks, the fraction of draws whose interval contains the true ppl: harness.stats (Student-t over
+each number of blocks, the fraction of draws whose interval contains the true ppl: analysis.stats (Student-t over
 blocks, Cochran's ratio estimator) and scipy's BCa bootstrap over blocks (what was tried first).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 from scipy import stats as sps
 
-from harness import stats
+from analysis import stats
 
 
 def blocks(rng, n: int, mu: float = 2.0, block: int = 64, rho: float = 0.8):

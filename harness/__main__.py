@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import ConfigError, RunConfig, register_configs
 from harness.preflight import to_run_config
-from harness.summary import RUN_FILE, summary_table, versus_baseline
+from analysis.summary import RUN_FILE, summary_table, versus_baseline
 
 log = logging.getLogger("harness")
 register_configs()

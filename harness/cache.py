@@ -2,11 +2,13 @@
 
 Quantizing is the expensive step; evaluating is not. An entry holds a method's whole QuantizationResult
 (artifacts, the tensors it changed in place, its statistics and extras such as AWQ's search), keyed by the
-model fingerprint, method options, quant spec, calibration config and tokens, seed, and the source code of the
-quantization path. Changing an eval setting reuses it; changing code or config never silently does.
+model fingerprint, method options, quant spec, calibration config and tokens, seed, and the source of every
+project module the method imports (derived from the imports, so moving a file cannot silently keep or drop it).
+Changing an eval setting reuses it; changing code or config never silently does.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import logging
@@ -18,25 +20,64 @@ from pathlib import Path
 import torch
 
 from harness.identity import stable_hash
-from harness.integrity import read_or_quarantine, read_sealed, verify_manifest, write_manifest, write_sealed
+from analysis.integrity import read_or_quarantine, read_sealed, verify_manifest, write_manifest, write_sealed
 from methods.base import QuantizationResult
 from structure.streaming import ArtifactStore
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
-# The code that determines a quantized model: any edit here invalidates every cache entry.
-QUANT_CODE = ("core", "structure", "methods", "harness/data.py", "harness/models.py")
+PROJECT_PACKAGES = ("core", "structure", "methods", "kernels", "harness", "analysis")
 
 
-def code_fingerprint() -> str:
-    """sha256 over the source files of the quantization path."""
+def code_fingerprint(root_module: str, repo: Path = REPO) -> str:
+    """sha256 over the source of every project module that `root_module` (a method's module) imports, directly or
+    not, each under its module name. Derived from the imports, not from a list of paths: a moved or renamed module
+    changes the key (entries are recomputed, never silently reused), and no module the method uses can be left out."""
     h = hashlib.sha256()
-    for entry in QUANT_CODE:
-        path = REPO / entry
-        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            h.update(str(f.relative_to(REPO)).encode())
-            h.update(f.read_bytes())
+    for name, path in sorted(module_closure(root_module, repo).items()):
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def module_closure(root_module: str, repo: Path = REPO) -> dict[str, Path]:
+    """{module name: source file} of the project modules `root_module` loads: what it imports, what those import,
+    and the packages (their __init__) along the way."""
+    found: dict[str, Path] = {}
+    todo = [root_module]
+    while todo:
+        name = todo.pop()
+        if name in found or name.split(".")[0] not in PROJECT_PACKAGES:
+            continue
+        path = _source(name, repo)
+        if path is None:  # `from package import name` where name is not a module
+            continue
+        found[name] = path
+        todo += [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]  # parent packages run first
+        todo += _imported_modules(path, name)
+    return found
+
+
+def _source(module: str, repo: Path) -> Path | None:
+    base = repo.joinpath(*module.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def _imported_modules(path: Path, module: str) -> list[str]:
+    """Every module an import statement of the file may load (`from a import b`: a, and a.b in case b is a module);
+    relative imports resolved against the file's package."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return names
 
 
 def entry_path(cache_dir: Path, key: dict) -> Path:

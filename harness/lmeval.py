@@ -277,7 +277,7 @@ def _rows(results: dict, cfg: LMEvalConfig) -> list[dict]:
             row = {"suite": "lm_eval", "task": name, "metric": metric, "value": float(value),
                    "stderr": _num(metrics.get(f"{metric}_stderr,{filt}")), "n": n, "detail": detail}
             if metric in PER_DOC_METRICS and n:  # a rate over documents: its Wilson interval
-                from harness.stats import proportion  # lazy: scipy only when a task ran
+                from analysis.stats import proportion  # lazy: scipy only when a task ran
 
                 est = proportion(round(float(value) * n), n)
                 row.update(ci_low=est.ci_low, ci_high=est.ci_high)

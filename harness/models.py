@@ -20,7 +20,7 @@ import torch
 
 from harness.config import DTYPES as DTYPE_NAMES
 from harness.config import ConfigError, ModelConfig
-from harness.integrity import file_sha256, read_or_quarantine, verify_manifest, write_manifest
+from analysis.integrity import file_sha256, read_or_quarantine, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from harness.perplexity import check_agreement, perplexity
-from harness.results import quant_row
+from analysis.results import quant_row
 from kernels.quant_linear import pack_model
 from structure.architectures import layout_for
 

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from harness import stats
+from analysis import stats
 from harness.config import RunConfig
 from harness.data import eval_tokens
 from structure.architectures import layout_for

@@ -13,7 +13,7 @@ from harness import cache as quant_cache
 from harness.config import ConfigError, RunConfig
 from harness.data import calibration_tokens
 from harness.identity import quantization_key, spec_of
-from harness.results import quant_row
+from analysis.results import quant_row
 from methods import build_method
 from methods.base import QuantizationResult
 from structure.architectures import ModelLayout, apply_artifacts
@@ -61,7 +61,7 @@ def quantize_stage(cfg: RunConfig, model, tokenizer, layout: ModelLayout, finger
         calib_set = calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer, cache,
                                        cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
         calib, calib_print = calib_set.tokens, calib_set.fingerprint
-    key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint())
+    key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint(type(method).__module__))
     path = quant_cache.entry_path(cache, key)
     cached = None if cfg.force else quant_cache.load_entry(path, key)
     residency = residency_of(model)

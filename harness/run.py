@@ -31,7 +31,7 @@ from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
 from harness.runlock import run_lock
-from harness.results import (BLOCKS_FILE, DOCS_FILE, RunCheck, check_run, read_run, set_aside, to_frame, update_done,
+from analysis.results import (BLOCKS_FILE, DOCS_FILE, RunCheck, check_run, read_run, set_aside, to_frame, update_done,
                              write_run)
 from harness.teacher import teachers
 from kernels.backends import default_backend

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.identity import stable_hash
-from harness.integrity import read_or_quarantine, read_sealed, write_sealed
+from analysis.integrity import read_or_quarantine, read_sealed, write_sealed
 from structure.architectures import layout_for
 from structure.head import at_least_fp32, lm_head_input
 from structure.layerwise import layerwise_lm_head_inputs

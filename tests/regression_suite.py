@@ -2,7 +2,7 @@
 
 `python tests/regression_suite.py` regenerates tests/baselines/tiny after an intended change of
 numbers (commit the result with a message saying why). tests/test_regression_gate.py re-runs the
-sweep and checks it against the baseline with harness.regress.
+sweep and checks it against the baseline with analysis.regress.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""harness.compare on fabricated run directories (no model): A and B follow the order given, --level must lie in
+"""analysis.compare on fabricated run directories (no model): A and B follow the order given, --level must lie in
 (0, 1), runs of different models are refused (or compared without KLD under --allow-cross-model), and a set measured
 on other tokens is refused with the reason."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.compare import main
-from harness.results import to_frame, write_run
+from analysis.compare import main
+from analysis.results import to_frame, write_run
 
 BLOCKS, BLOCK_TOKENS, DOCS = 16, 256, 100
 PRINTS = {"eval:wiki": "tok-wiki", "eval:code": "tok-code"}

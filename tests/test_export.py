@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from structure.architectures import apply_artifacts, layout_for
-from harness.export import load_quantized, load_quantized_model, save_quantized
+from kernels.export import load_quantized, load_quantized_model, save_quantized
 from core.spec import QuantSpec
 from methods.gptq import GPTQ, GPTQConfig
 from core.quant import quantize_weight

@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from conftest import tiny_model, tiny_tokenizer
-from harness import integrity, results
-from harness.integrity import IntegrityError
+from analysis import integrity, results
+from analysis.integrity import IntegrityError
 from harness.models import weights_stamp
 from harness.run import execute, run_dir
 from harness.runlock import LOCK_DIR, run_lock
@@ -268,3 +268,40 @@ def test_the_same_weights_at_another_path_are_the_same_model(tiny_model_dir, tmp
     tiny_tokenizer().save_pretrained(other)
     assert model_fingerprint(load_model(make_config("model=hf", f"model.path={other}").model, "cpu", tmp_path)[0]) \
         != prints[0]
+
+
+# --- the quantization cache is keyed by the code its method imports (issue 20, item 4) ----------------------------
+
+def _package(root, files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_the_cache_key_follows_the_imports_through_a_rename(tmp_path):
+    from harness.cache import code_fingerprint, module_closure
+
+    _package(tmp_path, {"methods/__init__.py": "", "methods/mine.py": "from core.maths import q\n",
+                        "core/__init__.py": "", "core/maths.py": "def q(w):\n    return w\n",
+                        "core/unused.py": "X = 1\n"})
+    before = code_fingerprint("methods.mine", tmp_path)
+    assert set(module_closure("methods.mine", tmp_path)) == {"methods", "methods.mine", "core", "core.maths"}
+    (tmp_path / "core" / "unused.py").write_text("X = 2\n")
+    assert code_fingerprint("methods.mine", tmp_path) == before  # code the method never loads does not matter
+    (tmp_path / "core" / "maths.py").rename(tmp_path / "core" / "rounding.py")  # a move, same bytes
+    (tmp_path / "methods" / "mine.py").write_text("from core.rounding import q\n")
+    renamed = code_fingerprint("methods.mine", tmp_path)
+    assert renamed != before and "core.rounding" in module_closure("methods.mine", tmp_path)
+    (tmp_path / "core" / "rounding.py").write_text("def q(w):\n    return 2 * w\n")
+    assert code_fingerprint("methods.mine", tmp_path) != renamed  # an edit of the moved module still counts
+
+
+def test_relative_imports_are_followed(tmp_path):
+    from harness.cache import module_closure
+
+    _package(tmp_path, {"methods/__init__.py": "", "methods/awq/__init__.py": "from .method import A\n",
+                        "methods/awq/method.py": "from . import maths\nfrom ..base import B\n",
+                        "methods/awq/maths.py": "", "methods/base.py": ""})
+    assert set(module_closure("methods.awq.method", tmp_path)) == {
+        "methods", "methods.awq", "methods.awq.method", "methods.awq.maths", "methods.base"}

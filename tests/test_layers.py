@@ -1,4 +1,6 @@
-"""The import contract: imports point down the layers only (core <- structure <- methods, kernels <- harness).
+"""The import contract: imports point down the layers only (core <- structure <- methods, kernels <- harness), and
+the analysis of finished runs stands apart: it imports no other project package and no torch, so compare, report
+and regress can never run a model.
 
 Reads every import statement of the project's packages with ast, including imports inside functions, so a lazy
 import cannot hide an upward dependency."""
@@ -16,12 +18,15 @@ ALLOWED = {
     "structure": {"core", "structure"},
     "methods": {"core", "structure", "methods"},
     "kernels": {"core", "kernels"},
-    "harness": {"core", "structure", "methods", "kernels", "harness"},
+    "harness": {"core", "structure", "methods", "kernels", "harness", "analysis"},
+    "analysis": {"analysis"},
 }
+# Libraries the analysis never imports: it reads results/ only.
+MODEL_LIBRARIES = {"torch", "transformers", "triton", "lm_eval", "accelerate", "safetensors"}
 
 
-def project_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level package) of every import of a project package in one file."""
+def project_imports(path: Path, packages=ALLOWED) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import of one of `packages` (default: the project's) in one file."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -30,7 +35,7 @@ def project_imports(path: Path) -> list[tuple[int, str]]:
             names = [node.module]
         else:
             continue
-        found += [(node.lineno, name.split(".")[0]) for name in names if name.split(".")[0] in ALLOWED]
+        found += [(node.lineno, name.split(".")[0]) for name in names if name.split(".")[0] in packages]
     return found
 
 
@@ -43,6 +48,12 @@ def violations(package: str) -> list[str]:
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_imports_point_down_the_layers(package):
     assert violations(package) == []
+
+
+def test_the_analysis_never_imports_torch_or_the_model_libraries():
+    found = [f"{path.relative_to(ROOT)}:{line} imports {target}" for path in sorted((ROOT / "analysis").rglob("*.py"))
+             for line, target in project_imports(path, MODEL_LIBRARIES)]
+    assert found == []
 
 
 def test_the_contract_checker_sees_an_upward_import(tmp_path):

@@ -279,7 +279,7 @@ def test_packaged_model_limit_is_known_before_its_conversion(tmp_path):
 def test_packaged_model_once_converted_checks_text_with_its_tokenizer(tiny_model_dir, tmp_path):
     import shutil
 
-    from harness.integrity import file_sha256
+    from analysis.integrity import file_sha256
     from harness.models import packaged_gguf_path
 
     converted = tmp_path / "cache" / "models" / f"smollm2_135m-{file_sha256(packaged_gguf_path())[:12]}"

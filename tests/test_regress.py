@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from harness.regress import DEFAULT_TOLERANCES, Rule, compare, failed, main, parse_tolerances, rule_for
-from harness.results import to_frame, write_run
+from analysis.regress import DEFAULT_TOLERANCES, Rule, compare, failed, main, parse_tolerances, rule_for
+from analysis.results import to_frame, write_run
 
 
 def run_rows(run_id: str, method: str, bits, group_size, observations, device="cpu",

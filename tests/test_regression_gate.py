@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import core.quant
-from harness.regress import compare
-from harness.results import load_results
+from analysis.regress import compare
+from analysis.results import load_results
 from regression_suite import BASELINE, run_sweep
 
 FAILING = {"regression", "changed", "missing"}

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import stats
-from harness.report import (PairedEvidence, latest_per_key, main, main_table, make_report, not_worse_than_best,
+from analysis import stats
+from analysis.report import (PairedEvidence, latest_per_key, main, main_table, make_report, not_worse_than_best,
                             pareto_front, robustness_matrices, robustness_penalty, run_directories, wins_table)
-from harness.results import to_frame, write_run
+from analysis.results import to_frame, write_run
 
 MODEL = "smollm2_135m"
 VERSIONS = json.dumps({"torch": "2.5.1", "transformers": "4.57.0"})

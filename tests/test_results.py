@@ -5,8 +5,8 @@ import os
 import pandas as pd
 import pytest
 
-from harness import results
-from harness.results import COLUMNS, atomic_write_text, find_run_dirs, load_results, to_frame, write_run
+from analysis import results
+from analysis.results import COLUMNS, atomic_write_text, find_run_dirs, load_results, to_frame, write_run
 
 
 def _rows(run_id="r1", ppl=12.5):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import results
+from analysis import results
 from harness.config import ConfigError
 from harness.models import weights_stamp
 from harness.run import execute, run_dir

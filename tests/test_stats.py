@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import stats
+from analysis import stats
 from harness.teacher import compute_teacher
 
 
@@ -95,7 +95,7 @@ def test_fp_has_kld_exactly_zero_and_quantized_runs_carry_intervals(tiny_model_d
 
 
 def test_compare_gives_paired_verdicts_and_refuses_other_tokens(tiny_model_dir, text_file, tmp_path, capsys):
-    from harness.compare import main
+    from analysis.compare import main
     from harness.identity import run_dir
     from test_config import make_config
 

@@ -8,8 +8,8 @@ from typing import Any
 import pandas as pd
 from hydra.experimental.callback import Callback
 
-from harness.labels import PRIMARY_KEYS
-from harness.results import load_results
+from analysis.labels import PRIMARY_KEYS
+from analysis.results import load_results
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run_dir.txt"  # each Hydra job records where its results went

@@ -8,10 +8,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from harness.labels import (CONFIG_KEYS, DASH, REFERENCE_METHOD, SECONDARY_KEYS, config_label, label_columns,
+from analysis.labels import (CONFIG_KEYS, DASH, REFERENCE_METHOD, SECONDARY_KEYS, config_label, label_columns,
                             label_row_names)
-from harness.report.select import varying_keys
-from harness.report.significance import (ALPHA, PAIRED_TESTS, CellSpec, ColumnDecision, PairedEvidence,
+from analysis.report.select import varying_keys
+from analysis.report.significance import (ALPHA, PAIRED_TESTS, CellSpec, ColumnDecision, PairedEvidence,
                                          not_worse_than_best, wins_ties_losses)
 
 # Everything that identifies a calibration-robustness group except the calibration source itself.
@@ -42,7 +42,7 @@ MAIN_KINDS = {"ppl": ("PPL {task}", 2, True, 0), "kld": ("KLD {task}", 4, False,
 
 
 def main_observations(frame: pd.DataFrame, acc_metric: str) -> pd.DataFrame:
-    """Perplexity, mean KLD vs fp and lm-eval accuracy rows, each with its column header, the name harness.compare
+    """Perplexity, mean KLD vs fp and lm-eval accuracy rows, each with its column header, the name analysis.compare
     gives the quantity (`kind`), a 'higher is better' flag, a display scale and digits, and whether to show a delta."""
     parts = []
     for kind, suite, metric, higher, scale in (("ppl", "ppl", "ppl", False, 1.0), ("kld", "ppl", "kld", False, 1.0),

@@ -1,6 +1,6 @@
 """Paper-ready comparison reports (Markdown, LaTeX booktabs, plots) built from tidy result rows.
 
-The command line of harness.report; `python -m harness.report` runs main() through __main__.py.
+The command line of analysis.report; `python -m analysis.report` runs main() through __main__.py.
 """
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.labels import latest_per_key
-from harness.report.render import make_report
-from harness.report.select import run_directories
-from harness.results import load_results
+from analysis.labels import latest_per_key
+from analysis.report.render import make_report
+from analysis.report.select import run_directories
+from analysis.results import load_results
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: python -m harness.report <results dirs or globs...> --out <dir>."""
-    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.splitlines()[0])
+    """CLI: python -m analysis.report <results dirs or globs...> --out <dir>."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="results directories or globs (finished runs are found recursively)")
     parser.add_argument("--out", required=True, type=Path, help="output directory for report.md/.tex and plots")
     parser.add_argument("--main-calib", default=None, metavar="SOURCE",

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from harness.labels import ROW_KEYS, latest_per_key, method_label
-from harness.results import load_results
+from analysis.labels import ROW_KEYS, latest_per_key, method_label
+from analysis.results import load_results
 
 DIRECTIONS = ("lower", "higher", "none")
 FAILING = ("regression", "changed", "missing")
@@ -312,8 +312,8 @@ def _load(path: str, what: str) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: python -m harness.regress --baseline DIR --current DIR [--tolerances YAML]."""
-    parser = argparse.ArgumentParser(prog="python -m harness.regress", description=__doc__.splitlines()[0])
+    """CLI: python -m analysis.regress --baseline DIR --current DIR [--tolerances YAML]."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.regress", description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="baseline results directory or glob")
     parser.add_argument("--current", required=True, help="current results directory or glob")
     parser.add_argument("--tolerances", type=Path, default=None, help="YAML overriding default tolerances")

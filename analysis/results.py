@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.integrity import atomic_write_bytes, atomic_write_text, file_sha256
+from analysis.integrity import atomic_write_bytes, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Paired comparisons of finished runs, from their records alone (no model is run).
 
-    python -m harness.compare RUN_A RUN_B            # two run directories: A is the first, B the second
-    python -m harness.compare results/ [--level 0.9] # every pair of runs under a directory (a sweep), sorted
-    python -m harness.compare RUN_A RUN_B --allow-cross-model   # two models: ppl and accuracy only, no KLD
+    python -m analysis.compare RUN_A RUN_B            # two run directories: A is the first, B the second
+    python -m analysis.compare results/ [--level 0.9] # every pair of runs under a directory (a sweep), sorted
+    python -m analysis.compare RUN_A RUN_B --allow-cross-model   # two models: ppl and accuracy only, no KLD
 
 Per eval set both runs measured on identical tokens (same token fingerprint, same blocks): ppl A and B, Δppl and
 the ratio A/B with a paired interval over token blocks, ΔKLD with its paired interval, each with a paired t-test
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import stats
-from harness.labels import method_label
-from harness.results import BLOCKS_FILE, DOCS_FILE, find_run_dirs, read_run
+from analysis import stats
+from analysis.labels import method_label
+from analysis.results import BLOCKS_FILE, DOCS_FILE, find_run_dirs, read_run
 
 
 @dataclass
@@ -210,7 +210,7 @@ def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="two run directories (A first, then B), or one directory holding "
                                              "several runs (every pair, in sorted order)")
     ap.add_argument("--level", type=level_arg, default=stats.LEVEL,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.labels import DASH, distinct_model_names, latest_per_key, value_text
-from harness.report.plots import plot_kld_vs_bits, plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
-from harness.report.select import main_rows
-from harness.report.significance import PairedEvidence
-from harness.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
+from analysis.labels import DASH, distinct_model_names, latest_per_key, value_text
+from analysis.report.plots import plot_kld_vs_bits, plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
+from analysis.report.select import main_rows
+from analysis.report.significance import PairedEvidence
+from analysis.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
                                    robustness_tables, timing_table, wins_table)
 
 MODEL_NOTES = {

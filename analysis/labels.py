@@ -1,6 +1,6 @@
 """Row keys of the tidy results, which row wins when a key repeats, and how a config is named for people.
 
-Shared by harness.report, harness.regress and harness.summary, so that a table, a plot legend, a diff line
+Shared by analysis.report, analysis.regress and analysis.summary, so that a table, a plot legend, a diff line
 and a sweep summary name the same config the same way (`awq w4 g128`, `rtn w3 per-channel`, `fp`).
 """
 from __future__ import annotations

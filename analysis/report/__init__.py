@@ -7,20 +7,20 @@ changes for display (accuracy shown in percent).
 Modules: select (which rows and runs a report shows), significance (paired tests on the runs' per-block and
 per-document records, Holm's correction, fallbacks), tables (pivot tables as cell text + bold mask + note),
 plots (matplotlib figures), render (Markdown/LaTeX, provenance, make_report), cli (main, run by
-`python -m harness.report`). Row keys and config labels live in harness.labels.
+`python -m analysis.report`). Row keys and config labels live in analysis.labels.
 """
-from harness.labels import (CONFIG_KEYS, DASH, DISPLAY, OBS_KEYS, REFERENCE_METHOD, ROW_KEYS, SECONDARY_KEYS,
+from analysis.labels import (CONFIG_KEYS, DASH, DISPLAY, OBS_KEYS, REFERENCE_METHOD, ROW_KEYS, SECONDARY_KEYS,
                             config_label, is_reference, label_columns, latest_per_key)
-from harness.report.cli import main
-from harness.report.plots import (PARAMS_DETAIL_KEY, model_size, pareto_front, plot_kld_vs_bits, plot_ppl_vs_bits,
+from analysis.report.cli import main
+from analysis.report.plots import (PARAMS_DETAIL_KEY, model_size, pareto_front, plot_kld_vs_bits, plot_ppl_vs_bits,
                                   plot_size_vs_ppl, plot_timing)
-from harness.report.render import (MODEL_NOTES, calibration_text, duplicates_text, latex_escape, make_report,
+from analysis.report.render import (MODEL_NOTES, calibration_text, duplicates_text, latex_escape, make_report,
                                    merged_versions, model_sections, numeric_columns, provenance, render_latex,
                                    render_markdown)
-from harness.report.select import main_rows, run_directories, varying_keys
-from harness.report.significance import (ALPHA, CellSpec, ColumnDecision, PairedEvidence, not_worse_than_best,
+from analysis.report.select import main_rows, run_directories, varying_keys
+from analysis.report.significance import (ALPHA, CellSpec, ColumnDecision, PairedEvidence, not_worse_than_best,
                                          wins_ties_losses)
-from harness.report.tables import (ROBUSTNESS_GROUP, MainGrid, Table, main_grid, main_observations, main_table,
+from analysis.report.tables import (ROBUSTNESS_GROUP, MainGrid, Table, main_grid, main_observations, main_table,
                                    main_table_with_note, pivot_unique, quant_table, robustness_matrices,
                                    robustness_penalty, robustness_tables, significance_note, simple_table,
                                    timing_table, wins_table)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.labels import CONFIG_KEYS, config_label, is_reference
-from harness.report.select import varying_keys
+from analysis.labels import CONFIG_KEYS, config_label, is_reference
+from analysis.report.select import varying_keys
 
 # Where a run may record the parameter count used to turn bits/weight into a model size.
 PARAMS_DETAIL_KEY = "params"

@@ -1,7 +1,7 @@
-"""Which differences the data support: paired tests between runs on identical tokens or documents (harness.compare),
+"""Which differences the data support: paired tests between runs on identical tokens or documents (analysis.compare),
 Holm's correction, and the fallbacks for runs that kept no paired records.
 
-- `PairedEvidence` loads finished runs lazily from their directories (run_id -> path) and caches harness.compare's
+- `PairedEvidence` loads finished runs lazily from their directories (run_id -> path) and caches analysis.compare's
   cells per pair of runs: a paired t-test over blocks of tokens for ppl and KLD (identical tokens: same token
   fingerprint, same windows and blocks), an exact McNemar test over documents for accuracy (same documents).
 - `not_worse_than_best` decides one table column's bold set: the best value and every value not significantly
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import stats
-from harness.compare import Run, compare, load_run
-from harness.results import BLOCKS_FILE, DOCS_FILE
+from analysis import stats
+from analysis.compare import Run, compare, load_run
+from analysis.results import BLOCKS_FILE, DOCS_FILE
 
 ALPHA = 1 - stats.LEVEL  # family-wise error rate of every correction here
 PAIRED_TESTS = ("a paired t-test over blocks of tokens for perplexity and KLD (identical tokens), "
@@ -124,7 +124,7 @@ def not_worse_than_best(values: Sequence[float], ci_low: Sequence[float], ci_hig
 
 @dataclass(frozen=True)
 class CellSpec:
-    """One comparable quantity of the main table: a column, what harness.compare calls it, and its direction."""
+    """One comparable quantity of the main table: a column, what analysis.compare calls it, and its direction."""
 
     column: str
     kind: str  # ppl, kld, acc, acc_norm

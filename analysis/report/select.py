@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.labels import SECONDARY_KEYS, is_reference, latest_per_key
-from harness.results import ROWS_FILE, find_run_dirs
+from analysis.labels import SECONDARY_KEYS, is_reference, latest_per_key
+from analysis.results import ROWS_FILE, find_run_dirs
 
 __all__ = ["is_reference", "latest_per_key", "main_rows", "run_directories", "varying_keys"]
 
