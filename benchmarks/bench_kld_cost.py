@@ -31,13 +31,14 @@ def main() -> None:
     from harness.provenance import device_name
     from harness.teacher import compute_teacher
     from structure.architectures import apply_artifacts, layout_for
+    from structure.pipeline import BlockPipeline
 
     cpu = torch.device("cpu")
     model, tok = load_model(ModelConfig(), cpu)
     windows = make_windows(eval_tokens("wiki", TextSourceConfig(kind="wiki"), tok, default_cache_dir(),
                                        args.windows * 2048).tokens, 2048, args.windows, None)
     t0 = time.perf_counter()
-    teacher = compute_teacher(model, windows, cpu)
+    teacher = compute_teacher(BlockPipeline(model, layout_for(model), cpu), windows)
     cold = time.perf_counter() - t0
     apply_artifacts(model, {n: quantize_weight(lin.weight.data, QuantSpec(4, 128))
                             for n, lin in layout_for(model).quantizable_linears(model).items()})

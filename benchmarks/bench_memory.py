@@ -85,7 +85,8 @@ def measure(args: argparse.Namespace) -> None:
     from harness.provenance import peak_rss_mb
     from methods import build_method
     from structure.architectures import layout_for
-    from structure.streaming import load_streamed, residency_of
+    from structure.pipeline import BlockPipeline
+    from structure.streaming import RESIDENT, load_streamed
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,17 +98,18 @@ def measure(args: argparse.Namespace) -> None:
                               generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     if args.child == "memory":
-        model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32).eval()
+        model, residency = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.float32).eval(), RESIDENT
     else:
-        model = load_streamed(args.dir, torch.float32, cpu, args.scratch)
+        model, residency = load_streamed(args.dir, torch.float32, cpu, args.scratch)
     try:
-        result = method.quantize(model, layout_for(model), QuantSpec(BITS, GROUP_SIZE), calib, cpu)
+        pipeline = BlockPipeline(model, layout_for(model), cpu, residency)
+        result = method.quantize_blocks(pipeline, QuantSpec(BITS, GROUP_SIZE), calib)
         wall = time.perf_counter() - start
         peak = peak_rss_mb()  # before the digest, which reads every artifact once more
         digest = result_digest(result)
     finally:
         if args.child == "streamed":
-            residency_of(model).close()  # removes the scratch directory: overlay files and the ArtifactStore
+            residency.close()  # removes the scratch directory: overlay files and the ArtifactStore
     print(json.dumps({"peak_mb": peak, "wall_s": wall, "digest": digest, "artifacts": len(result.artifacts)}))
 
 

@@ -179,10 +179,12 @@ def run_worker(fn, tag, calib, threads, max_blocks, tmp_dir) -> dict:
 
 def evaluate(model, layout, state, windows, device) -> dict[str, float]:
     from harness.perplexity import perplexity
+    from structure.pipeline import BlockPipeline
 
     if state is not None:
         layout.blocks(model).load_state_dict(state, strict=True)
-    return {name: perplexity(model, w, device, desc=f"ppl {name}")["ppl"] for name, w in windows.items()}
+    pipeline = BlockPipeline(model, layout, device)
+    return {name: perplexity(pipeline, w, desc=f"ppl {name}")["ppl"] for name, w in windows.items()}
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -136,8 +136,11 @@ def eval_sets(args, tokenizer) -> dict[str, torch.Tensor]:
 
 def ppl_row(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
     from harness.perplexity import perplexity
+    from structure.architectures import layout_for
+    from structure.pipeline import BlockPipeline
 
-    return {name: perplexity(model, w, torch.device("cpu"), desc=name)["ppl"] for name, w in windows.items()}
+    pipeline = BlockPipeline(model, layout_for(model), "cpu")
+    return {name: perplexity(pipeline, w, desc=name)["ppl"] for name, w in windows.items()}
 
 
 def main_parent(args) -> None:

@@ -173,6 +173,7 @@ def check_agreement(device: torch.device, cpu: torch.device) -> pd.DataFrame:
 
     from core.spec import QuantSpec
     from harness.perplexity import perplexity
+    from structure.pipeline import BlockPipeline
     from methods import build_method
     from methods.awq import AWQConfig
     from methods.gptq import GPTQConfig
@@ -192,7 +193,8 @@ def check_agreement(device: torch.device, cpu: torch.device) -> pd.DataFrame:
             model = copy.deepcopy(base).to(dev)
             result = build_method(config).quantize(model, layout_for(model), QuantSpec(4, 32), calib, dev)
             apply_artifacts(model, result.artifacts)
-            runs.append(({k: a.to("cpu") for k, a in result.artifacts.items()}, perplexity(model, windows, dev)["ppl"]))
+            ppl = perplexity(BlockPipeline(model, layout_for(model), dev), windows)["ppl"]
+            runs.append(({k: a.to("cpu") for k, a in result.artifacts.items()}, ppl))
         (a_arts, a_ppl), (b_arts, b_ppl) = runs
         same = sum(int((a_arts[k].codes == b_arts[k].codes).sum()) for k in a_arts)
         total = sum(a.codes.numel() for a in a_arts.values())

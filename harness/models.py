@@ -202,36 +202,33 @@ def decide_streaming(cfg: ModelConfig, cache_dir: Path, device: torch.device) ->
 
 
 def load_streamed_model(cfg: ModelConfig, device: torch.device, cache_dir: Path, scratch: Path):
-    """Return (meta-device model streamed from its safetensors checkpoint, tokenizer); `scratch` holds what the run
-    changes (structure/streaming.py)."""
+    """Return (meta-device model streamed from its safetensors checkpoint, tokenizer, the residency its weights come
+    from); `scratch` holds what the run changes (structure/streaming.py)."""
     from transformers import AutoTokenizer
 
     from structure.streaming import load_streamed
 
     directory = checkpoint_directory(cfg, cache_dir)
-    model = load_streamed(directory, DTYPES[cfg.dtype], device, scratch)
+    model, residency = load_streamed(directory, DTYPES[cfg.dtype], device, scratch)
     tokenizer = AutoTokenizer.from_pretrained(directory, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer
+    return model, tokenizer, residency
 
 
 FINGERPRINT_CHUNK = 1 << 22  # elements: a 262k x 8192 embedding would otherwise need 2 x 17 GB of fp64 copies
 
 
 @torch.no_grad()
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares). A streamed model
-    reads its tensors one at a time from the checkpoint, and gets the same fingerprint as when loaded whole. Where
-    the model was loaded from is not part of it: the same weights copied elsewhere (another machine's cache dir)
-    are the same model, comparable and served by the same cache entries."""
-    from structure.streaming import residency_of
-
-    residency = residency_of(model)
+def model_fingerprint(model: torch.nn.Module, read=None) -> str:
+    """Content hash of the config and every parameter (name, shape, dtype, sum, sum of squares). A streamed model's
+    tensors (on the meta device) are read one at a time with `read(name)` (its pipeline's), and it gets the same
+    fingerprint as when loaded whole. Where the model was loaded from is not part of it: the same weights copied
+    elsewhere (another machine's cache dir) are the same model, comparable and served by the same cache entries."""
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, p in model.state_dict().items():
         if p.is_meta:
-            p = residency.read(model, name)
+            p = read(name)
         total = squares = 0.0
         for x in torch.split(p.detach().reshape(-1), FINGERPRINT_CHUNK):  # fp64 copies of a chunk, not a tensor
             x = x.double()

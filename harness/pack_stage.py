@@ -9,7 +9,7 @@ import torch
 from harness.perplexity import check_agreement, perplexity
 from analysis.results import quant_row
 from kernels.quant_linear import pack_model
-from structure.architectures import layout_for
+from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,16 @@ def probe_window(windows: dict[str, torch.Tensor], vocab_size: int, seqlen: int,
     return "random tokens", torch.randint(0, vocab_size, (1, seqlen), generator=g)
 
 
-def pack_stage(model, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor],
-               device: torch.device) -> list[dict]:
+def pack_stage(pipeline: BlockPipeline, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor]) -> list[dict]:
     """Pack every artifact's linear (one GEMM per shared-input group: q/k/v, gate/up), each layer checked against
     its artifact by pack_model; then the probe window's ppl through the packed model must match the fake-quantized
     model's within PACKED_PPL_RTOL (DisagreementError otherwise). Rows: which backend each layer got, and the
     measured ppl ratio packed / fake-quantized."""
     label, window = probe
-    reference = perplexity(model, window, device, desc="probe: fake-quant")["nll"]
-    used = pack_model(model, artifacts, backend, layout_for(model).shared_input_groups(model))
-    packed = perplexity(model, window, device, desc="probe: packed")["nll"]
+    model = pipeline.model
+    reference = perplexity(pipeline, window, desc="probe: fake-quant")["nll"]
+    used = pack_model(model, artifacts, backend, pipeline.layout.shared_input_groups(model))
+    packed = perplexity(pipeline, window, desc="probe: packed")["nll"]
     check_agreement(f"kernel={backend}, {label}", packed, reference)
     return _pack_rows(used, backend, label, packed, reference)
 
@@ -70,19 +70,17 @@ def packed_size_estimate(model, layout, bits: int | None, group_size: int | None
     return total
 
 
-def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor], device: torch.device,
+def pack_streamed(pipeline: BlockPipeline, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor],
                   prepare_block) -> list[dict]:
     """Make a streamed model whole in memory with every quantized linear packed as its block arrives (so the
     unquantized model never is), then check the probe window's ppl against the fake-quantized model computed layer
     by layer, as pack_stage does for a model in memory. Rows as pack_stage's."""
-    from structure.streaming import residency_of
-
-    layout = layout_for(model)
+    model, layout = pipeline.model, pipeline.layout
     if not artifacts:  # an unquantized run: nothing to pack or check, the model is only made whole
-        residency_of(model).materialize(model, layout)
+        pipeline.materialize()
         return []
     label, window = probe
-    reference = perplexity(model, window, device, desc="probe: fake-quant", prepare_block=prepare_block)["nll"]
+    reference = perplexity(pipeline, window, desc="probe: fake-quant", prepare_block=prepare_block)["nll"]
     groups = layout.shared_input_groups(model)
     used: dict[str, str] = {}
 
@@ -91,7 +89,7 @@ def pack_streamed(model, artifacts: dict, backend: str, probe: tuple[str, torch.
         names = {n: artifacts[n] for n in artifacts if n.startswith(prefix)}
         used.update(pack_model(model, names, backend, [g for g in groups if g[0].startswith(prefix)]))
 
-    residency_of(model).materialize(model, layout, pack_block)
-    packed = perplexity(model, window, device, desc="probe: packed")["nll"]
+    pipeline.materialize(pack_block)
+    packed = perplexity(pipeline, window, desc="probe: packed")["nll"]
     check_agreement(f"kernel={backend}, {label} (streamed model, packed block by block)", packed, reference)
     return _pack_rows(used, backend, label, packed, reference, packed_from="stream")

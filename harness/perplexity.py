@@ -17,10 +17,9 @@ from tqdm.auto import tqdm
 from analysis import stats
 from harness.config import RunConfig
 from harness.data import eval_tokens
-from structure.architectures import layout_for
 from structure.head import head_logits, lm_head_input, position_chunks
 from structure.layerwise import layerwise_lm_head_inputs
-from structure.streaming import residency_of
+from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
 
@@ -128,28 +127,25 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
     return stats_
 
 
-def model_token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
-                      teacher: torch.Tensor | None = None, desc: str = "ppl",
-                      prepare_block=None) -> dict[str, np.ndarray]:
+def model_token_stats(pipeline: BlockPipeline, windows: torch.Tensor, teacher: torch.Tensor | None = None,
+                      desc: str = "ppl", prepare_block=None) -> dict[str, np.ndarray]:
     """token_stats of any model: a streamed one is run layer by layer (structure/layerwise.py), with
     `prepare_block(i, block)` writing each block's quantized weights as it is loaded; the numbers are those of the
     ordinary forward."""
-    residency = residency_of(model)
-    if not residency.streamed:
+    model, device = pipeline.model, pipeline.device
+    if not pipeline.streamed:
         return token_stats(model, windows, device, teacher, desc=desc)
-    layout = layout_for(model)
-    inputs = layerwise_lm_head_inputs(model, layout, windows, device, prepare_block, residency.scratch,
+    inputs = layerwise_lm_head_inputs(pipeline, windows, prepare_block, pipeline.residency.scratch,
                                       desc=f"{desc}: blocks")
-    with residency.outside_blocks(model, layout):
+    with pipeline.outside_blocks():
         return token_stats(model, windows, device, teacher, desc=desc, hidden_of=lambda i, ids: inputs[i].to(device))
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, desc: str = "ppl",
-               prepare_block=None) -> dict:
+def perplexity(pipeline: BlockPipeline, windows: torch.Tensor, desc: str = "ppl", prepare_block=None) -> dict:
     """Evaluate windows [n, seqlen]; returns {ppl, nll (mean), tokens (predicted), windows, wall_s,
     window_nll (mean NLL of each window)} (model_token_stats without a baseline, aggregated)."""
     start = time.perf_counter()
-    nll = model_token_stats(model, windows, device, desc=desc, prepare_block=prepare_block)["nll"]
+    nll = model_token_stats(pipeline, windows, desc=desc, prepare_block=prepare_block)["nll"]
     mean_nll = float(nll.sum() / nll.size)
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "tokens": int(nll.size), "windows": int(windows.shape[0]),
             "wall_s": time.perf_counter() - start, "window_nll": nll.mean(axis=1).tolist()}
@@ -198,7 +194,7 @@ def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, wi
     return rows
 
 
-def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor], device: torch.device,
+def evaluate_perplexity(pipeline: BlockPipeline, windows: dict[str, torch.Tensor],
                         teachers: dict[str, torch.Tensor] | None = None, block: int = 256,
                         prepare_block=None) -> tuple[list[dict], pd.DataFrame]:
     """The ppl evaluator: (rows per eval set, per-block records of every set). With `teachers` (the unquantized
@@ -208,7 +204,7 @@ def evaluate_perplexity(model: torch.nn.Module, windows: dict[str, torch.Tensor]
     for name, w in windows.items():
         start = time.perf_counter()
         teacher = None if teachers is None else teachers[name]
-        per_token = model_token_stats(model, w, device, teacher, desc=f"ppl {name}", prepare_block=prepare_block)
+        per_token = model_token_stats(pipeline, w, teacher, desc=f"ppl {name}", prepare_block=prepare_block)
         blocks = block_records(name, per_token, block)
         rows += set_rows(name, blocks, per_token.get("kld"), int(w.shape[0]), time.perf_counter() - start)
         records.append(blocks)

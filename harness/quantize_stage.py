@@ -17,7 +17,7 @@ from analysis.results import quant_row
 from methods import build_method
 from methods.base import QuantizationResult
 from structure.architectures import ModelLayout, apply_artifacts
-from structure.streaming import residency_of
+from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
 # How a per-layer statistic of a method becomes one number (default: sum over layers).
@@ -50,10 +50,10 @@ def short_group_layers(model: torch.nn.Module, layout: ModelLayout, cfg: RunConf
     return short
 
 
-def quantize_stage(cfg: RunConfig, model, tokenizer, layout: ModelLayout, fingerprint: str, cache: Path,
-                   device: torch.device) -> QuantStage:
+def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerprint: str, cache: Path) -> QuantStage:
     """Calibrate and quantize (or reuse a cached result, restoring what the method changed in place); fake-quantize
     the model with the artifacts (a streamed model: evaluation applies them block by block)."""
+    model, layout = pipeline.model, pipeline.layout
     method = build_method(cfg.method)
     short = short_group_layers(model, layout, cfg)
     calib = calib_print = None
@@ -64,20 +64,16 @@ def quantize_stage(cfg: RunConfig, model, tokenizer, layout: ModelLayout, finger
     key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint(type(method).__module__))
     path = quant_cache.entry_path(cache, key)
     cached = None if cfg.force else quant_cache.load_entry(path, key)
-    residency = residency_of(model)
     if cached is not None:
         log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", path)
         result, meta = cached
-        if not residency.streamed:
-            model.load_state_dict(result.modified, strict=False)
     else:
         start = time.perf_counter()
-        result = method.quantize(model, layout, spec_of(cfg), calib, device)
+        result = method.quantize_blocks(pipeline, spec_of(cfg), calib)
         meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
         result = quant_cache.save_entry(path, key, result, meta)
-    if residency.streamed:  # from now on: the checkpoint + what the method folded; artifacts applied per block
-        residency.reset(result.modified)
-    else:
+    pipeline.adopt(result.modified)  # a streamed model: the checkpoint + what the method folded, from now on
+    if not pipeline.streamed:  # a streamed model gets its artifacts block by block, as evaluation loads it
         apply_artifacts(model, result.artifacts)
     rows = [quant_row("quant_wall_s", meta["quant_wall_s"], {"cached": cached is not None}),
             *artifact_rows(result, short), *stat_rows(result.stats)]

@@ -36,7 +36,7 @@ from analysis.results import (BLOCKS_FILE, DOCS_FILE, RunCheck, check_run, read_
 from harness.teacher import teachers
 from kernels.backends import default_backend
 from structure.architectures import apply_block_artifacts, layout_for
-from structure.streaming import residency_of
+from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None, resume: Res
     cache, device = cache_dir_of(cfg), resolve_device(cfg.device)
     streamed = decide_streaming(cfg.model, cache, device)
     torch.manual_seed(cfg.seed)
-    with _loaded(cfg, cache, device, streamed) as (model, tokenizer):
-        return _evaluate(cfg, out_dir, config_yaml, model, tokenizer, cache, device, started_at, t0, resume)
+    with _loaded(cfg, cache, device, streamed) as (pipeline, tokenizer):
+        return _evaluate(cfg, out_dir, config_yaml, pipeline, tokenizer, cache, device, started_at, t0, resume)
 
 
 def whole_model_keys(cfg: RunConfig) -> list[str]:
@@ -119,25 +119,27 @@ def check_packed_fits(cfg: RunConfig, model, layout, device: torch.device) -> No
 
 @contextlib.contextmanager
 def _loaded(cfg: RunConfig, cache: Path, device: torch.device, streamed: bool):
-    """(model, tokenizer): loaded whole, or a streamed skeleton whose scratch files go when the run ends."""
+    """(the model's block pipeline, tokenizer): the model loaded whole, or a streamed skeleton whose scratch files go
+    when the run ends."""
     if not streamed:
-        yield load_model(cfg.model, device, cache)
+        model, tokenizer = load_model(cfg.model, device, cache)
+        yield BlockPipeline(model, layout_for(model), device), tokenizer
         return
     cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=cache, prefix=".streaming-"))  # in the cache: artifacts move by rename
     try:
-        yield load_streamed_model(cfg.model, device, cache, scratch)
+        model, tokenizer, residency = load_streamed_model(cfg.model, device, cache, scratch)
+        yield BlockPipeline(model, layout_for(model), device, residency), tokenizer
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tokenizer, cache: Path,
-              device: torch.device, started_at: str, t0: float, resume: Resume) -> pd.DataFrame:
-    layout = layout_for(model)
-    streamed = residency_of(model).streamed
+def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, pipeline: BlockPipeline, tokenizer,
+              cache: Path, device: torch.device, started_at: str, t0: float, resume: Resume) -> pd.DataFrame:
+    model, layout, streamed = pipeline.model, pipeline.layout, pipeline.streamed
     if streamed and whole_model_keys(cfg):
         check_packed_fits(cfg, model, layout, device)
-    fingerprint = model_fingerprint(model)  # of the loaded weights, before any method touches them
+    fingerprint = model_fingerprint(model, pipeline.read)  # of the loaded weights, before any method touches them
     stamp = resume.stamp or weights_stamp(cfg.model)  # a hub id's files are on this machine now
     if fingerprint == resume.confirm_fingerprint:  # the files were touched or copied, the weights are the same
         log.info("%s: the model files changed but their weights did not (fingerprint %s): the finished result "
@@ -149,25 +151,25 @@ def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tok
                  resume.confirm_fingerprint)
     shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
     windows, data_prints = eval_windows(cfg, tokenizer, layout.spec.needs_bos, cache)
-    baseline = teachers(model, windows, data_prints, fingerprint, cache, device) \
+    baseline = teachers(pipeline, windows, data_prints, fingerprint, cache) \
         if cfg.eval.kld else None  # the unquantized model on the eval windows, before any method touches it
     probe = probe_window(windows, model.config.vocab_size, cfg.eval.seqlen, cfg.seed)
     rows, artifacts, extras = [], {}, {}
     if quantizes(cfg):
-        stage = quantize_stage(cfg, model, tokenizer, layout, fingerprint, cache, device)
+        stage = quantize_stage(cfg, pipeline, tokenizer, fingerprint, cache)
         rows, artifacts, extras = stage.rows, stage.result.artifacts, stage.result.extras
         if stage.calib_fingerprint is not None:
             data_prints[f"calib:{cfg.calib.source}"] = stage.calib_fingerprint
         if cfg.kernel is not None and not streamed:  # evaluate through the packed layers themselves
-            rows += pack_stage(model, artifacts, cfg.kernel, probe, device)
+            rows += pack_stage(pipeline, artifacts, cfg.kernel, probe)
     prepare = _block_preparer(layout, artifacts)
     ppl = None
     if not (streamed and cfg.kernel is not None):  # ppl of the fake-quantized model (streamed: layer by layer)
-        ppl = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block, prepare)
+        ppl = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block, prepare)
     if streamed and whole_model_keys(cfg):  # from here on the model is whole in memory, packed
-        rows += pack_streamed(model, artifacts, cfg.kernel or default_backend(device), probe, device, prepare)
+        rows += pack_streamed(pipeline, artifacts, cfg.kernel or default_backend(device), probe, prepare)
         if ppl is None:
-            ppl = evaluate_perplexity(model, windows, device, baseline, cfg.eval.ci_block)
+            ppl = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block)
     rows, records = rows + ppl[0], {BLOCKS_FILE: ppl[1]}
     if cfg.eval.lm_eval is not None:
         from harness.lmeval import run_lm_eval
@@ -175,7 +177,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, model, tok
         lm_rows, records[DOCS_FILE] = run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
         rows += lm_rows
     if cfg.eval.timing is not None:
-        rows += _timing(cfg, model, artifacts, probe, cache, device, shapes, packed=streamed)
+        rows += _timing(cfg, pipeline, artifacts, probe, cache, shapes, packed=streamed)
     provenance = {"git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
                   "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
                   "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device)}
@@ -192,15 +194,16 @@ def _block_preparer(layout, artifacts):
     return lambda i, block: apply_block_artifacts(block, layout.block_prefix(i), layout, artifacts)
 
 
-def _timing(cfg: RunConfig, model, artifacts: dict, probe, cache: Path, device: torch.device,
+def _timing(cfg: RunConfig, pipeline: BlockPipeline, artifacts: dict, probe, cache: Path,
             shapes: list[tuple[int, int]], packed: bool = False) -> list[dict]:
     """Time the packed model (packing it first when the run evaluated fake-quantized weights, which run at fp speed)
     against a freshly loaded unquantized baseline. A streamed run's model is packed already, and its unquantized
     baseline does not fit: it gets no baseline rows."""
     from harness.timing import evaluate_timing
 
+    model, device = pipeline.model, pipeline.device
     backend = cfg.kernel or default_backend(device)
-    rows = pack_stage(model, artifacts, backend, probe, device) if artifacts and cfg.kernel is None and not packed \
+    rows = pack_stage(pipeline, artifacts, backend, probe) if artifacts and cfg.kernel is None and not packed \
         else []
     baseline = load_model(cfg.model, device, cache)[0] if quantizes(cfg) and not packed else None
     return rows + evaluate_timing(cfg.eval.timing, model, baseline, device, cfg.seed, shapes, cfg.group_size, backend)

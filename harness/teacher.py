@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 
 from harness.identity import stable_hash
 from analysis.integrity import read_or_quarantine, read_sealed, write_sealed
-from structure.architectures import layout_for
 from structure.head import at_least_fp32, lm_head_input
 from structure.layerwise import layerwise_lm_head_inputs
-from structure.streaming import residency_of
+from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +35,20 @@ def window_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_teacher(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
-                    desc: str = "baseline") -> torch.Tensor:
-    """lm_head inputs of the unquantized `model` on windows [n, L] -> [n, L, hidden] (fp32, fp64 for an fp64
+def compute_teacher(pipeline: BlockPipeline, windows: torch.Tensor, desc: str = "baseline") -> torch.Tensor:
+    """lm_head inputs of the unquantized model on windows [n, L] -> [n, L, hidden] (fp32, fp64 for an fp64
     model); a streamed model computes them layer by layer."""
-    residency = residency_of(model)
-    if residency.streamed:
-        return layerwise_lm_head_inputs(model, layout_for(model), windows, device, spill_dir=residency.scratch,
+    if pipeline.streamed:
+        return layerwise_lm_head_inputs(pipeline, windows, spill_dir=pipeline.residency.scratch,
                                         desc=desc).cpu().clone()
-    return torch.stack([lm_head_input(model, row[None].to(device)).cpu()
+    return torch.stack([lm_head_input(pipeline.model, row[None].to(pipeline.device)).cpu()
                         for row in tqdm(windows, desc=desc, unit="window", leave=False)])
 
 
-def teachers(model: torch.nn.Module, windows: dict[str, torch.Tensor], prints: dict[str, str], model_print: str,
-             cache: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """{eval set: baseline lm_head inputs}, read from the cache or computed with `model`, which must still be
-    unquantized."""
+def teachers(pipeline: BlockPipeline, windows: dict[str, torch.Tensor], prints: dict[str, str], model_print: str,
+             cache: Path) -> dict[str, torch.Tensor]:
+    """{eval set: baseline lm_head inputs}, read from the cache or computed with the pipeline's model, which must
+    still be unquantized."""
     found = {}
     for name, w in windows.items():
         key = {"model_fingerprint": model_print, "tokens": prints[f"eval:{name}"], "windows": list(w.shape),
@@ -61,7 +58,7 @@ def teachers(model: torch.nn.Module, windows: dict[str, torch.Tensor], prints: d
             found[name] = hidden
             continue
         log.info("computing the unquantized model on %s (once; cached in %s)", name, path.parent)
-        found[name] = compute_teacher(model, w, device, desc=f"baseline {name}")
+        found[name] = compute_teacher(pipeline, w, desc=f"baseline {name}")
         buffer = io.BytesIO()
         torch.save({"key": key, "hidden": found[name]}, buffer)
         write_sealed(path, buffer.getvalue())

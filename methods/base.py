@@ -15,6 +15,7 @@ import torch
 from core.registry import Registry
 from core.spec import QuantizedWeights, QuantSpec
 from structure.architectures import ModelLayout
+from structure.pipeline import BlockPipeline
 
 
 @dataclass
@@ -37,7 +38,12 @@ class QuantizationResult:
 class Method(ABC):
     """A weight-only quantization method, selected by `method=<name>` and configured by its `config_class`.
 
-    `quantize` may change the model in place only in these ways: function-preserving transformations
+    A method is per-block maths plus its config: `quantize_blocks` hands per-block steps to the block pipeline
+    (structure/pipeline.py), which walks the blocks, loads each one (from memory or streamed from the checkpoint),
+    collects the artifacts the step returns and writes back what it changed. A method never walks blocks itself
+    and never asks where the weights live.
+
+    A step may change the model in place only in these ways: function-preserving transformations
     (AWQ folds its scales into the preceding norms; reported in `modified`), clipping a linear's weights before
     quantizing it (AWQ's clip search), and writing `artifact.dequantize()` into a linear's weight (GPTQ does, so
     later layers see quantized inputs). The caller then applies the returned artifacts (fake-quant or packed
@@ -52,9 +58,15 @@ class Method(ABC):
         self.config = config
 
     @abstractmethod
+    def quantize_blocks(self, pipeline: BlockPipeline, spec: QuantSpec,
+                        calib: torch.Tensor | None) -> QuantizationResult:
+        """Quantize every linear of the decoder blocks through `pipeline`. `calib` is int64 [n_samples, seqlen] or
+        None."""
+
     def quantize(self, model: torch.nn.Module, layout: ModelLayout, spec: QuantSpec, calib: torch.Tensor | None,
-                 device: torch.device) -> QuantizationResult:
-        """Quantize every linear of the decoder blocks. `calib` is int64 [n_samples, seqlen] or None."""
+                 device: torch.device | str) -> QuantizationResult:
+        """quantize_blocks for a model held whole in memory."""
+        return self.quantize_blocks(BlockPipeline(model, layout, device), spec, calib)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

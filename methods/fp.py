@@ -17,5 +17,5 @@ class FPConfig:
 class FullPrecision(Method):
     needs_calibration = False
 
-    def quantize(self, model, layout, spec, calib, device):
+    def quantize_blocks(self, pipeline, spec, calib):
         return QuantizationResult({})

@@ -3,8 +3,9 @@
 Two layers, kept apart:
 - the layer-level core (`HessianAccumulator`, `gptq_quantize_layer`): pure tensor maths on one weight
   matrix and its Hessian; knows nothing about models (AWQ's `awq_gptq` variant calls it too);
-- the `GPTQ` method: walks the decoder blocks, collects each linear's Hessian in the architecture's
-  true-sequential order and writes the quantized weights back so later linears and blocks see them.
+- the `GPTQ` method: per decoder block (the block pipeline walks them), collects each linear's Hessian in the
+  architecture's true-sequential order and writes the quantized weights back so later linears and blocks see
+  them.
 """
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from core.quant import RANGE_RULES, qparams
 from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
-from structure.blockwise import BlockContext, iterate_blocks
-from structure.streaming import residency_of
+from structure.blockwise import BlockContext
 
 log = logging.getLogger(__name__)
 
@@ -316,29 +315,38 @@ class GPTQ(Method):
 
     needs_calibration = True
 
-    def quantize(self, model: nn.Module, layout, spec: QuantSpec, calib: torch.Tensor | None,
-                 device: torch.device) -> QuantizationResult:
-        cfg = self.config
+    def quantize_blocks(self, pipeline, spec: QuantSpec, calib: torch.Tensor | None) -> QuantizationResult:
         if calib is None or calib.numel() == 0:
             raise ValueError("method=gptq needs calibration data; got none (calib is empty)")
-        artifacts = residency_of(model).artifact_store()  # a dict; files on disk for a streamed model
         layer_stats: dict[str, dict] = {}
-        for ctx in iterate_blocks(model, layout, calib, device, desc="gptq", batch_size=cfg.batch_size):
-            linears = layout.block_linears(ctx.block)
-            groups = layout.spec.sequential if cfg.true_sequential else (tuple(linears),)
-            for group in groups:
-                dtype = COMPUTE_DTYPES[cfg.hessian_dtype]
-                hessians = collect_hessians(ctx, group, device, dtype)
-                for n in group:
-                    lin, full = linears[n], ctx.full_name(n)
-                    art, stats = gptq_quantize_layer(
-                        lin.weight.data.to(device), hessians[n].H, spec, block_size=cfg.block_size,
-                        damp_percent=cfg.damp_percent, desc_act=cfg.desc_act, static_groups=cfg.static_groups,
-                        range_rule=cfg.range_rule, max_damp_retries=cfg.max_damp_retries,
-                        damp_increment=cfg.damp_increment, dtype=dtype, name=full)
-                    lin.weight.data = art.dequantize(lin.weight.dtype).to(lin.weight.device)
-                    artifacts[full] = art.to("cpu")
-                    layer_stats[full] = {**stats, "n_tokens": hessians[n].n}
-                del hessians
-            ctx.next_inputs = ctx.forward()
+
+        def step(ctx: BlockContext) -> dict[str, QuantizedWeights]:
+            artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, layer_stats)
+            ctx.next_inputs = ctx.forward()  # the next block sees this block quantized
+            return artifacts
+
+        artifacts = pipeline.calibrated_pass(step, calib, "gptq", self.config.batch_size)
         return QuantizationResult(artifacts, stats=layer_stats)
+
+    def quantize_block(self, ctx: BlockContext, layout, spec: QuantSpec, device: torch.device,
+                       layer_stats: dict[str, dict]) -> dict[str, QuantizedWeights]:
+        """GPTQ one block, its sequential groups in turn: {full name: artifact (CPU)}; each linear's weight becomes
+        its dequantized artifact, and its statistics go into layer_stats."""
+        cfg, artifacts = self.config, {}
+        linears = layout.block_linears(ctx.block)
+        groups = layout.spec.sequential if cfg.true_sequential else (tuple(linears),)
+        for group in groups:
+            dtype = COMPUTE_DTYPES[cfg.hessian_dtype]
+            hessians = collect_hessians(ctx, group, device, dtype)
+            for n in group:
+                lin, full = linears[n], ctx.full_name(n)
+                art, stats = gptq_quantize_layer(
+                    lin.weight.data.to(device), hessians[n].H, spec, block_size=cfg.block_size,
+                    damp_percent=cfg.damp_percent, desc_act=cfg.desc_act, static_groups=cfg.static_groups,
+                    range_rule=cfg.range_rule, max_damp_retries=cfg.max_damp_retries,
+                    damp_increment=cfg.damp_increment, dtype=dtype, name=full)
+                lin.weight.data = art.dequantize(lin.weight.dtype).to(lin.weight.device)
+                artifacts[full] = art.to("cpu")
+                layer_stats[full] = {**stats, "n_tokens": hessians[n].n}
+            del hessians
+        return artifacts

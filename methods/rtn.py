@@ -5,13 +5,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from core.quant import RANGE_RULES, quantize_weight
 from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
 from structure.architectures import ModelLayout
-from structure.streaming import residency_of
 
 
 @dataclass(frozen=True)
@@ -31,14 +29,11 @@ class RTNConfig:
 class RTN(Method):
     needs_calibration = False
 
-    def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
-        residency = residency_of(model)
-        artifacts = residency.artifact_store()
-        for i in tqdm(range(len(layout.blocks(model))), desc="rtn", unit="block", leave=False):
-            with residency.block(model, layout, i, writeback=False) as block:
-                artifacts.update(quantize_block(block, layout.block_prefix(i), layout, spec, self.config.range_rule,
-                                                device))
-        return QuantizationResult(artifacts)
+    def quantize_blocks(self, pipeline, spec, calib) -> QuantizationResult:
+        def step(prefix, block):
+            return quantize_block(block, prefix, pipeline.layout, spec, self.config.range_rule, pipeline.device)
+
+        return QuantizationResult(pipeline.map_blocks(step, "rtn", writeback=False))
 
 
 def quantize_block(block: nn.Module, prefix: str, layout: ModelLayout, spec: QuantSpec, rule: str = "minmax",

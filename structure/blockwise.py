@@ -1,30 +1,30 @@
-"""Block-by-block driver shared by the calibration-based methods (GPTQ, AWQ).
+"""What a block sees during a calibrated pass, and how the inputs of the blocks are captured.
 
-Captures the inputs (and keyword arguments: position embeddings, masks) of decoder block 0 on the
-calibration tokens, then hands the methods one block at a time, materialized by the model's residency
-(structure/streaming.py: a no-op for an ordinary model, one block from the checkpoint for a streamed one). Only one block's activations are held
-at once, so calibration memory does not grow with depth. The method decides what feeds the next
-block: GPTQ passes the output of the already quantized block, AWQ the full-precision output.
+`capture_block_inputs` runs the model's own forward on the calibration tokens up to decoder block 0 and keeps
+block 0's inputs and every block's keyword arguments (position embeddings, masks), with recorders standing in for
+the blocks, so no block weight is needed. The block pipeline (structure/pipeline.py) then hands the method one
+`BlockContext` at a time; only one block's activations are held at once, so calibration memory does not grow
+with depth.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from structure.architectures import ModelLayout, get_submodule
-from structure.streaming import residency_of
+from structure.streaming import RESIDENT, Residency
 
 
 class _StopForward(Exception):
     """Raised by the block-0 hook: nothing after the first block needs to run during capture."""
 
 
-def _hidden(out):
+def block_output(out):
+    """The hidden states of a decoder block's output (some families return a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -81,8 +81,8 @@ def run_until_blocks_end(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, layout: ModelLayout, calib: torch.Tensor,
-                         device: torch.device) -> tuple[torch.Tensor, list[dict]]:
+def capture_block_inputs(model: nn.Module, layout: ModelLayout, calib: torch.Tensor, device: torch.device,
+                         residency: Residency = RESIDENT) -> tuple[torch.Tensor, list[dict]]:
     """Run the model on calib [N, L] up to block 0. Returns (inputs [N, L, D], kwargs of every block).
 
     Kwargs are captured per block because some families differ between blocks (Gemma 3 passes sliding
@@ -94,7 +94,7 @@ def capture_block_inputs(model: nn.Module, layout: ModelLayout, calib: torch.Ten
     blocks = layout.blocks(model)
     captured: list[torch.Tensor] = []
     block_kwargs: list[dict] = [{} for _ in blocks]
-    with residency_of(model).outside_blocks(model, layout, head=False), \
+    with residency.outside_blocks(model, layout, head=False), \
             record_block_calls(blocks, block_kwargs, captured.append):
         for row in calib:
             run_until_blocks_end(model, row[None].to(device))
@@ -121,7 +121,7 @@ class BlockContext:
         """Run the block (or `module` with the block's kwargs) over inputs [N, L, D] in batches."""
         inputs = self.inputs if inputs is None else inputs
         module = self.block if module is None else module
-        outs = [_hidden(module(inputs[i:i + self.batch_size], **self.kwargs))
+        outs = [block_output(module(inputs[i:i + self.batch_size], **self.kwargs))
                 for i in range(0, inputs.shape[0], self.batch_size)]
         return torch.cat(outs)
 
@@ -138,19 +138,3 @@ class BlockContext:
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
-
-
-def iterate_blocks(model: nn.Module, layout: ModelLayout, calib: torch.Tensor, device: torch.device,
-                   desc: str = "blocks", batch_size: int = 1) -> Iterator[BlockContext]:
-    """Yield a BlockContext per decoder block; the method must set `ctx.next_inputs` before the next one."""
-    inputs, block_kwargs = capture_block_inputs(model, layout, calib, device)
-    residency = residency_of(model)
-    for i in tqdm(range(len(layout.blocks(model))), desc=desc, unit="block"):
-        with residency.block(model, layout, i) as block:  # a streamed model's block lives only in here
-            ctx = BlockContext(i, block, layout.block_prefix(i), inputs, block_kwargs[i], batch_size)
-            yield ctx
-            if ctx.next_inputs is None:
-                raise RuntimeError(f"{desc}: block {i} did not set next_inputs")
-            if not torch.isfinite(ctx.next_inputs).all():
-                raise ValueError(f"{desc}: non-finite (NaN/Inf) activations after block {ctx.prefix}")
-        inputs = ctx.next_inputs

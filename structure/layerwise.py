@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from structure.architectures import ModelLayout
-from structure.blockwise import _hidden, blocks_replaced, record_block_calls, run_until_blocks_end
+from structure.blockwise import block_output, blocks_replaced, record_block_calls, run_until_blocks_end
 from structure.head import lm_head_input
-from structure.streaming import available_memory, residency_of
+from structure.pipeline import BlockPipeline
+from structure.streaming import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,14 @@ def _hidden_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
 
 
 @torch.no_grad()
-def layerwise_lm_head_inputs(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, device: torch.device,
+def layerwise_lm_head_inputs(pipeline: BlockPipeline, windows: torch.Tensor,
                              prepare_block: Callable[[int, nn.Module], None] | None = None,
                              spill_dir: Path | None = None, desc: str = "layer-wise") -> torch.Tensor:
-    """The lm_head inputs of windows [n, L] -> [n, L, hidden] (at least fp32), computed block by block.
-    `prepare_block(i, block)` runs on each materialized block first (e.g. writes its quantized weights)."""
-    residency = residency_of(model)
-    blocks = layout.blocks(model)
+    """The lm_head inputs of windows [n, L] -> [n, L, hidden] (at least fp32), computed block by block through the
+    pipeline's walk. `prepare_block(i, block)` runs on each materialized block first (e.g. writes its quantized
+    weights)."""
+    model, device = pipeline.model, pipeline.device
+    blocks = pipeline.layout.blocks(model)
     block_kwargs: list[dict] = [{} for _ in blocks]
     state: dict = {"hidden": None, "window": 0}
 
@@ -58,25 +58,24 @@ def layerwise_lm_head_inputs(model: nn.Module, layout: ModelLayout, windows: tor
                                              x.device if spill_dir is None else torch.device("cpu"), spill_dir)
         state["hidden"][state["window"]] = x[0].to(state["hidden"].device)
 
-    with residency.outside_blocks(model, layout, head=False), record_block_calls(blocks, block_kwargs, keep_input):
+    with pipeline.outside_blocks(head=False), record_block_calls(blocks, block_kwargs, keep_input):
         for j, row in enumerate(windows):
             state["window"] = j
             run_until_blocks_end(model, row[None].to(device))
     hidden = state["hidden"]
-    for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
-        with residency.block(model, layout, i, writeback=False) as block:
-            if prepare_block is not None:
-                prepare_block(i, block)
-            for j in range(hidden.shape[0]):
-                out = _hidden(block(hidden[j:j + 1].to(device), **block_kwargs[i]))
-                hidden[j] = out[0].to(hidden.device)
+    for i, _, block in pipeline.walk(desc, writeback=False):
+        if prepare_block is not None:
+            prepare_block(i, block)
+        for j in range(hidden.shape[0]):
+            out = block_output(block(hidden[j:j + 1].to(device), **block_kwargs[i]))
+            hidden[j] = out[0].to(hidden.device)
 
     def final(index):  # block 0 hands over the window's last hidden state; the others pass it on
         return (lambda *args, **kwargs: hidden[state["window"]:state["window"] + 1].to(device)) if index == 0 \
             else (lambda *args, **kwargs: args[0] if args else kwargs["hidden_states"])
 
     inputs = None
-    with residency.outside_blocks(model, layout, head=False), blocks_replaced(blocks, final):
+    with pipeline.outside_blocks(head=False), blocks_replaced(blocks, final):
         for j, row in enumerate(windows):
             state["window"] = j
             h = lm_head_input(model, row[None].to(device))  # the model's own final norm

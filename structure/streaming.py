@@ -1,7 +1,7 @@
 """Where a model's weights live while methods and evaluators walk it, and streaming them from the checkpoint.
 
-Methods and evaluators never assume the whole model is in memory. They ask the model's `Residency` for one
-decoder block (or the parts outside the blocks) at a time:
+Nothing assumes the whole model is in memory. The block pipeline (structure/pipeline.py) asks the model's
+`Residency`, which the loader hands it, for one decoder block (or the parts outside the blocks) at a time:
 
 - `Resident`: the ordinary model, every weight in memory; asking costs nothing.
 - `Streamed`: a skeleton on the meta device (accelerate's `init_empty_weights`). Asking for a block materializes
@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,11 +98,13 @@ class Residency:
     """Access to a model's weights one piece at a time (see the module docstring)."""
 
     streamed = False
+    scratch: Path | None = None  # where a streamed model keeps what passes changed (and spilled activations)
 
     @contextmanager
-    def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True) -> Iterator[nn.Module]:
-        """Decoder block `index`, materialized while the context lasts; with writeback, what the caller changed in
-        it is kept for later passes."""
+    def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True,
+              keep: bool = False) -> Iterator[nn.Module]:
+        """Decoder block `index`, materialized while the context lasts (with `keep`, for good); with writeback,
+        what the caller changed in it is kept for later passes."""
         yield layout.blocks(model)[index]
 
     @contextmanager
@@ -121,12 +123,11 @@ class Residency:
         """Where a method puts its artifacts: a dict in memory (Streamed: files on disk)."""
         return {}
 
+    def finish_materialize(self, model: nn.Module, layout: ModelLayout) -> None:
+        """After every block was materialized for good: the parts outside the blocks too (the model is whole)."""
+
 
 RESIDENT = Residency()
-
-
-def residency_of(model: nn.Module) -> Residency:
-    return getattr(model, "_weights_residency", RESIDENT)
 
 
 class ArtifactStore(MutableMapping):
@@ -206,7 +207,7 @@ class Streamed(Residency):
     def attach(self, model: nn.Module) -> nn.Module:
         """Make `model` (a skeleton) stream through this residency: map every parameter to the stored tensor it
         reads (tied parameters, lm_head = embeddings, share one checkpoint entry), fail on any the checkpoint lacks,
-        and move the buffers to the device."""
+        and move the buffers to the device. The model itself carries nothing: whoever walks it holds the residency."""
         groups: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
@@ -222,7 +223,6 @@ class Streamed(Residency):
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
-        model._weights_residency = self
         return model
 
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -278,9 +278,13 @@ class Streamed(Residency):
             set_module_tensor_to_device(module, n, "meta")
 
     @contextmanager
-    def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True) -> Iterator[nn.Module]:
+    def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True,
+              keep: bool = False) -> Iterator[nn.Module]:
         module, prefix = layout.blocks(model)[index], f"{layout.block_prefix(index)}."
         loaded = self._onload([(prefix, module)])
+        if keep:  # made whole: the block stays, nothing is written back
+            yield module
+            return
         # the parameters may share memory with what was read: keep a copy, so in-place changes are seen too
         loaded = {n: t.clone() for n, t in loaded.items()} if writeback else None
         try:
@@ -322,18 +326,8 @@ class Streamed(Residency):
             for _, m in modules:
                 self._release(m, recurse=False)
 
-    def materialize(self, model: nn.Module, layout: ModelLayout,
-                    prepare_block: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
-        """Make the model whole in memory, block by block, `prepare_block(i, block)` running on each as it arrives
-        (packing its linears shrinks it before the next one comes); the model is an ordinary one afterwards."""
-        for i in range(len(layout.blocks(model))):
-            block = layout.blocks(model)[i]
-            self._onload([(f"{layout.block_prefix(i)}.", block)])
-            if prepare_block is not None:
-                prepare_block(i, block)
+    def finish_materialize(self, model: nn.Module, layout: ModelLayout) -> None:
         self._onload([(f"{name}." if name else "", m) for name, m in _outside_modules(model, layout)], recurse=False)
-        del model._weights_residency
-        return model
 
     def artifact_store(self) -> MutableMapping:
         """A fresh store for one quantization (two quantizations of one model never mix their artifacts)."""
@@ -353,13 +347,13 @@ def _outside_modules(model: nn.Module, layout: ModelLayout, head: bool = True) -
 
 
 def load_streamed(directory: str | Path, dtype: torch.dtype, device: torch.device, scratch: str | Path,
-                  overlay: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """A meta-device model of the checkpoint in `directory`, streamed through a `Streamed` residency."""
+                  overlay: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, Streamed]:
+    """(a meta-device model of the checkpoint in `directory`, the `Streamed` residency its weights come from)."""
     from transformers import AutoConfig
 
     checkpoint = Checkpoint(directory)
-    model = skeleton(AutoConfig.from_pretrained(directory), dtype)
-    return Streamed(checkpoint, device, scratch, overlay).attach(model)
+    residency = Streamed(checkpoint, device, scratch, overlay)
+    return residency.attach(skeleton(AutoConfig.from_pretrained(directory), dtype)), residency
 
 
 def available_memory(device: torch.device) -> int:

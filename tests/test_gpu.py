@@ -15,7 +15,8 @@ from methods.awq import AWQConfig
 from methods.gptq import GPTQConfig
 from methods.rtn import RTNConfig
 from structure.architectures import apply_artifacts, layout_for
-from structure.blockwise import capture_block_inputs, iterate_blocks
+from structure.blockwise import capture_block_inputs
+from structure.pipeline import BlockPipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -32,10 +33,13 @@ def test_block_driver_keeps_blocks_and_activations_on_the_gpu():
     assert inputs.device.type == "cuda"
     cpu_inputs, _ = capture_block_inputs(tiny_model("llama"), layout, _calib(), CPU)
     torch.testing.assert_close(inputs.cpu(), cpu_inputs, rtol=1e-4, atol=1e-4)
-    for ctx in iterate_blocks(model, layout, _calib(), CUDA):
+    def step(ctx):
         out = ctx.forward()
         assert out.device.type == "cuda" and next(ctx.block.parameters()).device.type == "cuda"
         ctx.next_inputs = out
+        return {}
+
+    BlockPipeline(model, layout, CUDA).calibrated_pass(step, _calib(), "gpu check")
 
 
 @pytest.mark.parametrize("config", [RTNConfig(), GPTQConfig(), AWQConfig(batch_size=4)], ids=lambda c: c.name)

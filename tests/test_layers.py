@@ -65,3 +65,24 @@ def test_the_contract_checker_sees_an_upward_import(tmp_path):
 def test_every_package_of_the_project_is_in_the_contract():
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     assert packages == set(ALLOWED)
+
+
+def test_methods_never_import_streaming():
+    """A method is per-block maths: where weights live is the block pipeline's business (structure/pipeline.py)."""
+    found = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in sorted((ROOT / "methods").rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, (ast.Import, ast.ImportFrom))
+             and any("streaming" in name for name in ([a.name for a in node.names] + [getattr(node, "module", "")
+                                                                                       or ""]))]
+    assert found == []
+
+
+def test_the_block_pipeline_holds_the_one_block_loop():
+    """Blocks are materialized in one place, BlockPipeline.walk: no other module asks a residency for a block (the
+    checker sees `<...>residency.block(...)` calls)."""
+    found = [f"{path.relative_to(ROOT)}:{node.lineno}"
+             for package in ALLOWED for path in sorted((ROOT / package).rglob("*.py"))
+             if path != ROOT / "structure" / "pipeline.py" and path != ROOT / "structure" / "streaming.py"
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("residency.block")]
+    assert found == []

@@ -9,6 +9,8 @@ import torch
 
 from analysis import stats
 from harness.teacher import compute_teacher
+from structure.architectures import layout_for
+from structure.pipeline import BlockPipeline
 
 
 def _correlated_blocks(rng, n_blocks: int, mu: float, block: int = 64, rho: float = 0.8):
@@ -60,7 +62,7 @@ def test_kld_from_the_stored_lm_head_input_is_the_exact_kld():
     other.model.embed_tokens.weight = base.model.embed_tokens.weight
     other.model.norm.weight = base.model.norm.weight
     windows = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
-    teacher = compute_teacher(base, windows, torch.device("cpu"))
+    teacher = compute_teacher(BlockPipeline(base, layout_for(base), "cpu"), windows)
     got = token_stats(other, windows, torch.device("cpu"), teacher)
     with torch.no_grad():
         for i, row in enumerate(windows):
@@ -129,7 +131,7 @@ def test_chunked_logits_give_the_full_forward_numbers(monkeypatch):
     other.model.embed_tokens.weight = base.model.embed_tokens.weight
     other.model.norm.weight = base.model.norm.weight
     windows = torch.randint(0, 256, (2, 41), generator=torch.Generator().manual_seed(0))
-    teacher = compute_teacher(base, windows, torch.device("cpu"))
+    teacher = compute_teacher(BlockPipeline(base, layout_for(base), "cpu"), windows)
     monkeypatch.setattr(structure.head, "CHUNK_ELEMENTS", 5 * base.config.vocab_size)
     got = token_stats(other, windows, torch.device("cpu"), teacher)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from methods.awq.config import AWQConfig, AWQGPTQConfig
 from methods.gptq import GPTQConfig
 from methods.rtn import RTNConfig
 from structure.architectures import layout_for
+from structure.pipeline import BlockPipeline
 from structure.streaming import ArtifactStore, Checkpoint, CheckpointFormatError, load_streamed
 
 CPU = torch.device("cpu")
@@ -55,11 +56,13 @@ def test_streamed_quantization_is_bit_identical(family, method, tmp_path):
     resident = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     expected = build_method(METHOD_CONFIGS[method]).quantize(resident, layout_for(resident), spec, calib, CPU)
 
-    streamed = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
+    streamed, residency = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
     assert all(p.is_meta for p in streamed.parameters())
-    got = build_method(METHOD_CONFIGS[method]).quantize(streamed, layout_for(streamed), spec, calib, CPU)
+    pipeline = BlockPipeline(streamed, layout_for(streamed), CPU, residency)
+    got = build_method(METHOD_CONFIGS[method]).quantize_blocks(pipeline, spec, calib)
     assert isinstance(got.artifacts, ArtifactStore)  # on disk, not in memory
     assert all(p.is_meta for p in streamed.parameters())  # every block went back to the meta device
+    assert not hasattr(streamed, "_weights_residency")  # the model carries no hidden state: the pipeline holds it
     _same_result(expected, got)
 
 
@@ -96,11 +99,12 @@ def test_layerwise_forward_matches_the_ordinary_forward(family, tmp_path, monkey
     model = tiny_model(family, seed=5)
     windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
     ordinary = token_stats(model, windows, CPU)["nll"]
-    inputs = layerwise_lm_head_inputs(model, layout_for(model), windows, CPU)
+    pipeline = BlockPipeline(model, layout_for(model), CPU)
+    inputs = layerwise_lm_head_inputs(pipeline, windows)
     layerwise = token_stats(model, windows, CPU, hidden_of=lambda i, ids: inputs[i])["nll"]
     torch.testing.assert_close(torch.from_numpy(layerwise), torch.from_numpy(ordinary), rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(structure.layerwise, "SPILL_FRACTION", 0.0)
-    spilled = layerwise_lm_head_inputs(model, layout_for(model), windows, CPU, spill_dir=tmp_path)
+    spilled = layerwise_lm_head_inputs(pipeline, windows, spill_dir=tmp_path)
     assert list(tmp_path.glob("hidden-*.bin")) and torch.equal(spilled, inputs)
 
 
@@ -164,11 +168,9 @@ def test_a_streamed_run_that_cannot_hold_the_packed_model_is_refused_before_read
 
 
 def test_in_place_changes_survive_the_block_and_scratch_keeps_one_file_per_block(tmp_path):
-    from structure.streaming import residency_of
-
     directory = sharded_checkpoint("llama", tmp_path / "ckpt")
-    model = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
-    layout, residency = layout_for(model), residency_of(model)
+    model, residency = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
+    layout = layout_for(model)
     name = "model.layers.0.mlp.down_proj.weight"
     original = residency.read(model, name)
     with residency.block(model, layout, 0) as block:

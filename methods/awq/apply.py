@@ -9,8 +9,8 @@ from torch import nn
 
 from methods.awq.maths import clip_weight, fold_scale_into_norm
 from methods.awq.state import AWQSearch, GroupScale
-from structure.architectures import ModelLayout, get_submodule
-from structure.streaming import residency_of
+from structure.architectures import get_submodule
+from structure.pipeline import BlockPipeline
 
 
 @torch.no_grad()
@@ -44,20 +44,18 @@ def apply_clips(block: nn.Module, clips: dict[str, torch.Tensor], group_size: Op
         lin.weight.data = clip_weight(lin.weight.data, max_val.to(lin.weight.device), group_size)
 
 
-def apply_search(model: nn.Module, layout: ModelLayout, search: AWQSearch, on_block=None) -> None:
-    """Re-apply a saved search (scales, then clips) to every block of `model`, in place, one block at a time
-    (materialized by the model's residency); `on_block(block, prefix)` runs on each block after."""
-    residency = residency_of(model)
-    for i in range(len(layout.blocks(model))):
-        prefix = layout.block_prefix(i)
-        if prefix not in search.blocks:
-            continue
-        with residency.block(model, layout, i) as block:
-            b = search.blocks[prefix]
-            apply_scales(block, b.scales, layout.spec.norm_weight_offset)
-            apply_clips(block, b.clips, search.group_size)
-            if on_block is not None:
-                on_block(block, prefix)
+def apply_search(pipeline: BlockPipeline, search: AWQSearch, on_block=None) -> dict:
+    """Re-apply a saved search (scales, then clips) to every block, in place; returns the artifacts that
+    `on_block(block, prefix)` returns for each block after (e.g. the block quantized)."""
+    layout = pipeline.layout
+
+    def step(prefix: str, block: nn.Module) -> dict:
+        b = search.blocks[prefix]  # check_matches made sure the search covers every block
+        apply_scales(block, b.scales, layout.spec.norm_weight_offset)
+        apply_clips(block, b.clips, search.group_size)
+        return {} if on_block is None else on_block(block, prefix)
+
+    return pipeline.map_blocks(step, "awq: apply search")
 
 
 def folded_names(block: nn.Module, scales: list[GroupScale]) -> list[str]:
@@ -73,10 +71,10 @@ def folded_names(block: nn.Module, scales: list[GroupScale]) -> list[str]:
     return names
 
 
-def folded_tensors(model: nn.Module, search: AWQSearch) -> dict[str, torch.Tensor]:
+def folded_tensors(pipeline: BlockPipeline, search: AWQSearch) -> dict[str, torch.Tensor]:
     """{state_dict key: CPU copy} of every tensor a (searched or re-applied) AWQ search folded its scales into."""
-    residency, found = residency_of(model), {}
+    found = {}
     for prefix, b in search.blocks.items():
-        for name in folded_names(model.get_submodule(prefix), b.scales):  # names only: a meta block answers too
-            found[f"{prefix}.{name}"] = residency.read(model, f"{prefix}.{name}").clone()
+        for name in folded_names(pipeline.model.get_submodule(prefix), b.scales):  # names only: meta answers too
+            found[f"{prefix}.{name}"] = pipeline.read(f"{prefix}.{name}").clone()
     return found

@@ -17,7 +17,6 @@ from methods.awq.state import SEARCH_FILE, AWQSearch
 from methods.base import Method, QuantizationResult, register_method
 from methods.gptq import GPTQ
 from methods.rtn import quantize_block
-from structure.streaming import residency_of
 
 
 @register_method("awq", AWQConfig)
@@ -27,18 +26,15 @@ class AWQ(Method):
 
     needs_calibration = True
 
-    def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
-        artifacts = residency_of(model).artifact_store()  # a dict; files on disk for a streamed model
+    def quantize_blocks(self, pipeline, spec, calib) -> QuantizationResult:
+        layout = pipeline.layout
         if self.config.load_search is not None:
-            search = load_search(self.config.load_search, model, layout, spec,
-                                 on_block=lambda block, prefix: artifacts.update(
-                                     quantize_block(block, prefix, layout, spec, device=device)))
+            search, artifacts = load_search(self.config.load_search, pipeline, spec, on_block=lambda block, prefix:
+                                            quantize_block(block, prefix, layout, spec, device=pipeline.device))
         else:
-            def finish(ctx, features):
-                artifacts.update(quantize_block(ctx.block, ctx.prefix, layout, spec))
-
-            search = run_awq_search(model, layout, spec, calib, device, self.config, on_block=finish)
-        return QuantizationResult(artifacts, modified=folded_tensors(model, search),
+            search, artifacts = run_awq_search(pipeline, spec, calib, self.config, on_block=lambda ctx:
+                                               quantize_block(ctx.block, ctx.prefix, layout, spec))
+        return QuantizationResult(artifacts, modified=folded_tensors(pipeline, search),
                                   extras={SEARCH_FILE: search.to_state()})
 
 
@@ -49,22 +45,21 @@ class AWQGPTQ(Method):
 
     needs_calibration = True
 
-    def quantize(self, model, layout, spec, calib, device) -> QuantizationResult:
+    def quantize_blocks(self, pipeline, spec, calib) -> QuantizationResult:
         awq_config = self.config.awq
         if awq_config.load_search is not None:
-            search = load_search(awq_config.load_search, model, layout, spec)
+            search, _ = load_search(awq_config.load_search, pipeline, spec)
         else:
-            search = run_awq_search(model, layout, spec, calib, device, awq_config, desc="awq_gptq: awq")
-        modified = folded_tensors(model, search)  # GPTQ below changes linear weights only, which artifacts cover
-        gptq = GPTQ(self.config.gptq).quantize(model, layout, spec, calib, device)
+            search, _ = run_awq_search(pipeline, spec, calib, awq_config, desc="awq_gptq: awq")
+        modified = folded_tensors(pipeline, search)  # GPTQ below changes linear weights only, which artifacts cover
+        gptq = GPTQ(self.config.gptq).quantize_blocks(pipeline, spec, calib)
         return QuantizationResult(gptq.artifacts, modified=modified, stats=gptq.stats,
                                   extras={SEARCH_FILE: search.to_state()})
 
 
-def load_search(path: str, model, layout, spec, on_block=None) -> AWQSearch:
-    """Read a saved search, check that it fits this model and spec, and apply it in place, block by block;
-    `on_block(block, prefix)` runs on each block after."""
+def load_search(path: str, pipeline, spec, on_block=None) -> tuple[AWQSearch, dict]:
+    """Read a saved search, check that it fits this model and spec, and apply it in place, block by block:
+    (the search, the artifacts `on_block(block, prefix)` returned for each block after)."""
     search = AWQSearch.load(path)
-    search.check_matches(model, layout, spec)
-    apply_search(model, layout, search, on_block)
-    return search
+    search.check_matches(pipeline.model, pipeline.layout, spec)
+    return search, apply_search(pipeline, search, on_block)

@@ -14,7 +14,8 @@ from methods.awq.config import AWQConfig
 from methods.awq.maths import act_mean, awq_scale, sample_tokens, search_clip, weight_mean
 from methods.awq.state import AWQSearch, BlockSearch, GroupScale
 from structure.architectures import ModelLayout, ScaleGroup, get_submodule
-from structure.blockwise import BlockContext, iterate_blocks
+from structure.blockwise import BlockContext
+from structure.pipeline import BlockPipeline
 
 
 def _accepted_kwargs(module: nn.Module, kwargs: dict) -> dict:
@@ -126,15 +127,18 @@ def search_block(ctx: BlockContext, layout: ModelLayout, spec: QuantSpec, config
     return result
 
 
-def run_awq_search(model: nn.Module, layout: ModelLayout, spec: QuantSpec, calib: torch.Tensor,
-                   device: torch.device, config: AWQConfig, desc: str = "awq",
-                   on_block=None) -> AWQSearch:
-    """Search and apply AWQ over all blocks (model modified in place); `on_block(ctx, features)` runs after each."""
+def run_awq_search(pipeline: BlockPipeline, spec: QuantSpec, calib: torch.Tensor, config: AWQConfig,
+                   desc: str = "awq", on_block=None) -> tuple[AWQSearch, dict]:
+    """Search and apply AWQ over all blocks (the model changed in place): (the search, the artifacts that
+    `on_block(ctx)` returned for each block after its search, e.g. the block quantized)."""
     search = AWQSearch(spec.bits, spec.group_size, spec.symmetric)
-    for ctx in iterate_blocks(model, layout, calib, device, desc=desc, batch_size=config.batch_size):
+    layout = pipeline.layout
+
+    def step(ctx: BlockContext) -> dict:
         features, fp_out = capture_features(ctx, layout)
         ctx.next_inputs = fp_out  # the reference feeds the next block the full-precision output
         search.blocks[ctx.prefix] = search_block(ctx, layout, spec, config, features)
-        if on_block is not None:
-            on_block(ctx, features)
-    return search
+        return {} if on_block is None else on_block(ctx)
+
+    artifacts = pipeline.calibrated_pass(step, calib, desc, config.batch_size)
+    return search, artifacts

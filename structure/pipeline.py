@@ -1,0 +1,104 @@
+"""The one walk over a model's decoder blocks (llm-compressor's lesson: the pipeline owns the traversal).
+
+A `BlockPipeline` holds a model, its layout, the device and the model's residency (where its weights live: in
+memory, or streamed from a safetensors checkpoint one block at a time, structure/streaming.py). Every pass over the
+blocks goes through its one loop, `walk`:
+- `map_blocks`: a per-block step without calibration (RTN, re-applying a saved AWQ search);
+- `calibrated_pass`: capture block 0's calibration inputs, then hand each block with its inputs to the method's
+  step (GPTQ, AWQ); the step says what feeds the next block (GPTQ: the quantized block's output, AWQ: the
+  full-precision one);
+- layer-wise evaluation (structure/layerwise.py) and `materialize` (a streamed model made whole, packed on arrival).
+The pipeline loads each block, collects what the step returns into an artifact store (a dict in memory, files on
+disk for a streamed model), writes back what the step changed and unloads the block. A method is per-block maths
+plus its config: it never walks blocks, never asks where weights live, and never imports streaming.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from core.spec import QuantizedWeights
+from structure.architectures import ModelLayout
+from structure.blockwise import BlockContext, capture_block_inputs
+from structure.streaming import RESIDENT, Residency
+
+BlockStep = Callable[[str, nn.Module], dict[str, QuantizedWeights]]  # (block prefix, block) -> artifacts
+CalibratedStep = Callable[[BlockContext], dict[str, QuantizedWeights]]  # sets ctx.next_inputs
+
+
+class BlockPipeline:
+    """A model, its layout and device, and where its weights live; every walk over its blocks."""
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, device: torch.device | str,
+                 residency: Residency = RESIDENT) -> None:
+        self.model, self.layout, self.device, self.residency = model, layout, torch.device(device), residency
+
+    @property
+    def streamed(self) -> bool:
+        return self.residency.streamed
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.layout.blocks(self.model))
+
+    def walk(self, desc: str, writeback: bool = True, keep: bool = False,
+             leave: bool = False) -> Iterator[tuple[int, str, nn.Module]]:
+        """(index, prefix, block) for every decoder block in order, each materialized while the caller holds it:
+        the package's one block loop. `writeback`: what the caller changes is kept for later passes; `keep`: the
+        block stays materialized afterwards (the model is being made whole)."""
+        for i in tqdm(range(self.n_blocks), desc=desc, unit="block", leave=leave):
+            with self.residency.block(self.model, self.layout, i, writeback=writeback, keep=keep) as block:
+                yield i, self.layout.block_prefix(i), block
+
+    def map_blocks(self, step: BlockStep, desc: str, writeback: bool = True) -> MutableMapping:
+        """Run `step(prefix, block)` on every block; returns a fresh store of the artifacts the steps returned."""
+        store = self.residency.artifact_store()
+        for _, prefix, block in self.walk(desc, writeback=writeback):
+            store.update(step(prefix, block))
+        return store
+
+    def calibrated_pass(self, step: CalibratedStep, calib: torch.Tensor, desc: str,
+                        batch_size: int = 1) -> MutableMapping:
+        """Capture block 0's inputs on `calib` [N, L], then run `step(ctx)` on every block with its calibration
+        inputs; the step sets `ctx.next_inputs`, which feed the next block. Returns a fresh store of the artifacts
+        the steps returned."""
+        inputs, block_kwargs = capture_block_inputs(self.model, self.layout, calib, self.device, self.residency)
+        store = self.residency.artifact_store()
+        for i, prefix, block in self.walk(desc, leave=True):
+            ctx = BlockContext(i, block, prefix, inputs, block_kwargs[i], batch_size)
+            store.update(step(ctx))
+            if ctx.next_inputs is None:
+                raise RuntimeError(f"{desc}: block {i} did not set next_inputs")
+            if not torch.isfinite(ctx.next_inputs).all():
+                raise ValueError(f"{desc}: non-finite (NaN/Inf) activations after block {prefix}")
+            inputs = ctx.next_inputs
+        return store
+
+    def outside_blocks(self, head: bool = True) -> AbstractContextManager:
+        """Everything outside the decoder blocks, materialized while the context lasts."""
+        return self.residency.outside_blocks(self.model, self.layout, head=head)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The current value of one parameter (state_dict name), on the CPU, wherever it lives."""
+        return self.residency.read(self.model, name)
+
+    def adopt(self, modified: dict[str, torch.Tensor]) -> None:
+        """Make the model the checkpoint plus `modified` (what a method changed in place that no artifact covers):
+        loaded into a model in memory, an overlay for a streamed one (whose earlier writes are forgotten)."""
+        if self.streamed:
+            self.residency.reset(modified)
+        elif modified:
+            self.model.load_state_dict(modified, strict=False)
+
+    def materialize(self, prepare_block: Callable[[int, nn.Module], None] | None = None) -> None:
+        """Make a streamed model whole in memory, block by block, `prepare_block(i, block)` running on each as it
+        arrives (packing its linears shrinks it before the next one comes); afterwards it is an ordinary model."""
+        for i, _, block in self.walk("materialize", writeback=False, keep=True):
+            if prepare_block is not None:
+                prepare_block(i, block)
+        self.residency.finish_materialize(self.model, self.layout)
+        self.residency = RESIDENT
