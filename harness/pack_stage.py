@@ -1,5 +1,5 @@
-"""The pack stage: swap the fake-quantized linears for packed QuantLinear layers, and refuse a packed model whose
-numbers disagree with the fake-quantized one (a packed number is never written unchecked)."""
+"""The pack stage: swap the fake-quantized linears for packed QuantLinear layers (`pack`), and refuse a packed model
+whose numbers disagree with the fake-quantized one (a packed number is never written unchecked)."""
 from __future__ import annotations
 
 import logging
@@ -25,7 +25,18 @@ def probe_window(windows: dict[str, torch.Tensor], vocab_size: int, seqlen: int,
     return "random tokens", torch.randint(0, vocab_size, (1, seqlen), generator=g)
 
 
-def pack_stage(pipeline: BlockPipeline, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor]) -> list[dict]:
+def pack(pipeline: BlockPipeline, artifacts: dict, backend: str, probe: tuple[str, torch.Tensor],
+         prepare_block=None) -> list[dict]:
+    """The run's one packing step: a model in memory is packed in place (pack_in_memory), a streamed one is made
+    whole with its linears packed block by block as they arrive (pack_streamed); either way checked on the probe
+    window against the fake-quantized model before any number is written."""
+    if pipeline.streamed:
+        return pack_streamed(pipeline, artifacts, backend, probe, prepare_block)
+    return pack_in_memory(pipeline, artifacts, backend, probe)
+
+
+def pack_in_memory(pipeline: BlockPipeline, artifacts: dict, backend: str,
+                   probe: tuple[str, torch.Tensor]) -> list[dict]:
     """Pack every artifact's linear (one GEMM per shared-input group: q/k/v, gate/up), each layer checked against
     its artifact by pack_model; then the probe window's ppl through the packed model must match the fake-quantized
     model's within PACKED_PPL_RTOL (DisagreementError otherwise). Rows: which backend each layer got, and the
@@ -74,7 +85,7 @@ def pack_streamed(pipeline: BlockPipeline, artifacts: dict, backend: str, probe:
                   prepare_block) -> list[dict]:
     """Make a streamed model whole in memory with every quantized linear packed as its block arrives (so the
     unquantized model never is), then check the probe window's ppl against the fake-quantized model computed layer
-    by layer, as pack_stage does for a model in memory. Rows as pack_stage's."""
+    by layer, as pack_in_memory does for a model in memory. Rows as pack_in_memory's."""
     model, layout = pipeline.model, pipeline.layout
     if not artifacts:  # an unquantized run: nothing to pack or check, the model is only made whole
         pipeline.materialize()

@@ -1,8 +1,9 @@
-"""One run, start to finish, as a short list of stages: preflight, load, quantize, pack, evaluate, write.
+"""One run, start to finish: preflight, reuse or plan (harness/plan.py), then a straight line of numbered stages.
 
-Data flows one way: RunConfig -> model + tokens -> QuantizationResult -> evaluators -> tidy rows ->
-results/<run_id>/. Each stage takes what it needs and returns rows (and fingerprints); nothing is shared by
-mutation. A run whose results directory is already complete is skipped (resume), unless `force=true`.
+Data flows one way: RunConfig -> run plan -> model + tokens -> QuantizationResult -> evaluators -> tidy rows ->
+results/<run_id>/. Each stage takes the plan and what the stages before returned and returns rows; nothing is
+shared by mutation. A run whose results directory is complete and verified is skipped (resume), unless
+`force=true`.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import yaml
 
 from harness.config import ConfigError, RunConfig
 from harness.identity import calibrates, config_hash, quantizes, result_key, run_dir, run_id
-from harness.models import (PACKAGED_NOTE, cache_dir_of, decide_streaming, load_model,
-                            load_streamed_model, model_fingerprint, resolve_device, weights_stamp)
+from harness.models import (PACKAGED_NOTE, cache_dir_of, load_model, load_streamed_model, model_fingerprint,
+                            resolve_device, weights_stamp)
+from harness.pack_stage import pack, probe_window
+from harness.plan import PackAt, Resume, RunPlan, plan_run
 from harness.preflight import preflight
-from harness.pack_stage import pack_stage, pack_streamed, probe_window
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
@@ -57,16 +59,7 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
         if check.state == "damaged":
             set_aside(out_dir, check.reason)
         confirm = check.meta.get("model_fingerprint") if check.state == "complete" and not cfg.force else None
-        return _execute(cfg, out_dir, config_yaml, Resume(stamp, confirm))
-
-
-@dataclasses.dataclass(frozen=True)
-class Resume:
-    """What a run knows of an earlier finished run in its directory: the weights stamp now, and the fingerprint the
-    earlier run measured when only the stamp differs (equal fingerprints: the same weights, the result stands)."""
-
-    stamp: str | None
-    confirm_fingerprint: str | None = None
+        return run_plan(cfg, plan_run(cfg, out_dir, Resume(stamp, confirm)), config_yaml)
 
 
 def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
@@ -84,106 +77,109 @@ def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
     return False
 
 
-def _execute(cfg: RunConfig, out_dir: Path, config_yaml: str | None, resume: Resume) -> pd.DataFrame:
+def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None) -> pd.DataFrame:
+    """The run as numbered stages, each taking the plan and what the stages before it returned."""
     started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-    cache, device = cache_dir_of(cfg), resolve_device(cfg.device)
-    streamed = decide_streaming(cfg.model, cache, device)
     torch.manual_seed(cfg.seed)
-    with _loaded(cfg, cache, device, streamed) as (pipeline, tokenizer):
-        return _evaluate(cfg, out_dir, config_yaml, pipeline, tokenizer, cache, device, started_at, t0, resume)
+    with _loaded(cfg, plan) as (pipeline, tokenizer):
+        # 1. a streamed run that needs the model whole must fit it packed: refused before any weight is read
+        if plan.streamed and plan.whole_model:
+            check_packed_fits(cfg, plan, pipeline)
+        # 2. what the run measures: the weights' fingerprint (the same weights behind touched files: result stands)
+        fingerprint = model_fingerprint(pipeline.model, pipeline.read)
+        if plan.resume.confirm_fingerprint is not None:
+            if fingerprint == plan.resume.confirm_fingerprint:
+                return _confirmed(plan, fingerprint)
+            log.info("%s: the weights changed (fingerprint %s, was %s): re-running", plan.out_dir, fingerprint,
+                     plan.resume.confirm_fingerprint)
+        # 3. the eval windows, and the unquantized model on them (the KLD baseline), before any method runs
+        windows, prints = eval_windows(cfg, tokenizer, pipeline.layout.spec.needs_bos, plan.cache)
+        baseline = teachers(pipeline, windows, prints, fingerprint, plan.cache) if cfg.eval.kld else None
+        probe = probe_window(windows, pipeline.model.config.vocab_size, cfg.eval.seqlen, cfg.seed)
+        shapes = linear_shapes(pipeline)  # the unpacked linears' shapes, for timing's GEMM microbenchmark
+        # 4. quantize, or reuse the cache: artifacts, and the model fake-quantized
+        quant = quantize_stage(cfg, pipeline, tokenizer, fingerprint, plan.cache) if plan.quantizes else None
+        artifacts, rows = (quant.result.artifacts, quant.rows) if quant else ({}, [])
+        prepare = _block_preparer(pipeline.layout, artifacts)
+        # 5. pack here when every evaluator is to see the packed layers (kernel=...)
+        if plan.pack_at is PackAt.BEFORE_PPL:
+            rows += pack(pipeline, artifacts, plan.backend, probe, prepare)
+        # 6. perplexity, KLD against the baseline, per-block records (a streamed model: layer by layer)
+        ppl_rows, blocks = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block, prepare)
+        rows, records = rows + ppl_rows, {BLOCKS_FILE: blocks}
+        # 7. a streamed model needed whole: made whole, its linears packed block by block as they arrive
+        if plan.pack_at is PackAt.AFTER_PPL:
+            rows += pack(pipeline, artifacts, plan.backend, probe, prepare)
+        # 8. lm-eval
+        if cfg.eval.lm_eval is not None:
+            from harness.lmeval import run_lm_eval
+
+            lm_rows, records[DOCS_FILE] = run_lm_eval(pipeline.model, tokenizer, cfg.eval.lm_eval, plan.device)
+            rows += lm_rows
+        # 9. timing, through packed layers (packed here when the evaluators before saw fake-quantized weights)
+        if plan.pack_at is PackAt.BEFORE_TIMING:
+            rows += pack(pipeline, artifacts, plan.backend, probe)
+        if cfg.eval.timing is not None:
+            rows += _timing(cfg, plan, pipeline, shapes)
+        # 10. the rows with their provenance, written atomically (DONE, with every file's checksum, last)
+        calib = {f"calib:{cfg.calib.source}": quant.calib_fingerprint} if quant and quant.calib_fingerprint else {}
+        provenance = {"git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
+                      "data_fingerprint": json.dumps({**prints, **calib}, sort_keys=True),
+                      "device": device_name(plan.device), "started_at": started_at, "wall_s": time.perf_counter() - t0,
+                      "peak_mem_mb": peak_memory_mb(plan.device)}
+        frame = to_frame({**run_columns(cfg), **provenance, **row} for row in rows)
+        extras = quant.result.extras if quant else {}
+        _write(cfg, plan, frame, config_yaml, extras, records, fingerprint)
+        return frame
 
 
-def whole_model_keys(cfg: RunConfig) -> list[str]:
-    """The settings that need the model held whole in memory (lm-eval, timing, packed kernels; a streamed run packs
-    it first)."""
-    return [key for key, value in (("kernel", cfg.kernel), ("eval.lm_eval", cfg.eval.lm_eval),
-                                   ("eval.timing", cfg.eval.timing)) if value is not None]
-
-
-def check_packed_fits(cfg: RunConfig, model, layout, device: torch.device) -> None:
+def check_packed_fits(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline) -> None:
     """A streamed run that needs the whole model (lm-eval, timing, kernel) holds it packed; refuse, before any
     weight is read, when even that would not fit comfortably."""
     from harness.pack_stage import packed_size_estimate
     from structure.streaming import available_memory
 
-    size = packed_size_estimate(model, layout, cfg.bits if quantizes(cfg) else None, cfg.group_size)
-    free = available_memory(device)
+    size = packed_size_estimate(pipeline.model, pipeline.layout, cfg.bits if plan.quantizes else None,
+                                cfg.group_size)
+    free = available_memory(plan.device)
     if size > 0.6 * free:
-        wants = whole_model_keys(cfg)
+        wants = plan.whole_model
         raise ConfigError(f"{', '.join(wants)} need the model whole in memory: packed it would take ~"
-                          f"{size / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free on {device}; set "
+                          f"{size / 2**30:.1f} GiB of the {free / 2**30:.1f} GiB free on {plan.device}; set "
                           f"{'=null '.join(wants)}=null (perplexity and KLD stream), or run on a larger machine")
-    log.info("this streamed run packs the model into memory for %s (~%.1f GiB)",
-             "kernel/lm-eval/timing", size / 2**30)
+    log.info("this streamed run packs the model into memory for %s (~%.1f GiB)", ", ".join(plan.whole_model),
+             size / 2**30)
+
+
+def _confirmed(plan: RunPlan, fingerprint: str) -> pd.DataFrame:
+    """The finished result, re-stamped: the model files changed, the weights did not."""
+    log.info("%s: the model files changed but their weights did not (fingerprint %s): the finished result stands",
+             plan.out_dir, fingerprint)
+    update_done(plan.out_dir, weights_stamp=plan.resume.stamp)
+    return read_run(plan.out_dir)
+
+
+def linear_shapes(pipeline: BlockPipeline) -> list[tuple[int, int]]:
+    """The distinct (in_features, out_features) of the quantizable linears (read from a skeleton too)."""
+    model = pipeline.model
+    return sorted({(m.in_features, m.out_features) for m in pipeline.layout.quantizable_linears(model).values()})
 
 
 @contextlib.contextmanager
-def _loaded(cfg: RunConfig, cache: Path, device: torch.device, streamed: bool):
+def _loaded(cfg: RunConfig, plan: RunPlan):
     """(the model's block pipeline, tokenizer): the model loaded whole, or a streamed skeleton whose scratch files go
     when the run ends."""
-    if not streamed:
-        model, tokenizer = load_model(cfg.model, device, cache)
-        yield BlockPipeline(model, layout_for(model), device), tokenizer
+    if not plan.streamed:
+        model, tokenizer = load_model(cfg.model, plan.device, plan.cache)
+        yield BlockPipeline(model, layout_for(model), plan.device), tokenizer
         return
-    cache.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=cache, prefix=".streaming-"))  # in the cache: artifacts move by rename
+    plan.cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=plan.cache, prefix=".streaming-"))  # in the cache: artifacts move by rename
     try:
-        model, tokenizer, residency = load_streamed_model(cfg.model, device, cache, scratch)
-        yield BlockPipeline(model, layout_for(model), device, residency), tokenizer
+        model, tokenizer, residency = load_streamed_model(cfg.model, plan.device, plan.cache, scratch)
+        yield BlockPipeline(model, layout_for(model), plan.device, residency), tokenizer
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _evaluate(cfg: RunConfig, out_dir: Path, config_yaml: str | None, pipeline: BlockPipeline, tokenizer,
-              cache: Path, device: torch.device, started_at: str, t0: float, resume: Resume) -> pd.DataFrame:
-    model, layout, streamed = pipeline.model, pipeline.layout, pipeline.streamed
-    if streamed and whole_model_keys(cfg):
-        check_packed_fits(cfg, model, layout, device)
-    fingerprint = model_fingerprint(model, pipeline.read)  # of the loaded weights, before any method touches them
-    stamp = resume.stamp or weights_stamp(cfg.model)  # a hub id's files are on this machine now
-    if fingerprint == resume.confirm_fingerprint:  # the files were touched or copied, the weights are the same
-        log.info("%s: the model files changed but their weights did not (fingerprint %s): the finished result "
-                 "stands", out_dir, fingerprint)
-        update_done(out_dir, weights_stamp=stamp)
-        return read_run(out_dir)
-    if resume.confirm_fingerprint is not None:
-        log.info("%s: the weights changed (fingerprint %s, was %s): re-running", out_dir, fingerprint,
-                 resume.confirm_fingerprint)
-    shapes = sorted({(m.in_features, m.out_features) for m in layout.quantizable_linears(model).values()})
-    windows, data_prints = eval_windows(cfg, tokenizer, layout.spec.needs_bos, cache)
-    baseline = teachers(pipeline, windows, data_prints, fingerprint, cache) \
-        if cfg.eval.kld else None  # the unquantized model on the eval windows, before any method touches it
-    probe = probe_window(windows, model.config.vocab_size, cfg.eval.seqlen, cfg.seed)
-    rows, artifacts, extras = [], {}, {}
-    if quantizes(cfg):
-        stage = quantize_stage(cfg, pipeline, tokenizer, fingerprint, cache)
-        rows, artifacts, extras = stage.rows, stage.result.artifacts, stage.result.extras
-        if stage.calib_fingerprint is not None:
-            data_prints[f"calib:{cfg.calib.source}"] = stage.calib_fingerprint
-        if cfg.kernel is not None and not streamed:  # evaluate through the packed layers themselves
-            rows += pack_stage(pipeline, artifacts, cfg.kernel, probe)
-    prepare = _block_preparer(layout, artifacts)
-    ppl = None
-    if not (streamed and cfg.kernel is not None):  # ppl of the fake-quantized model (streamed: layer by layer)
-        ppl = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block, prepare)
-    if streamed and whole_model_keys(cfg):  # from here on the model is whole in memory, packed
-        rows += pack_streamed(pipeline, artifacts, cfg.kernel or default_backend(device), probe, prepare)
-        if ppl is None:
-            ppl = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block)
-    rows, records = rows + ppl[0], {BLOCKS_FILE: ppl[1]}
-    if cfg.eval.lm_eval is not None:
-        from harness.lmeval import run_lm_eval
-
-        lm_rows, records[DOCS_FILE] = run_lm_eval(model, tokenizer, cfg.eval.lm_eval, device)
-        rows += lm_rows
-    if cfg.eval.timing is not None:
-        rows += _timing(cfg, pipeline, artifacts, probe, cache, shapes, packed=streamed)
-    provenance = {"git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
-                  "data_fingerprint": json.dumps(data_prints, sort_keys=True), "device": device_name(device),
-                  "started_at": started_at, "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(device)}
-    frame = to_frame({**run_columns(cfg), **provenance, **row} for row in rows)
-    _write(cfg, out_dir, frame, config_yaml, extras, records, {"model_fingerprint": fingerprint, "weights_stamp": stamp})
-    return frame
 
 
 def _block_preparer(layout, artifacts):
@@ -194,19 +190,15 @@ def _block_preparer(layout, artifacts):
     return lambda i, block: apply_block_artifacts(block, layout.block_prefix(i), layout, artifacts)
 
 
-def _timing(cfg: RunConfig, pipeline: BlockPipeline, artifacts: dict, probe, cache: Path,
-            shapes: list[tuple[int, int]], packed: bool = False) -> list[dict]:
-    """Time the packed model (packing it first when the run evaluated fake-quantized weights, which run at fp speed)
-    against a freshly loaded unquantized baseline. A streamed run's model is packed already, and its unquantized
-    baseline does not fit: it gets no baseline rows."""
+def _timing(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline, shapes: list[tuple[int, int]]) -> list[dict]:
+    """Time the packed model against a freshly loaded unquantized baseline. A streamed run's unquantized baseline
+    does not fit: it gets no baseline rows."""
     from harness.timing import evaluate_timing
 
-    model, device = pipeline.model, pipeline.device
-    backend = cfg.kernel or default_backend(device)
-    rows = pack_stage(pipeline, artifacts, backend, probe) if artifacts and cfg.kernel is None and not packed \
-        else []
-    baseline = load_model(cfg.model, device, cache)[0] if quantizes(cfg) and not packed else None
-    return rows + evaluate_timing(cfg.eval.timing, model, baseline, device, cfg.seed, shapes, cfg.group_size, backend)
+    backend = plan.backend or default_backend(plan.device)
+    baseline = load_model(cfg.model, plan.device, plan.cache)[0] if plan.quantizes and not plan.streamed else None
+    return evaluate_timing(cfg.eval.timing, pipeline.model, baseline, plan.device, cfg.seed, shapes, cfg.group_size,
+                           backend)
 
 
 def run_columns(cfg: RunConfig) -> dict:
@@ -219,10 +211,11 @@ def run_columns(cfg: RunConfig) -> dict:
             "seed": cfg.seed}
 
 
-def _write(cfg: RunConfig, out_dir: Path, frame: pd.DataFrame, config_yaml: str | None, extras: dict,
-           records: dict[str, pd.DataFrame], weights: dict) -> None:
-    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg), **weights,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+def _write(cfg: RunConfig, plan: RunPlan, frame: pd.DataFrame, config_yaml: str | None, extras: dict,
+           records: dict[str, pd.DataFrame], fingerprint: str) -> None:
+    stamp = plan.resume.stamp or weights_stamp(cfg.model)  # a hub id's files are on this machine now
+    meta = {"run_id": run_id(cfg), "result_key": result_key(cfg), "model_fingerprint": fingerprint,
+            "weights_stamp": stamp, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.model.source == "packaged":
         meta["note"] = PACKAGED_NOTE
     files = {}
@@ -234,5 +227,5 @@ def _write(cfg: RunConfig, out_dir: Path, frame: pd.DataFrame, config_yaml: str 
         if not table.empty:
             files[name] = table.to_parquet(index=False)
     config_yaml = config_yaml or yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    write_run(out_dir, frame, config_yaml, meta, files)
-    log.info("wrote %s", out_dir)
+    write_run(plan.out_dir, frame, config_yaml, meta, files)
+    log.info("wrote %s", plan.out_dir)
