@@ -56,14 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from harness.provenance import device_name
-    from harness.timing import gemm_microbench
+    from kernels.microbench import gemm_microbench
     from kernels.backends import default_backend
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     backends = args.backends.split(",") if args.backends else [default_backend(args.device)]
     rows = gemm_microbench([_shape(s) for s in args.shapes.split(",")], [int(m) for m in args.ms.split(",")],
-                           args.group_size or None, backends, args.device, repeats=args.repeats, warmup=args.warmup)
+                           args.group_size or None, backends, args.device, repeats=args.repeats, warmup=args.warmup,
+                           device_label=device_name(args.device))
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; group_size={args.group_size or 'channel'}; "
           f"median of {args.repeats} samples, round-robin")
     with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):

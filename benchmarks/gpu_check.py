@@ -3,7 +3,7 @@
 Sections, each writing a CSV under --out and a part of gpu_check.md:
 1. kernels:   the Triton W4A16 kernel against the torch reference, M x group size x shapes (ragged included);
 2. speed:     Triton W4A16 against torch's fp16 and bf16 dense matmul on 7B-class shapes, side by side in one
-              process (harness.timing.gemm_microbench), plus the effective bandwidth at M=1 as a fraction of the
+              process (kernels.microbench.gemm_microbench), plus the effective bandwidth at M=1 as a fraction of the
               measured device-to-device copy bandwidth;
 3. e2e:       a random-weight Llama-family model built here (about 1B parameters), loaded through `model=hf`,
               quantized by RTN, GPTQ and AWQ at w4 g128 on device, packed (`kernel=triton`) and timed against the
@@ -70,7 +70,7 @@ def environment(device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------------ 1. kernels
 def check_kernels(p: dict, device: torch.device) -> pd.DataFrame:
-    from harness.timing import random_artifact
+    from kernels.microbench import random_artifact
     from kernels.pack import pack_triton_w4
     from kernels.reference import w4a16_reference
     from kernels.triton_w4a16 import w4a16_matmul
@@ -92,7 +92,7 @@ def check_kernels(p: dict, device: torch.device) -> pd.DataFrame:
 # -------------------------------------------------------------------------------------------------- 2. speed
 def copy_bandwidth(device: torch.device, mib: int) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read and written (median of 10)."""
-    from harness.timing import _time_sample, summarize
+    from kernels.microbench import _time_sample, summarize
 
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -103,10 +103,11 @@ def copy_bandwidth(device: torch.device, mib: int) -> float:
 
 def check_speed(p: dict, device: torch.device) -> tuple[pd.DataFrame, float, pd.DataFrame]:
     """gemm_microbench rows (ms_triton, ms_dense (fp16), ms_dense_bf16, speedups) + bandwidth at M=1."""
-    from harness.timing import gemm_microbench
+    from harness.provenance import device_name
+    from kernels.microbench import gemm_microbench
 
     rows = pd.DataFrame(gemm_microbench(list(p["speed_shapes"]), list(p["speed_m"]), 128, ["triton"], device,
-                                        repeats=5))
+                                        repeats=5, device_label=device_name(device)))
     detail = rows["detail"].map(json.loads)
     rows["M"], rows["K"], rows["N"] = detail.map(lambda d: d["M"]), detail.map(lambda d: d["in"]), detail.map(
         lambda d: d["out"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from harness.timing import gemm_microbench, greedy_generate, linear_shapes, percentile, summarize, time_generation
+from harness.timing import greedy_generate, linear_shapes, time_generation
+from kernels.microbench import gemm_microbench, percentile, summarize
 
 ROW_KEYS = {"suite", "task", "metric", "value", "stderr", "n", "detail"}
 
