@@ -1,4 +1,4 @@
-"""Bit-packing between the common artifact (methods.base.QuantizedWeights) and the packed layouts. Torch only.
+"""Bit-packing between the common artifact (core.spec.QuantizedWeights) and the packed layouts. Torch only.
 
 Layouts (all words are int32 holding unsigned bit patterns; K = in_features, N = out_features, G = group size):
 
