@@ -125,10 +125,16 @@ def verify_manifest(directory: Path) -> Path:
     return directory
 
 
+def aside_path(path: Path) -> Path:
+    """Where a damaged entry goes: a sibling `<name>.corrupt-<time>-<pid>` (unique, never read as an entry)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+
+
 def quarantine(path: Path, reason: str) -> Path | None:
     """Move a damaged entry aside (never delete it) and say so; returns where it went (None if it vanished)."""
     path = Path(path)
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    aside = aside_path(path)
     try:
         os.replace(path, aside)
     except FileNotFoundError:

@@ -10,14 +10,13 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.integrity import atomic_write_bytes, atomic_write_text, file_sha256
+from analysis.integrity import aside_path, atomic_write_bytes, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def set_aside(run_dir: Path, reason: str) -> Path:
     """Move a damaged run's files (not its lock or temporary files, whose names start with '.') into a sibling
     `<run>.corrupt-<time>` directory, its DONE renamed so no reader takes it for a run; never deletes anything."""
     run_dir = Path(run_dir)
-    aside = run_dir.with_name(f"{run_dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    aside = aside_path(run_dir)
     aside.mkdir(parents=True)
     for entry in run_dir.iterdir():
         if not entry.name.startswith("."):

@@ -247,16 +247,8 @@ def _weight_files(cfg: ModelConfig) -> list[Path] | None:
             return [packaged_gguf_path()]  # the converted copy derives from it and is verified by its own manifest
         except FileNotFoundError:
             return None
-    if _looks_local(cfg.path):
-        root = Path(os.path.expanduser(cfg.path))
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        config = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
-        if not isinstance(config, str):
-            return None
-        root = Path(config).parent
-    if not root.is_dir():
+    root = _hf_directory(cfg)
+    if root is None or not root.is_dir():
         return None
     return sorted(p for p in root.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
@@ -291,12 +283,18 @@ def local_model_directory(cfg: ModelConfig, cache_dir: Path) -> Path | None:
     the first run)."""
     if cfg.source == "packaged":  # where convert_packaged puts it
         directory = converted_directory(cache_dir)
-    elif _looks_local(cfg.path):
-        directory = Path(os.path.expanduser(cfg.path))
     else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
-        directory = Path(cached).parent if isinstance(cached, str) else None
+        directory = _hf_directory(cfg)
     return directory if directory is not None and (directory / "config.json").is_file() else None
+
+
+def _hf_directory(cfg: ModelConfig) -> Path | None:
+    """An hf model's directory on this machine: its local path, or its hub snapshot in the local Hugging Face cache
+    (None while it has not been downloaded)."""
+    if _looks_local(cfg.path):
+        return Path(os.path.expanduser(cfg.path))
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(cfg.path, "config.json", revision=cfg.revision)
+    return Path(config).parent if isinstance(config, str) else None
 
