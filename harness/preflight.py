@@ -284,7 +284,8 @@ _WARNED: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    """A warning, once per process (a sweep job passes the preflight twice: in the sweep's check of every job, and in its run)."""
+    """A warning, once per process (a sweep job passes the preflight twice: in the sweep's check of every job, and
+    in its run)."""
     if message not in _WARNED:
         _WARNED.add(message)
         log.warning("%s", message)
