@@ -10,7 +10,7 @@ import pandas as pd
 # Keys that always separate configs and are always part of a config's name.
 PRIMARY_KEYS = ["method", "bits", "group_size"]
 # Keys that only split table rows (and lengthen names) when they actually vary.
-SECONDARY_KEYS = ["symmetric", "calib_source", "calib_samples", "calib_seqlen", "seed"]
+SECONDARY_KEYS = ["symmetric", "calib_source", "calib_samples", "calib_seqlen", "calib_seed", "seed"]
 CONFIG_KEYS = ["model", *PRIMARY_KEYS, *SECONDARY_KEYS]
 OBS_KEYS = ["suite", "task", "metric"]
 ROW_KEYS = CONFIG_KEYS + OBS_KEYS
@@ -22,7 +22,7 @@ FINGERPRINT_TAG = 8  # hex digits of the fingerprint that tell two models of one
 REFERENCE_METHOD = "fp"
 # Table headers for the secondary keys (distinct from the raw column names so both can live in one frame).
 DISPLAY = {"symmetric": "Sym", "calib_source": "Calib", "calib_samples": "Samples", "calib_seqlen": "Seqlen",
-           "seed": "Seed"}
+           "calib_seed": "Draw", "seed": "Seed"}
 DASH = "—"
 
 

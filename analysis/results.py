@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Run-level keys, repeated on every row of a run so each row stands alone.
 RUN_COLUMNS = [
     "run_id", "config_hash", "model", "method", "bits", "group_size", "symmetric",
-    "calib_source", "calib_samples", "calib_seqlen", "seed",
+    "calib_source", "calib_samples", "calib_seqlen", "calib_seed", "seed", "replicate_of",
 ]
 OBSERVATION_COLUMNS = ["suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n", "detail"]
 PROVENANCE_COLUMNS = [
@@ -40,7 +40,8 @@ DOCS_FILE = "docs.parquet"  # per lm-eval task and document: correctness
 DONE_FILE = "DONE"  # written last: a run directory without it is unfinished
 
 _DTYPES = {
-    "bits": "Int64", "group_size": "Int64", "calib_samples": "Int64", "calib_seqlen": "Int64", "seed": "Int64",
+    "bits": "Int64", "group_size": "Int64", "calib_samples": "Int64", "calib_seqlen": "Int64", "calib_seed": "Int64",
+    "seed": "Int64",
     "n": "Int64", "value": "float64", "stderr": "float64", "ci_low": "float64", "ci_high": "float64",
     "wall_s": "float64", "peak_mem_mb": "float64",
     "symmetric": "boolean",
@@ -146,7 +147,11 @@ def set_aside(run_dir: Path, reason: str) -> Path:
 def read_run(run_dir: Path) -> pd.DataFrame:
     frame = pd.read_parquet(Path(run_dir) / ROWS_FILE)
     # a run written before a column existed (ci_low/ci_high) reads with that column empty
-    return frame.reindex(columns=COLUMNS).astype(_DTYPES)
+    frame = frame.reindex(columns=COLUMNS).astype(_DTYPES)
+    # before calib.seed existed, a calibrating run drew its windows with the run's seed
+    legacy_draw = frame["calib_seed"].isna() & frame["calib_source"].notna()
+    frame.loc[legacy_draw, "calib_seed"] = frame.loc[legacy_draw, "seed"]
+    return frame
 
 
 def _readable(run_dir: Path) -> bool:

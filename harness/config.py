@@ -116,15 +116,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration: `n_samples` random windows of `seqlen` tokens from the source's calibration split."""
+    """Calibration: `n_samples` random windows of `seqlen` tokens from the source's calibration split, drawn with
+    `seed` (None: the run's `seed`). Only the draw depends on it: eval windows, lm-eval documents and the model
+    stay the same, so runs that differ only in `calib.seed` are replicate draws of one configuration, each paired
+    with the others on identical eval tokens (docs/statistics.md)."""
 
     source: str = "wiki"
     n_samples: int = 128
     seqlen: int = 512
+    seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.n_samples > 0, "calib.n_samples", self.n_samples, "a positive integer")
         _require(self.seqlen > 1, "calib.seqlen", self.seqlen, "an integer > 1")
+        _require(self.seed is None or self.seed >= 0, "calib.seed", self.seed,
+                 "null (the run's seed) or a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,11 @@ class RunConfig:
     results_dir: str = "results"
     cache_dir: Optional[str] = None  # None: $QUANT_HARNESS_CACHE or ~/.cache/quant-harness
     force: bool = False  # re-run even if results/<run_id> is already complete
+
+    @property
+    def calib_seed(self) -> int:
+        """The seed of the calibration draw: calib.seed, else the run's seed."""
+        return self.seed if self.calib.seed is None else self.calib.seed
 
     def __post_init__(self) -> None:
         if self.group_size == -1:  # the GPTQ/AWQ CLI convention for per-channel

@@ -74,6 +74,15 @@ def config_hash(cfg: RunConfig) -> str:
     return stable_hash(_without_none(result_key(cfg)), 10)
 
 
+def replicate_of(cfg: RunConfig) -> str:
+    """The configuration a run is a replicate draw of: the hash of its result key without `calib.seed`. Runs that
+    differ only in the calibration draw share it (and differ in `calib_seed`), so analysis treats them as replicates
+    of one configuration; a method that does not calibrate has one "draw", its run."""
+    key = _without_none(result_key(cfg))
+    key.get("calib", {}).pop("seed", None)
+    return stable_hash(key, 10)
+
+
 def run_id(cfg: RunConfig) -> str:
     label = spec_of(cfg).tag() if quantizes(cfg) else "baseline"
     return f"{cfg.model.name}-{cfg.method.name}-{label}-{config_hash(cfg)}"
@@ -90,7 +99,7 @@ def quantization_key(cfg: RunConfig, model_fingerprint: str, calib_fingerprint: 
            "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
            "code": code, "device": cfg.device}
     if calibrates(cfg):
-        key["calib"] = dataclasses.asdict(cfg.calib)
+        key["calib"] = _without_none(dataclasses.asdict(cfg.calib))  # calib.seed=null keeps older entries valid
         key["calib_source"] = dataclasses.asdict(cfg.data.sources[cfg.calib.source])
         key["calib_tokens"] = calib_fingerprint
     return key

@@ -294,7 +294,7 @@ def _warn_once(message: str) -> None:
 def check_calib_budget(cfg: RunConfig, name: str, tokenizer, cache: Path) -> None:
     """More than calib.seqlen tokens in the calibration split, which calibration draws its windows from."""
     seqlen = cfg.calib.seqlen
-    have = datasets_.calibration_stream_size(cfg.data.sources[name], tokenizer, cache, cfg.seed, seqlen + 1)
+    have = datasets_.calibration_stream_size(cfg.data.sources[name], tokenizer, cache, cfg.calib_seed, seqlen + 1)
     if have <= seqlen:
         raise ConfigError(f"calib.seqlen={seqlen} needs more than {seqlen} tokens in the calibration split of "
                           f"calib.source={name!r}, which has {have}; allowed values: calib.seqlen < {have}, or more "

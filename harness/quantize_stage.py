@@ -59,7 +59,7 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
     calib = calib_print = None
     if method.needs_calibration:
         calib_set = calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer, cache,
-                                       cfg.calib.n_samples, cfg.calib.seqlen, cfg.seed)
+                                       cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib_seed)
         calib, calib_print = calib_set.tokens, calib_set.fingerprint
     key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint(type(method).__module__))
     path = quant_cache.entry_path(cache, key)

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from harness.config import ConfigError, RunConfig
-from harness.identity import calibrates, config_hash, quantizes, result_key, run_dir, run_id
+from harness.identity import calibrates, config_hash, quantizes, replicate_of, result_key, run_dir, run_id
 from harness.models import (PACKAGED_NOTE, cache_dir_of, load_model, load_streamed_model, model_fingerprint,
                             resolve_device, weights_stamp)
 from harness.pack_stage import pack, probe_window
@@ -208,7 +208,7 @@ def run_columns(cfg: RunConfig) -> dict:
             "bits": cfg.bits if q else None, "group_size": cfg.group_size if q else None,
             "symmetric": cfg.symmetric if q else None, "calib_source": cfg.calib.source if c else None,
             "calib_samples": cfg.calib.n_samples if c else None, "calib_seqlen": cfg.calib.seqlen if c else None,
-            "seed": cfg.seed}
+            "calib_seed": cfg.calib_seed if c else None, "seed": cfg.seed, "replicate_of": replicate_of(cfg)}
 
 
 def _write(cfg: RunConfig, plan: RunPlan, frame: pd.DataFrame, config_yaml: str | None, extras: dict,

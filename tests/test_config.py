@@ -65,3 +65,21 @@ def test_typos_and_wrong_types_fail_at_compose_time(override):
 def test_unknown_method_lists_available():
     with pytest.raises(ConfigCompositionException, match="rtn"):
         make_config("method=magic")
+
+
+def test_calib_seed_is_the_draw_and_nothing_else():
+    """calib.seed draws the calibration windows only: runs that differ in it share `replicate_of` (one configuration,
+    several draws) and differ in their run id; calib.seed=null is the run's seed and keeps older run ids."""
+    from harness.identity import config_hash, replicate_of, run_id
+
+    base = make_config("method=gptq")
+    draws = [make_config("method=gptq", f"calib.seed={k}") for k in (0, 1, 2)]
+    assert base.calib_seed == 0 and [c.calib_seed for c in draws] == [0, 1, 2]
+    assert len({run_id(c) for c in draws}) == 3
+    assert len({replicate_of(c) for c in [base, *draws]}) == 1
+    assert replicate_of(make_config("method=gptq", "bits=3")) != replicate_of(base)
+    assert make_config("method=gptq", "seed=7").calib_seed == 7
+    # the hash of a config that leaves calib.seed unset is the one it had before calib.seed existed
+    assert config_hash(base) == config_hash(make_config("method=gptq", "calib.seed=null"))
+    with pytest.raises(ConfigError, match="calib.seed=.*allowed values"):
+        make_config("calib.seed=-1")
