@@ -1,23 +1,32 @@
 """Paired comparisons of finished runs, from their records alone (no model is run).
 
     python -m analysis.compare RUN_A RUN_B            # two run directories: A is the first, B the second
-    python -m analysis.compare results/ [--level 0.9] # every pair of runs under a directory (a sweep), sorted
+    python -m analysis.compare results/ [--level 0.9] # every pair of configurations under a directory, sorted
     python -m analysis.compare RUN_A RUN_B --allow-cross-model   # two models: ppl and accuracy only, no KLD
+    python -m analysis.compare results/calib_study --margin ppl=1% --margin kld=0.01   # with equivalence tests
 
-Per eval set both runs measured on identical tokens (same token fingerprint, same blocks): ppl A and B, Δppl and
-the ratio A/B with a paired interval over token blocks, ΔKLD with its paired interval, each with a paired t-test
-over blocks; per lm-eval task both ran on the same documents: Δaccuracy with McNemar's exact test. A verdict per
-cell: "A better", "B better" or "no significant difference", after Holm's correction over every test in the
-printed table. Sets or tasks that were not measured on identical data are refused, with the reason. So is a pair of
-runs of different models (other `model_fingerprint`, or none recorded): KLD is measured against each run's own
-unquantized model, so ΔKLD across models compares two different baselines. `--allow-cross-model` compares such a
-pair on perplexity and accuracy (still only on identical tokens and documents) and drops every KLD cell.
+Runs that differ only in `calib.seed` are replicate draws of one configuration (their `replicate_of` is equal) and
+are compared as one: the interval then covers both which eval text was measured and which calibration windows were
+drawn (a crossed design, analysis/replicates.py), and the per-draw wins, ties and losses are counted. A comparison
+with a single draw of a calibrating method is marked "conditional on one calibration draw".
+
+Per eval set every run measured on identical tokens (same token fingerprint, same blocks): ppl A and B, Δppl and
+the ratio A/B with its interval over token blocks (and draws), ΔKLD likewise; per lm-eval task all ran on the same
+documents: Δaccuracy (McNemar's exact test with one draw per side). A verdict per cell: "A better", "B better" or
+"no significant difference", after Holm's correction over every test in the printed table; with `--margin`, TOST
+equivalence tests make it "equivalent within the margin", "A better", "B better" or "inconclusive". Sets or tasks
+that were not measured on identical data are refused, with the reason. So is a pair of runs of different models
+(other `model_fingerprint`, or none recorded): KLD is measured against each run's own unquantized model, so ΔKLD
+across models compares two different baselines. `--allow-cross-model` compares such a pair on perplexity and
+accuracy (still only on identical tokens and documents) and drops every KLD cell.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import stats
+from analysis import replicates, stats
 from analysis.labels import method_label
 from analysis.results import BLOCKS_FILE, DOCS_FILE, find_run_dirs, read_run
 
@@ -40,6 +49,34 @@ class Run:
     prints: dict
     model: str = ""
     model_print: str = ""  # fingerprint of the unquantized weights, the baseline of KLD; "" when none was recorded
+    calib_seed: int | None = None  # the calibration draw; None: the run does not calibrate
+    replicate_of: str = ""  # the configuration it is a draw of ("" in runs written before replicates)
+    started_at: str = ""
+
+
+@dataclass
+class Config:
+    """One configuration and its replicate calibration draws (runs that differ only in `calib.seed`), sorted by
+    draw. A run of a method that does not calibrate is a configuration with no draw noise."""
+
+    runs: list[Run]
+    label: str
+
+    @property
+    def calibrates(self) -> bool:
+        return self.runs[0].calib_seed is not None
+
+    @property
+    def model(self) -> str:
+        return self.runs[0].model
+
+    @property
+    def model_print(self) -> str:
+        return self.runs[0].model_print
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.calib_seed for r in self.runs]
 
 
 def _text(value) -> str:
@@ -56,12 +93,52 @@ def load_run(path: Path) -> Run:
         prints = json.loads(first["data_fingerprint"] or "{}")
     except (TypeError, ValueError):  # not a fingerprint map: nothing can be shown to be the same tokens
         prints = {}
+    seed = first["calib_seed"]
     return Run(path, label, rows, read(BLOCKS_FILE), read(DOCS_FILE), prints if isinstance(prints, dict) else {},
-               _text(first["model"]), _text(first["model_fingerprint"]))
+               _text(first["model"]), _text(first["model_fingerprint"]), None if pd.isna(seed) else int(seed),
+               _text(first["replicate_of"]), _text(first["started_at"]))
 
 
-def model_mismatch(a: Run, b: Run) -> str | None:
-    """Why two runs cannot be shown to share an unquantized model (the baseline of their KLD), or None."""
+def _seeds_text(seeds: list[int]) -> str:
+    seeds = sorted(seeds)
+    if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def group_runs(runs: list[Run]) -> list[Config]:
+    """Runs grouped into configurations, in the order of their first run: runs of one `replicate_of` and one model
+    fingerprint are replicate draws of it. Two runs of the same draw keep the later one. A run written before
+    replicates existed is a configuration of its own."""
+    groups: dict[tuple, dict] = {}
+    for run in runs:
+        key = (run.replicate_of or str(run.path), run.model_print)
+        draws = groups.setdefault(key, {})
+        held = draws.get(run.calib_seed)
+        if held is None or (run.started_at, run.path.name) > (held.started_at, held.path.name):
+            draws[run.calib_seed] = run
+    configs = []
+    for draws in groups.values():
+        members = sorted(draws.values(), key=lambda r: (r.calib_seed is None, r.calib_seed or 0))
+        if len(members) == 1:
+            label = members[0].label
+        else:
+            first = members[0].rows.iloc[0]
+            label = (f"{method_label(first['method'], first['bits'], first['group_size'])} calib "
+                     f"{first['calib_source']} {first['calib_samples']}x{first['calib_seqlen']} "
+                     f"({len(members)} draws, seeds {_seeds_text([r.calib_seed for r in members])}) "
+                     f"[{members[0].replicate_of}]")
+        configs.append(Config(members, label))
+    return configs
+
+
+def as_config(x: Run | Config) -> Config:
+    return x if isinstance(x, Config) else Config([x], x.label)
+
+
+def model_mismatch(a: Run | Config, b: Run | Config) -> str | None:
+    """Why two runs (or configurations) cannot be shown to share an unquantized model (the baseline of their KLD),
+    or None."""
     if a.model_print and a.model_print == b.model_print:
         return None
     shown = (f"{r.model or '?'} (model_fingerprint {r.model_print or 'missing'})" for r in (a, b))
@@ -89,6 +166,33 @@ def level_arg(text: str) -> float:
     return level
 
 
+MARGIN_KINDS = {"ppl": "ppl=1% (ppl ratio within 1/1.01 and 1.01)", "kld": "kld=0.01 (nats per token)",
+                "acc": "acc=1pt (accuracy points; also acc_norm)"}
+
+
+def margin_arg(text: str) -> tuple[str, float]:
+    """--margin KIND=VALUE -> (kind, margin on the scale the comparison is made on): ppl=1% is log(1.01) on the log
+    ppl ratio, kld=0.01 nats per token, acc=1pt (or 0.01) accuracy."""
+    kind, _, value = text.partition("=")
+    allowed = "; ".join(MARGIN_KINDS.values())
+    if kind not in MARGIN_KINDS or not value:
+        raise argparse.ArgumentTypeError(f"unknown margin {text!r}; allowed: {allowed}")
+    try:
+        if kind == "ppl":
+            if not value.endswith("%"):
+                raise ValueError
+            margin = math.log1p(float(value[:-1]) / 100)
+        elif kind == "acc" and value.endswith("pt"):
+            margin = float(value[:-2]) / 100
+        else:
+            margin = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"margin {text!r} does not parse; allowed: {allowed}") from None
+    if not margin > 0 or (kind == "acc" and margin >= 1):
+        raise argparse.ArgumentTypeError(f"margin {text!r} must be positive (and below 100pt); allowed: {allowed}")
+    return kind, margin
+
+
 def _same_blocks(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     keys = ["window", "block", "tokens"]
     return len(a) == len(b) and (a[keys].to_numpy() == b[keys].to_numpy()).all()
@@ -106,61 +210,126 @@ def _other_tokens(pa, pb, ba: pd.DataFrame, bb: pd.DataFrame) -> str | None:
     return None
 
 
-def ppl_cells(a: Run, b: Run, level: float, kld: bool = True) -> tuple[list[dict], list[str]]:
-    """One cell per eval set measured by both runs on identical tokens (and one for KLD where both have it, unless
-    `kld` is false)."""
+def _draw_pairs(a: Config, b: Config) -> list[tuple[int, int]]:
+    """Which draws of A meet which of B at the per-draw level: the same seed where both sides drew the same seeds
+    (the same calibration windows), else every pair."""
+    if a.calibrates and b.calibrates and sorted(a.seeds) == sorted(b.seeds):
+        return [(i, b.seeds.index(seed)) for i, seed in enumerate(a.seeds)]
+    return [(i, j) for i in range(len(a.runs)) for j in range(len(b.runs))]
+
+
+def _per_draw(a: Config, b: Config, better_a: list[bool | None]) -> str | None:
+    """'wins/ties/losses' of A over the per-draw comparisons (None for a single pair: the main cell says it)."""
+    if len(better_a) < 2:
+        return None
+    return f"{sum(x is True for x in better_a)}/{sum(x is None for x in better_a)}/{sum(x is False for x in better_a)}"
+
+
+def _cell(kind: str, task: str, a_value: float, b_value: float, diff: replicates.Difference, a: Config, b: Config,
+          per_draw: str | None, lower_is_better: bool, ratio: bool) -> dict:
+    f = np.exp if ratio else (lambda v: v)
+    none = diff.ci_low is None
+    return {"kind": kind, "task": task, "A": a_value, "B": b_value, "delta": a_value - b_value,
+            "ratio": float(f(diff.value)) if ratio else None,
+            "ci_low": None if none else float(f(diff.ci_low)), "ci_high": None if none else float(f(diff.ci_high)),
+            "p": diff.p, "estimate": diff.value, "stderr": diff.stderr, "df": diff.df,
+            "draws": f"{len(a.runs)} vs {len(b.runs)}", "draw_share": diff.draw_share(), "per_draw": per_draw,
+            "conditional": diff.conditional, "lower_is_better": lower_is_better, "note": diff.note}
+
+
+def _tokens_refused(a: Config, b: Config, task: str) -> str | None:
+    """Why some run of either configuration did not measure `task` on the tokens of A's first run, or None."""
+    ref = a.runs[0]
+    ref_blocks = ref.blocks[ref.blocks.task == task].sort_values(["window", "block"])
+    for side, config in (("A", a), ("B", b)):
+        for run in config.runs:
+            if run is ref:
+                continue
+            blocks = run.blocks[run.blocks.task == task].sort_values(["window", "block"])
+            why = _other_tokens(ref.prints.get(f"eval:{task}"), run.prints.get(f"eval:{task}"), ref_blocks, blocks)
+            if why:
+                who = "B" if side == "B" and len(a.runs) == len(b.runs) == 1 else f"{run.path.name}"
+                return why if who == "B" else f"{why} (run {who} of {side})"
+    return None
+
+
+def _matrix(config: Config, task: str, column: str) -> np.ndarray:
+    return np.column_stack([r.blocks[r.blocks.task == task].sort_values(["window", "block"])[column].to_numpy(float)
+                            for r in config.runs])
+
+
+def ppl_cells(a: Run | Config, b: Run | Config, level: float, kld: bool = True) -> tuple[list[dict], list[str]]:
+    """One cell per eval set every run of both configurations measured on identical tokens (and one for KLD where
+    all have it, unless `kld` is false)."""
+    a, b = as_config(a), as_config(b)
     cells, refused = [], []
-    for task in sorted(set(a.blocks.get("task", [])) & set(b.blocks.get("task", []))):
-        pa, pb = a.prints.get(f"eval:{task}"), b.prints.get(f"eval:{task}")
-        ba, bb = (r.blocks[r.blocks.task == task].sort_values(["window", "block"]) for r in (a, b))
-        why = _other_tokens(pa, pb, ba, bb)
+    tasks = set.intersection(*(set(r.blocks.get("task", [])) for r in a.runs + b.runs))
+    alpha = 1 - level
+    for task in sorted(tasks):
+        why = _tokens_refused(a, b, task)
         if why:
             refused.append(f"{task}: not the same tokens: {why}")
             continue
-        tokens = ba.tokens.to_numpy()
-        na, nb = ba.nll_sum.to_numpy(), bb.nll_sum.to_numpy()
-        ratio = stats.paired_ratio(na, nb, tokens, level)
-        ppl_a, ppl_b = np.exp(na.sum() / tokens.sum()), np.exp(nb.sum() / tokens.sum())
-        cells.append({"kind": "ppl", "task": task, "A": ppl_a, "B": ppl_b, "delta": ppl_a - ppl_b,
-                      "ratio": ratio.value, "ci_low": ratio.ci_low, "ci_high": ratio.ci_high,
-                      "p": stats.paired_p_value(na / tokens, nb / tokens), "lower_is_better": True,
-                      "note": ratio.note})
-        if kld and "kld_sum" in ba and "kld_sum" in bb:
-            ka, kb = ba.kld_sum.to_numpy(), bb.kld_sum.to_numpy()
-            diff = stats.paired_difference(ka, kb, tokens, level)
-            cells.append({"kind": "kld", "task": task, "A": ka.sum() / tokens.sum(), "B": kb.sum() / tokens.sum(),
-                          "delta": diff.value, "ratio": None, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
-                          "p": stats.paired_p_value(ka / tokens, kb / tokens), "lower_is_better": True,
-                          "note": diff.note})
+        ref = a.runs[0].blocks
+        tokens = ref[ref.task == task].sort_values(["window", "block"]).tokens.to_numpy(float)
+        columns = [("ppl", "nll_sum", True)]
+        if kld and all("kld_sum" in r.blocks for r in a.runs + b.runs):
+            columns.append(("kld", "kld_sum", False))
+        for kind, column, ratio in columns:
+            na, nb = _matrix(a, task, column), _matrix(b, task, column)
+            side_a, side_b = (replicates.Side(n, tokens, c.calibrates) for n, c in ((na, a), (nb, b)))
+            diff = replicates.difference(side_a, side_b, level)
+            better = []
+            for i, j in _draw_pairs(a, b):
+                one = replicates.difference(replicates.Side(na[:, [i]], tokens, False),
+                                            replicates.Side(nb[:, [j]], tokens, False), level)
+                better.append(None if not one.p < alpha else bool(one.value < 0))
+            value = (lambda s: float(np.exp(s.ratio()))) if ratio else (lambda s: s.ratio())
+            cells.append(_cell(kind, task, value(side_a), value(side_b), diff, a, b, _per_draw(a, b, better),
+                               True, ratio))
     return cells, refused
 
 
-def accuracy_cells(a: Run, b: Run, level: float) -> tuple[list[dict], list[str]]:
-    """One cell per lm-eval task and 0/1 metric both runs evaluated on the same documents."""
+def accuracy_cells(a: Run | Config, b: Run | Config, level: float) -> tuple[list[dict], list[str]]:
+    """One cell per lm-eval task and 0/1 metric every run of both configurations evaluated on the same documents.
+    A single draw on each side keeps McNemar's exact test; replicates use the crossed design over documents."""
+    a, b = as_config(a), as_config(b)
     cells, refused = [], []
-    if a.docs.empty or b.docs.empty:
+    runs = a.runs + b.runs
+    if any(r.docs.empty for r in runs):
         return cells, refused
-    for task in sorted(set(a.docs.task) & set(b.docs.task)):
-        da, db = (r.docs[r.docs.task == task].sort_values("doc_id") for r in (a, b))
-        if list(da.doc_id) != list(db.doc_id):
-            refused.append(f"{task}: not the same documents ({len(da)} vs {len(db)})")
+    alpha = 1 - level
+    for task in sorted(set.intersection(*(set(r.docs.task) for r in runs))):
+        docs = [r.docs[r.docs.task == task].sort_values("doc_id") for r in runs]
+        if any(list(d.doc_id) != list(docs[0].doc_id) for d in docs):
+            counts = " vs ".join(str(len(d)) for d in docs)
+            refused.append(f"{task}: not the same documents ({counts})")
             continue
         for metric in ("acc", "acc_norm"):
-            if metric not in da or da[metric].isna().any() or db[metric].isna().any():
+            if any(metric not in d or d[metric].isna().any() for d in docs):
                 continue
-            ca, cb = da[metric].to_numpy() > 0.5, db[metric].to_numpy() > 0.5
-            est_a, est_b = (stats.proportion(int(c.sum()), len(c), level) for c in (ca, cb))
-            cells.append({"kind": metric, "task": task, "A": est_a.value, "B": est_b.value,
-                          "delta": est_a.value - est_b.value, "ratio": None, "ci_low": None, "ci_high": None,
-                          "p": stats.mcnemar_p_value(ca, cb), "lower_is_better": False, "note": None})
+            correct = [d[metric].to_numpy() > 0.5 for d in docs]
+            ca, cb = np.column_stack(correct[:len(a.runs)]), np.column_stack(correct[len(a.runs):])
+            ones = np.ones(len(ca))
+            diff = replicates.difference(replicates.Side(ca.astype(float), ones, a.calibrates),
+                                         replicates.Side(cb.astype(float), ones, b.calibrates), level)
+            if ca.shape[1] == cb.shape[1] == 1:  # one draw each: the exact test of paired binary outcomes
+                diff = dataclasses.replace(diff, p=stats.mcnemar_p_value(ca[:, 0], cb[:, 0]))
+            better = []
+            for i, j in _draw_pairs(a, b):
+                p = stats.mcnemar_p_value(ca[:, i], cb[:, j])
+                better.append(None if not p < alpha else bool(ca[:, i].mean() > cb[:, j].mean()))
+            cells.append(_cell(metric, task, float(ca.mean()), float(cb.mean()), diff, a, b,
+                               _per_draw(a, b, better), False, False))
     return cells, refused
 
 
-def compare(a: Run, b: Run, level: float = stats.LEVEL,
+def compare(a: Run | Config, b: Run | Config, level: float = stats.LEVEL,
             allow_cross_model: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """The cells of one pair (without verdicts) and the reasons for any refused set or task. A pair of different
-    models is refused as a whole, or with `allow_cross_model` compared without KLD (each run's KLD is against its
-    own baseline)."""
+    """The cells of one pair of runs or configurations (without verdicts) and the reasons for any refused set or
+    task. A pair of different models is refused as a whole, or with `allow_cross_model` compared without KLD (each
+    run's KLD is against its own baseline)."""
+    a, b = as_config(a), as_config(b)
     mismatch = model_mismatch(a, b)
     if mismatch and not allow_cross_model:
         return pd.DataFrame(), [f"{mismatch}; KLD is measured against each run's own unquantized model, so the pair "
@@ -174,59 +343,112 @@ def compare(a: Run, b: Run, level: float = stats.LEVEL,
     return table, refused_ppl + refused_acc
 
 
-def with_verdicts(table: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Holm's correction over every test of the table, then 'A better' / 'B better' / 'no significant difference'."""
-    reject = stats.holm(table["p"].tolist(), alpha=1 - level)
+def _margin_of(kind: str, margins: dict[str, float]) -> float | None:
+    return margins.get("acc" if kind in ("acc", "acc_norm") else kind)
+
+
+def with_verdicts(table: pd.DataFrame, level: float, margins: dict[str, float] | None = None) -> pd.DataFrame:
+    """Holm's correction over every test of the table, then 'A better' / 'B better' / 'no significant difference'.
+    With `margins` (kind -> margin on the compared scale), cells of those kinds also get TOST equivalence tests
+    (Holm over that family): 'equivalent within the margin', 'A better', 'B better' or 'inconclusive'."""
+    margins = margins or {}
+    reject = np.array(stats.holm(table["p"].tolist(), alpha=1 - level), bool)
     better_a = np.where(table["lower_is_better"], table["delta"] < 0, table["delta"] > 0)
-    verdict = np.where(~np.array(reject, bool), "no significant difference", np.where(better_a, "A better", "B better"))
+    verdict = np.where(~reject, "no significant difference", np.where(better_a, "A better", "B better")).astype(object)
+    tested = [i for i, kind in enumerate(table["kind"]) if _margin_of(kind, margins) is not None]
+    if tested:
+        tost = [replicates.tost_p_value(replicates.Difference(
+            table["estimate"].iat[i], None if pd.isna(table["stderr"].iat[i]) else table["stderr"].iat[i], None, None,
+            None if pd.isna(table["df"].iat[i]) else table["df"].iat[i], math.nan, 0, (0, 0), False),
+            _margin_of(table["kind"].iat[i], margins)) for i in tested]
+        equivalent = stats.holm([1.0 if math.isnan(p) else p for p in tost], alpha=1 - level)
+        for i, p, eq in zip(tested, tost, equivalent):
+            if eq:
+                verdict[i] = "equivalent within the margin"
+            elif not reject[i]:
+                verdict[i] = "inconclusive"
     return table.assign(verdict=verdict).drop(columns=["lower_is_better"])
 
 
-def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] | None = None) -> str:
-    """The table per pair of runs, each headed by A and B and its note in `notes` (keyed by (A_run, B_run))."""
+def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] | None = None,
+           margins: dict[str, float] | None = None) -> str:
+    """The table per pair, each headed by A and B and its note in `notes` (keyed by (A_run, B_run))."""
     def fmt(v, spec=".4g"):
         return "-" if v is None or pd.isna(v) else format(v, spec)
 
     ci_header = f"{level * 100:.4g}% CI"  # 0.975 reads 97.5%, not 98%
+    replicated = "draws" in table and (table["draws"] != "1 vs 1").any()
     lines = []
     for (a, b), group in table.groupby(["A_run", "B_run"], sort=False):
         lines.append(f"A = {a}\nB = {b}")
         if (notes or {}).get((a, b)):
             lines.append(notes[(a, b)])
+        mark = ["†" if c else "" for c in group.get("conditional", [False] * len(group))]
         body = pd.DataFrame({
             "what": group["kind"] + " " + group["task"], "A": group["A"].map(fmt), "B": group["B"].map(fmt),
             "A - B": group["delta"].map(lambda v: fmt(v, "+.4g")), "A / B": group["ratio"].map(fmt),
-            ci_header: [f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None and not pd.isna(lo) else
-                        ("(too little data)" if note else "-")
-                        for lo, hi, note in zip(group["ci_low"], group["ci_high"], group["note"])],
-            "p": group["p"].map(lambda v: fmt(v, ".3g")), "verdict": group["verdict"]})
+            ci_header: [(f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None and not pd.isna(lo) else
+                         ("(too little data)" if note else "-")) + m
+                        for lo, hi, note, m in zip(group["ci_low"], group["ci_high"], group["note"], mark)],
+            "p": group["p"].map(lambda v: fmt(v, ".3g"))})
+        if replicated:
+            body["draws"] = group["draws"].to_numpy()
+            body["draw share"] = group["draw_share"].map(lambda v: fmt(v * 100 if v is not None else v, ".0f") +
+                                                         ("%" if v is not None and not pd.isna(v) else ""))
+            body["per draw A/tie/B"] = group["per_draw"].map(lambda v: v or "-").to_numpy()
+        body["verdict"] = group["verdict"].to_numpy()
         lines.append(body.to_string(index=False))
         lines.append("")
     n = len(table)
     lines.append(f"{n} tests; verdicts after Holm's correction over all {n} at family-wise level {1 - level:.2g}. "
-                 "Intervals: ppl ratio and ΔKLD per token, Student-t over paired token blocks; p: paired t-test over "
-                 "blocks (ppl, KLD), McNemar's exact test (accuracy).")
+                 "Intervals: ppl ratio and ΔKLD per token over paired token blocks, Δaccuracy over documents; with "
+                 "replicate draws a crossed design (token blocks x calibration draws, Satterthwaite t; "
+                 "docs/statistics.md). p: the same t (McNemar's exact test for accuracy with one draw each).")
+    if "conditional" in table and table["conditional"].any():
+        lines.append("† conditional on one calibration draw: the interval covers which eval text was measured, not "
+                     "which calibration windows were drawn (sweep calib.seed for replicate draws).")
+    if replicated:
+        lines.append("draw share: the part of the difference's variance that comes from the calibration draws. "
+                     "per draw: significant wins of A / ties / wins of B between single draws (the same seed on both "
+                     f"sides where both drew the same seeds, else every pair), each at level {1 - level:.2g} "
+                     "uncorrected.")
+    if margins:
+        shown = ", ".join(f"{k} ±{(math.expm1(v) * 100):.3g}% (ratio)" if k == "ppl" else
+                          (f"{k} ±{v * 100:.3g}pt" if k == "acc" else f"{k} ±{v:.3g}") for k, v in margins.items())
+        lines.append(f"Equivalence margins: {shown}; TOST (two one-sided tests at {1 - level:.2g}, Holm over the "
+                     "equivalence tests): 'equivalent within the margin' when the difference lies inside it, "
+                     "'inconclusive' when neither equivalence nor a difference is shown.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("paths", nargs="+", help="two run directories (A first, then B), or one directory holding "
-                                             "several runs (every pair, in sorted order)")
+    ap.add_argument("paths", nargs="+", help="run directories (A's first), or a directory holding several runs; "
+                                             "runs that differ only in calib.seed are replicate draws of one "
+                                             "configuration, and configurations are compared pairwise")
     ap.add_argument("--level", type=level_arg, default=stats.LEVEL,
                     help="confidence level, strictly in (0, 1) (default 0.95)")
+    ap.add_argument("--margin", type=margin_arg, action="append", default=[], metavar="KIND=VALUE",
+                    help="equivalence margin, repeatable: " + "; ".join(MARGIN_KINDS.values()) +
+                         ". Adds TOST equivalence tests: verdicts become equivalent / A better / B better / "
+                         "inconclusive")
     ap.add_argument("--allow-cross-model", action="store_true",
                     help="compare runs of different models (other model_fingerprint) on ppl and accuracy; "
                          "their KLD cells are dropped (each is against its own baseline)")
     ap.add_argument("--csv", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
+    margins = dict(args.margin)
     dirs = run_dirs_in_order(args.paths)
     if len(dirs) < 2:
         print(f"compare: need at least two finished runs; found {len(dirs)} under {args.paths}", file=sys.stderr)
         return 2
-    runs = [load_run(d) for d in dirs]
+    configs = group_runs([load_run(d) for d in dirs])
+    if len(configs) < 2:
+        print(f"compare: the {len(dirs)} runs under {args.paths} are draws of one configuration "
+              f"({configs[0].label}); nothing to compare it with", file=sys.stderr)
+        return 2
     tables, refused, notes = [], [], {}
-    for a, b in itertools.combinations(runs, 2):
+    for a, b in itertools.combinations(configs, 2):
         table, why = compare(a, b, args.level, args.allow_cross_model)
         tables.append(table)
         refused += [f"{a.label} vs {b.label}: {w}" for w in why]
@@ -242,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         print("compare: nothing to compare: no pair of runs measured an eval set or task on identical data with the "
               "same model (reasons above)", file=sys.stderr)
         return 2
-    table = with_verdicts(table, args.level)
-    print(render(table, args.level, notes))
+    table = with_verdicts(table, args.level, margins)
+    print(render(table, args.level, notes, margins))
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0

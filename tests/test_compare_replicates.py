@@ -1,0 +1,127 @@
+"""analysis.compare with replicate calibration draws, on fabricated run directories (no model): runs that differ
+only in calib.seed are grouped into one configuration, the interval includes the draw's noise, per-draw wins are
+counted, and --margin gives TOST equivalence verdicts."""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.compare import main
+from analysis.results import to_frame, write_run
+
+BLOCKS, BLOCK_TOKENS = 16, 256
+PRINTS = {"eval:wiki": "tok-wiki"}
+
+
+def draw_run(root: Path, method: str, seed: int | None, shift: float, draw_effect: float = 0.0,
+             started: str = "2026-12-01T10:00:00+00:00", name: str | None = None) -> Path:
+    """A finished run of `method` (calibration draw `seed`; None: no calibration) whose NLL per token is the shared
+    text's plus `shift` plus this draw's effect plus small per-block noise."""
+    run_id = name or f"{method}-{seed}"
+    rng = np.random.default_rng(zlib.crc32(run_id.encode()))
+    tokens = np.full(BLOCKS, BLOCK_TOKENS)
+    text = np.log(20.0) + 0.3 * np.sin(np.arange(BLOCKS))
+    nll = (text + shift + draw_effect + 0.002 * rng.standard_normal(BLOCKS)) * tokens
+    blocks = pd.DataFrame({"task": "wiki", "window": np.arange(BLOCKS) // 8, "block": np.arange(BLOCKS) % 8,
+                           "tokens": tokens, "nll_sum": nll, "base_nll_sum": text * tokens,
+                           "kld_sum": np.abs(shift + draw_effect + 0.01) * tokens})
+    calib = seed is not None
+    row = dict(run_id=run_id, config_hash=run_id, model="m", method=method, bits=3, group_size=128,
+               calib_source="wiki" if calib else None, calib_samples=8 if calib else None,
+               calib_seqlen=512 if calib else None, calib_seed=seed, seed=0, replicate_of=f"cfg-{method}",
+               model_fingerprint="mf01", data_fingerprint=json.dumps(PRINTS), started_at=started,
+               suite="ppl", task="wiki", metric="ppl", value=20.0)
+    write_run(root / run_id, to_frame([row]), "{}\n", {"run_id": run_id},
+              files={"blocks.parquet": blocks.to_parquet(index=False)})
+    return root / run_id
+
+
+def table_of(args: list[str], tmp_path: Path) -> pd.DataFrame:
+    csv = tmp_path / "out.csv"
+    assert main([*args, "--csv", str(csv)]) == 0
+    return pd.read_csv(csv)
+
+
+def test_draws_of_one_configuration_are_grouped_and_their_noise_widens_the_interval(tmp_path, capsys):
+    # A is better than B by 0.02 nats on every draw's own tokens, but the draws move each side by +-0.1: one draw
+    # each says "A better", five draws each cannot separate them
+    effects = [0.1, -0.1, 0.05, -0.08, 0.12]
+    for seed, effect in enumerate(effects):
+        draw_run(tmp_path / "sweep", "awq", seed, 0.0, effect)
+        draw_run(tmp_path / "sweep", "gptq", seed, 0.02, effects[::-1][seed])
+    one = table_of([str(tmp_path / "sweep" / "awq-0"), str(tmp_path / "sweep" / "gptq-1")], tmp_path)
+    out = capsys.readouterr().out
+    assert one.loc[one.kind == "ppl", "verdict"].item() == "B better"  # one draw: conditional on it
+    assert "† conditional on one calibration draw" in out
+    both = table_of([str(tmp_path / "sweep")], tmp_path)
+    out = capsys.readouterr().out
+    ppl = both[both.kind == "ppl"].iloc[0]
+    assert ppl["draws"] == "5 vs 5" and ppl["verdict"] == "no significant difference"
+    assert ppl["draw_share"] > 0.9
+    assert ppl["ci_high"] - ppl["ci_low"] > 5 * (one.loc[one.kind == "ppl", "ci_high"].item()
+                                                 - one.loc[one.kind == "ppl", "ci_low"].item())
+    assert "awq w3 g128 calib wiki 8x512 (5 draws, seeds 0-4)" in out and "†" not in out
+    # per draw, paired by seed: awq's draw effect against gptq's plus 0.02 decides each draw (equal on seeds 3, 4)
+    assert ppl["per_draw"] == "3/2/0"
+
+
+def test_consistent_draws_resolve_the_difference(tmp_path):
+    for seed in range(3):
+        draw_run(tmp_path, "awq", seed, 0.0, 0.001 * seed)
+        draw_run(tmp_path, "gptq", seed, 0.05, -0.001 * seed)
+    ppl = table_of([str(tmp_path)], tmp_path).query("kind == 'ppl'").iloc[0]
+    assert ppl["verdict"] == "A better" and ppl["per_draw"] == "3/0/0"
+    assert ppl["ci_high"] < 1 and ppl["ratio"] == pytest.approx(np.exp(-0.05), rel=2e-3)
+
+
+def test_a_repeated_draw_keeps_the_later_run(tmp_path):
+    for seed in range(3):
+        draw_run(tmp_path, "gptq", seed, 0.05)
+    draw_run(tmp_path, "awq", 0, 0.0)
+    draw_run(tmp_path, "awq", 0, 0.5, started="2026-12-02T10:00:00+00:00", name="awq-0-again")
+    ppl = table_of([str(tmp_path)], tmp_path).query("kind == 'ppl'").iloc[0]
+    assert ppl["draws"] == "1 vs 3" and "awq-0-again" in ppl["A_run"] + ppl["B_run"]
+
+
+def test_the_baseline_has_no_draw_noise(tmp_path):
+    """A quantized configuration with draws against fp (which does not calibrate): only A's draws add variance."""
+    for seed, effect in enumerate([0.001, -0.001, 0.0005]):
+        draw_run(tmp_path, "awq", seed, 0.002, effect)
+    draw_run(tmp_path, "fp", None, 0.0)
+    ppl = table_of([str(tmp_path / "awq-0"), str(tmp_path / "awq-1"), str(tmp_path / "awq-2"),
+                    str(tmp_path / "fp-None"), "--margin", "ppl=1%"], tmp_path).query("kind == 'ppl'").iloc[0]
+    assert ppl["draws"] == "3 vs 1" and not ppl["conditional"]
+    assert ppl["verdict"] == "equivalent within the margin"
+
+
+@pytest.mark.parametrize("margin, verdict", [("ppl=5%", "equivalent within the margin"),
+                                             ("ppl=0.01%", "inconclusive")])
+def test_margins_give_equivalence_or_inconclusive(tmp_path, margin, verdict):
+    for seed, effect in enumerate([0.01, -0.01, 0.005, -0.004]):
+        draw_run(tmp_path, "awq", seed, 0.0, effect)
+        draw_run(tmp_path, "gptq", seed, 0.0, -effect)
+    ppl = table_of([str(tmp_path), "--margin", margin], tmp_path).query("kind == 'ppl'").iloc[0]
+    assert ppl["verdict"] == verdict
+
+
+@pytest.mark.parametrize("margin", ["ppl=1", "ppl=-1%", "kld=abc", "acc=150pt", "speed=1%", "ppl"])
+def test_a_bad_margin_is_a_usage_error_naming_the_allowed_forms(tmp_path, capsys, margin):
+    draw_run(tmp_path, "awq", 0, 0.0)
+    draw_run(tmp_path, "gptq", 0, 0.1)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--margin", margin])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "ppl=1%" in err and "kld=0.01" in err and "acc=1pt" in err
+
+
+def test_draws_of_one_configuration_alone_have_nothing_to_compare(tmp_path, capsys):
+    for seed in range(3):
+        draw_run(tmp_path, "awq", seed, 0.0)
+    assert main([str(tmp_path)]) == 2
+    assert "draws of one configuration" in capsys.readouterr().err
