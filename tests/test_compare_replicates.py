@@ -125,3 +125,26 @@ def test_draws_of_one_configuration_alone_have_nothing_to_compare(tmp_path, caps
         draw_run(tmp_path, "awq", seed, 0.0)
     assert main([str(tmp_path)]) == 2
     assert "draws of one configuration" in capsys.readouterr().err
+
+
+def test_draws_reports_the_draw_share_and_the_data_a_verdict_needs(tmp_path, capsys):
+    from analysis.draws import main as draws_main
+
+    for seed, effect in enumerate([0.03, -0.02, 0.01, -0.03, 0.02]):
+        draw_run(tmp_path / "awq", "awq", seed, 0.0, effect)
+        draw_run(tmp_path / "gptq", "gptq", seed, 0.02, -effect / 2)
+    assert draws_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    share = {(line.split()[0], "kld" if " kld " in line else "ppl"): float(line.split()[-1])
+             for line in out.splitlines()
+             if line.lstrip().startswith(("awq w3", "gptq w3"))}
+    assert share[("awq", "kld")] > 0.9  # KLD has no text noise in these runs: the draws are all of its spread
+    assert 0.05 < share[("awq", "ppl")] < 0.5 and share[("gptq", "ppl")] < share[("awq", "ppl")]
+    assert draws_main([str(tmp_path / "awq"), "--vs", str(tmp_path / "gptq"), "--target", "ppl=0.5%",
+                       "--target", "kld=0.02"]) == 0
+    out = capsys.readouterr().out
+    ppl = next(line.split() for line in out.splitlines() if line.strip().startswith("wiki") and " ppl " in line)
+    kld = next(line.split() for line in out.splitlines() if line.strip().startswith("wiki") and " kld " in line)
+    assert ppl[8:12] == ["—"] * 4  # 0.5% is below what even 10 draws of this draw noise resolve
+    assert kld[8] == "—" and kld[11] != "—"  # 0.02 nats: not with one draw per side, with ten
+    assert draws_main([str(tmp_path / "awq"), "--vs", str(tmp_path)]) == 2  # B must be one configuration

@@ -1,0 +1,160 @@
+"""How much of a result is the calibration draw, and how much data a verdict needs.
+
+    python -m analysis.draws results/calib_study                       # variance components per configuration
+    python -m analysis.draws RUNS_OF_A... --vs RUNS_OF_B... --target ppl=1% --target kld=0.01 --target acc=1pt
+
+Without `--vs`: for every configuration with two or more replicate draws (runs that differ only in calib.seed), per
+eval set, the spread of its ppl and KLD between draws against the token noise of one run, and the draw's share of
+one run's variance. With `--vs`: for the pair A (the positional runs) and B, per eval set and metric, the eval
+windows (or lm-eval documents) needed to resolve a true difference of `--target` at `--level` with `--power`, for
+1, 3, 5 and 10 draws per side, from the variance components measured here (printed beside it). "—" means no
+amount of eval text is enough at that many draws: the draws' own noise already exceeds the budget.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+
+from analysis import replicates, stats
+from analysis.compare import Config, _matrix, _tokens_refused, group_runs, level_arg, load_run, margin_arg, \
+    run_dirs_in_order
+
+DRAW_COUNTS = (1, 3, 5, 10)
+
+
+def _sets(config: Config) -> list[str]:
+    return sorted(set.intersection(*(set(r.blocks.get("task", [])) for r in config.runs)))
+
+
+def _side(config: Config, task: str, column: str) -> replicates.Side:
+    ref = config.runs[0].blocks
+    tokens = ref[ref.task == task].sort_values(["window", "block"]).tokens.to_numpy(float)
+    return replicates.Side(_matrix(config, task, column), tokens, config.calibrates)
+
+
+def decomposition_table(configs: list[Config]) -> pd.DataFrame:
+    """One row per configuration with >= 2 draws, eval set and metric (ppl on the log scale, KLD per token)."""
+    rows = []
+    for config in configs:
+        if len(config.runs) < 2 or not config.calibrates:
+            continue
+        for task in _sets(config):
+            if _tokens_refused(config, config, task):
+                continue
+            for metric, column in (("log ppl", "nll_sum"), ("kld", "kld_sum")):
+                if not all(column in r.blocks for r in config.runs):
+                    continue
+                side = _side(config, task, column)
+                parts = replicates.decomposition(side)
+                per_draw = side.num.sum(axis=0) / side.den.sum()
+                rows.append({"config": config.label, "set": task, "metric": metric, "draws": parts["draws"],
+                             "units": parts["units"], "mean": float(per_draw.mean()),
+                             "min draw": float(per_draw.min()), "max draw": float(per_draw.max()),
+                             "sd between draws": math.sqrt(parts["draw"]),
+                             "token se of one run": math.sqrt(parts["unit"] / parts["units"]),
+                             "draw share": parts["draw_share"]})
+    return pd.DataFrame(rows)
+
+
+def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, power: float) -> pd.DataFrame:
+    """Eval windows / documents needed per set and metric at 1, 3, 5, 10 draws per side."""
+    rows = []
+    for task in sorted(set(_sets(a)) & set(_sets(b))):
+        if _tokens_refused(a, b, task):
+            continue
+        blocks = a.runs[0].blocks
+        per_window = blocks[blocks.task == task].groupby("window").size().mean()
+        for kind, column in (("ppl", "nll_sum"), ("kld", "kld_sum")):
+            if kind not in targets or not all(column in r.blocks for r in a.runs + b.runs):
+                continue
+            sa, sb = _side(a, task, column), _side(b, task, column)
+            diff = replicates.difference(sa, sb, level)
+            row = {"set": task, "metric": kind, "target": targets[kind], "measured": diff.value,
+                   "measured windows": int(round(sa.num.shape[0] / per_window)), "draws": f"{sa.draws} vs {sb.draws}"}
+            for k in DRAW_COUNTS:
+                got = replicates.units_needed(diff, sa, sb, targets[kind], level, power, draws=k)
+                row[f"windows at {k} draws"] = None if got["units"] is None else math.ceil(got["units"] / per_window)
+            got = replicates.units_needed(diff, sa, sb, targets[kind], level, power)
+            row.update({"unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
+                        "draw var B": got["draw_var"]["B"]})
+            rows.append(row)
+    docs_a, docs_b = (pd.concat([r.docs for r in c.runs]) if all(not r.docs.empty for r in c.runs) else None
+                      for c in (a, b))
+    if "acc" in targets and docs_a is not None and docs_b is not None:
+        for task in sorted(set(docs_a.task) & set(docs_b.task)):
+            cols = []
+            for config in (a, b):
+                docs = [r.docs[r.docs.task == task].sort_values("doc_id") for r in config.runs]
+                cols.append(np.column_stack([d["acc"].to_numpy() > 0.5 for d in docs]).astype(float))
+            if cols[0].shape[0] != cols[1].shape[0]:
+                continue
+            ones = np.ones(cols[0].shape[0])
+            sa, sb = replicates.Side(cols[0], ones, a.calibrates), replicates.Side(cols[1], ones, b.calibrates)
+            diff = replicates.difference(sa, sb, level)
+            row = {"set": task, "metric": "acc", "target": targets["acc"], "measured": diff.value,
+                   "measured documents": sa.num.shape[0], "draws": f"{sa.draws} vs {sb.draws}"}
+            for k in DRAW_COUNTS:
+                got = replicates.units_needed(diff, sa, sb, targets["acc"], level, power, draws=k)
+                row[f"documents at {k} draws"] = got["units"]
+            got = replicates.units_needed(diff, sa, sb, targets["acc"], level, power)
+            row.update({"unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
+                        "draw var B": got["draw_var"]["B"]})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _configs(paths: list[str]) -> list[Config]:
+    return group_runs([load_run(d) for d in run_dirs_in_order(paths)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.draws", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="run directories or directories holding runs (configuration A with --vs)")
+    ap.add_argument("--vs", nargs="+", metavar="PATH", help="the runs of configuration B: print the data needed")
+    ap.add_argument("--target", type=margin_arg, action="append", default=[], metavar="KIND=VALUE",
+                    help="the true difference to resolve: ppl=1%% (ratio), kld=0.01 (nats/token), acc=1pt "
+                         "(default: ppl=1%%)")
+    ap.add_argument("--level", type=level_arg, default=stats.LEVEL, help="confidence level (default 0.95)")
+    ap.add_argument("--power", type=level_arg, default=0.8, help="power to detect the target (default 0.8)")
+    args = ap.parse_args(argv)
+    pd.set_option("display.width", 200)
+    if args.vs is None:
+        table = decomposition_table(_configs(args.paths))
+        if table.empty:
+            print("draws: no configuration with two or more calibration draws under "
+                  f"{args.paths} (sweep calib.seed=0,1,2,...)", file=sys.stderr)
+            return 2
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print("\nlog ppl: per token NLL (the log of ppl); sd between draws: of one draw's value, beyond token noise; "
+              "token se of one run: its interval's standard error over blocks; draw share: of one run's variance.")
+        return 0
+    a, b = _configs(args.paths), _configs(args.vs)
+    for name, found in (("A", a), ("B (--vs)", b)):
+        if len(found) != 1:
+            print(f"draws: {name} must be one configuration (its draws); found {len(found)}: "
+                  f"{[c.label for c in found]}", file=sys.stderr)
+            return 2
+    targets = dict(args.target) or {"ppl": math.log1p(0.01)}
+    table = needed_table(a[0], b[0], targets, args.level, args.power)
+    if table.empty:
+        print("draws: A and B share no eval set or task measured on identical data", file=sys.stderr)
+        return 2
+    print(f"A = {a[0].label}\nB = {b[0].label}")
+    counts = [c for c in table.columns if " at " in c]
+    shown = table.astype(object)
+    for column in counts:  # a count, or the dash where no amount of eval text is enough at that many draws
+        shown[column] = ["—" if v is None or pd.isna(v) else str(int(v)) for v in table[column]]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nEval windows (or documents) needed for a {args.level:.0%} interval to exclude 0 with power "
+          f"{args.power:.0%} when the true difference is the target (ppl on the log ratio scale), per number of "
+          "calibration draws per side; from the variance components above (unit var: per block or document; draw "
+          "var: of one draw's effect). —: not with that many draws.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
