@@ -86,7 +86,7 @@ class Difference:
     df: float | None
     p: float
     units: int
-    draws: tuple[int, int]
+    draws: tuple[int, ...]
     conditional: bool  # True: at least one calibrating side has a single draw (the draw's noise is not in V)
     components: dict[str, float] = field(default_factory=dict)  # variance of m from units (tokens) and draws
     note: str | None = None
@@ -99,25 +99,32 @@ class Difference:
 
 def difference(a: Side, b: Side, level: float = LEVEL) -> Difference:
     """The crossed-design comparison of two configurations on the same units (see the module docstring)."""
-    if a.num.shape[0] != b.num.shape[0] or not np.array_equal(a.den, b.den):
-        raise ValueError("the two sides are not measured on the same units")
-    J = a.num.shape[0]
-    za, zb = a.linearised(), b.linearised()
-    m = float(za.mean() - zb.mean())
-    conditional = any(s.calibrates and s.draws < 2 for s in (a, b))
-    draws = (a.draws, b.draws)
+    return contrast([a, b], [1.0, -1.0], level)
+
+
+def contrast(sides: list[Side], weights: list[float], level: float = LEVEL) -> Difference:
+    """sum_i w_i mean(side_i) for independent configurations on the same units, e.g. [1, -1] (a difference) or
+    [1, -1, -1, 1] (a difference of differences: is one method's out-of-domain penalty larger than another's?).
+    Its variance is var_j(sum_i w_i D_ij) / J plus each side's draw term times w_i^2 (module docstring)."""
+    if len({s.num.shape[0] for s in sides}) != 1 or any(not np.array_equal(s.den, sides[0].den) for s in sides):
+        raise ValueError("the sides are not measured on the same units")
+    J = sides[0].num.shape[0]
+    zs = [s.linearised() for s in sides]
+    m = float(sum(w * z.mean() for w, z in zip(weights, zs)))
+    conditional = any(s.calibrates and s.draws < 2 for s in sides)
+    draws = tuple(s.draws for s in sides)
     if J < MIN_BLOCKS:
         return Difference(m, None, None, None, None, math.nan, J, draws, conditional,
                           note=f"too little data for an interval: {J} units < {MIN_BLOCKS}")
-    d = za.mean(axis=1) - zb.mean(axis=1)
+    d = sum(w * z.mean(axis=1) for w, z in zip(weights, zs))
     terms = [(float(d.var(ddof=1)) / J, float(d.var(ddof=1)) / J, J - 1)]  # (contribution, |c MS|, df)
     draw_var = 0.0
-    for side, z in ((a, za), (b, zb)):
-        if not side.calibrates or side.draws < 2:
+    for side, z, w in zip(sides, zs, weights):
+        if not side.calibrates or side.draws < 2 or w == 0:
             continue
         ms_draws, ms_res = _mean_squares(z)
         ms_draws *= _median_unbiased(side.draws - 1)
-        scale = J * side.draws
+        scale = J * side.draws / w ** 2
         if ms_draws > ms_res:  # a draw spread beyond what the token noise alone would give
             draw_var += (ms_draws - ms_res) / scale
             terms += [(ms_draws / scale, ms_draws / scale, side.draws - 1),

@@ -39,7 +39,7 @@ BLOCKS_FILE = "blocks.parquet"  # per eval set, window and block of tokens: the 
 DOCS_FILE = "docs.parquet"  # per lm-eval task and document: correctness
 DONE_FILE = "DONE"  # written last: a run directory without it is unfinished
 
-_DTYPES = {
+DTYPES = {
     "bits": "Int64", "group_size": "Int64", "calib_samples": "Int64", "calib_seqlen": "Int64", "calib_seed": "Int64",
     "seed": "Int64",
     "n": "Int64", "value": "float64", "stderr": "float64", "ci_low": "float64", "ci_high": "float64",
@@ -58,7 +58,7 @@ def to_frame(rows: Iterable[dict]) -> pd.DataFrame:
     if bad:
         raise ValueError(f"row suite {bad[0].get('suite')!r} unknown; allowed values: {list(SUITES)}")
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    return frame.astype({k: v for k, v in _DTYPES.items()})
+    return frame.astype({k: v for k, v in DTYPES.items()})
 
 
 def quant_row(metric: str, value: float, detail: dict | None = None) -> dict:
@@ -147,7 +147,7 @@ def set_aside(run_dir: Path, reason: str) -> Path:
 def read_run(run_dir: Path) -> pd.DataFrame:
     frame = pd.read_parquet(Path(run_dir) / ROWS_FILE)
     # a run written before a column existed (ci_low/ci_high) reads with that column empty
-    frame = frame.reindex(columns=COLUMNS).astype(_DTYPES)
+    frame = frame.reindex(columns=COLUMNS).astype(DTYPES)
     # before calib.seed existed, a calibrating run drew its windows with the run's seed
     legacy_draw = frame["calib_seed"].isna() & frame["calib_source"].notna()
     frame.loc[legacy_draw, "calib_seed"] = frame.loc[legacy_draw, "seed"]

@@ -25,6 +25,10 @@ def summary_table(frame: pd.DataFrame) -> str:
     index = ["model", *PRIMARY_KEYS]
     if frame["calib_source"].nunique() > 1:  # e.g. a calibration-robustness sweep: keep the runs apart
         index.append("calib_source")
+    for key in ("calib_samples", "calib_seed"):  # budgets, and replicate draws: one line per run
+        if frame[key].dropna().nunique() > 1:
+            frame = frame.assign(**{key: frame[key].astype("string").fillna("-")})
+            index.append(key)
     parts = []
     ppl = frame[(frame["suite"] == "ppl") & (frame["metric"] == "ppl")]
     if not ppl.empty:
@@ -37,8 +41,15 @@ def summary_table(frame: pd.DataFrame) -> str:
         parts.append(quant.pivot_table(index=index, values="value", aggfunc="last").rename(columns={"value": "quant_s"}))
     if not parts:
         return "(no ppl or lm_eval rows)"
-    table = pd.concat(parts, axis=1)
-    return table.sort_index().to_string(float_format=lambda v: f"{v:.3f}")
+    table = pd.concat(parts, axis=1).sort_index()
+    text = table.to_string(float_format=lambda v: f"{v:.3f}")
+    if "calib_seed" in index:
+        over = [k for k in index if k != "calib_seed"]
+        ppl_cols = [c for c in table.columns if c.startswith("ppl_")]
+        spread = table[ppl_cols].groupby(level=over).agg(["mean", "min", "max", "count"])
+        text += ("\n\nover calibration draws (mean, min, max, draws; python -m analysis.compare for intervals "
+                 "that include the draws):\n" + spread.to_string(float_format=lambda v: f"{v:.3f}"))
+    return text
 
 
 def interval_text(value: float, low: float | None, high: float | None, fmt: str = ".3f") -> str:

@@ -148,3 +148,48 @@ def test_draws_reports_the_draw_share_and_the_data_a_verdict_needs(tmp_path, cap
     assert ppl[8:12] == ["—"] * 4  # 0.5% is below what even 10 draws of this draw noise resolve
     assert kld[8] == "—" and kld[11] != "—"  # 0.02 nats: not with one draw per side, with ten
     assert draws_main([str(tmp_path / "awq"), "--vs", str(tmp_path)]) == 2  # B must be one configuration
+
+
+def test_the_report_shows_one_row_per_configuration_with_the_draws_in_its_interval(tmp_path, capsys):
+    from analysis.report import main as report_main
+
+    effects = [0.1, -0.1, 0.05, -0.08, 0.12]
+    for seed, effect in enumerate(effects):
+        draw_run(tmp_path / "runs", "awq", seed, 0.0, effect)
+        draw_run(tmp_path / "runs", "gptq", seed, 0.02, effects[::-1][seed])
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| awq") or line.startswith("| gptq")]
+    assert len(rows) == 2, rows  # five draws each: one row per configuration, no Draw column
+    assert "Draw" not in text.split("wins/ties/losses")[0]
+    # the paired test between the two configurations used their draws: no significant difference, both bold
+    assert all("**" in line for line in rows)
+
+
+def test_collapsed_rows_widen_with_the_draw_spread():
+    from analysis.report.select import collapse_draws
+
+    def rows(values):
+        return to_frame([dict(run_id=f"r{k}", model="m", method="awq", bits=3, group_size=128, calib_source="wiki",
+                              calib_seed=k, replicate_of="cfg", model_fingerprint="mf", suite="ppl", task="wiki",
+                              metric="ppl", value=v, stderr=0.1, ci_low=v - 0.2, ci_high=v + 0.2)
+                         for k, v in enumerate(values)])
+
+    tight, groups = collapse_draws(rows([20.0, 20.01, 19.99]))
+    wide, _ = collapse_draws(rows([18.0, 22.0, 20.0]))
+    assert len(tight) == len(wide) == 1 and groups == {"cfg (3 draws)": ["r0", "r1", "r2"]}
+    assert tight["value"].item() == pytest.approx(20.0, rel=1e-4)
+    assert (tight.ci_high - tight.ci_low).item() < (wide.ci_high - wide.ci_low).item()
+    assert (wide.ci_high - wide.ci_low).item() > 4.0  # the draws' spread, not only the 0.1 token stderr
+
+
+def test_the_sweep_summary_lists_draws_and_their_spread():
+    from analysis.summary import summary_table
+
+    frame = to_frame([dict(run_id=f"{m}{k}", model="m", method=m, bits=3, group_size=128, calib_source="wiki",
+                           calib_samples=8, calib_seed=k, suite="ppl", task="wiki", metric="ppl", value=v + k)
+                      for m, v in (("awq", 20.0), ("gptq", 21.0)) for k in range(3)])
+    text = summary_table(frame)
+    assert "calib_seed" in text.split("over")[0] and "over calibration draws" in text
+    spread = text.split("over calibration draws")[1]
+    assert "21.000" in spread and "20.000" in spread and "22.000" in spread  # awq mean, min and max

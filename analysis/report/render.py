@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis.labels import DASH, distinct_model_names, latest_per_key, value_text
 from analysis.report.plots import plot_kld_vs_bits, plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
-from analysis.report.select import main_rows
+from analysis.report.select import collapse_draws, main_rows
 from analysis.report.significance import PairedEvidence
 from analysis.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
                                    robustness_tables, timing_table, wins_table)
@@ -207,7 +207,8 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
     for text in dict.fromkeys(name_warnings.values()):
         print(f"warning: {text}", file=sys.stderr)
     rows, superseded = latest_per_key(frame)
-    evidence = PairedEvidence(run_dirs)
+    rows, draws = collapse_draws(rows)  # a configuration's calibration draws: one row, intervals include them
+    evidence = PairedEvidence(run_dirs, draws=draws)
     md = ["# Quantization comparison", ""]
     tex = [r"\documentclass{article}", r"\usepackage{booktabs}",
            r"\usepackage{graphicx}", r"\usepackage[margin=2cm]{geometry}", r"\begin{document}", ""]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.compare import Run, compare, load_run
+from analysis.compare import Config, Run, compare, group_runs, load_run
 from analysis.results import BLOCKS_FILE, DOCS_FILE
 
 ALPHA = 1 - stats.LEVEL  # family-wise error rate of every correction here
@@ -31,8 +31,10 @@ PAIRED_TESTS = ("a paired t-test over blocks of tokens for perplexity and KLD (i
 class PairedEvidence:
     """Paired comparisons of finished runs, read from their directories (run_id -> path) and cached per pair."""
 
-    def __init__(self, run_dirs: Mapping[str, Path] | None = None, level: float = stats.LEVEL):
+    def __init__(self, run_dirs: Mapping[str, Path] | None = None, level: float = stats.LEVEL,
+                 draws: Mapping[str, list[str]] | None = None):
         self.run_dirs = {str(k): Path(v) for k, v in (run_dirs or {}).items()}
+        self.draws = dict(draws or {})  # the row id of a configuration with replicate draws -> its draws' run ids
         self.level = level
         self._runs: dict[str, Run | None] = {}
         self._pairs: dict[tuple[str, str], pd.DataFrame] = {}
@@ -43,7 +45,13 @@ class PairedEvidence:
             self._runs[run_id] = self._load(run_id)
         return self._runs[run_id]
 
-    def _load(self, run_id: str) -> Run | None:
+    def _load(self, run_id: str) -> Run | Config | None:
+        if run_id in self.draws:  # a configuration's replicate draws, compared as one (analysis.compare)
+            runs = [self.run(member) for member in self.draws[run_id]]
+            if any(r is None or isinstance(r, Config) for r in runs):
+                return None
+            configs = group_runs(runs)
+            return configs[0] if len(configs) == 1 else None
         path = self.run_dirs.get(run_id)
         if path is None or not ((path / BLOCKS_FILE).exists() or (path / DOCS_FILE).exists()):
             return None  # an old run: rows only
