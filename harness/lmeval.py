@@ -288,15 +288,25 @@ def _rows(results: dict, cfg: LMEvalConfig) -> list[dict]:
 PER_DOC_METRICS = ("acc", "acc_norm")  # 0/1 per document: kept per document, compared with McNemar's test
 
 
+def _loglikelihoods(sample: dict) -> list[float] | None:
+    """The log-likelihood of each choice of a multiple-choice document (lm-eval's filtered responses), or None for
+    other request types."""
+    try:
+        return [float(r[0]) for r in sample["filtered_resps"]]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
 def doc_records(results: dict) -> pd.DataFrame:
-    """Per task and document: the 0/1 metrics lm-eval logged (log_samples), for paired comparisons of runs."""
+    """Per task and document: the 0/1 metrics lm-eval logged (log_samples), for paired comparisons of runs, and each
+    choice's log-likelihood (what batching must leave unchanged)."""
     rows = []
     for task, samples in results.get("samples", {}).items():
         for sample in samples:
-            rec = {"task": task, "doc_id": int(sample["doc_id"])}
+            rec = {"task": task, "doc_id": int(sample["doc_id"]), "loglikelihoods": _loglikelihoods(sample)}
             rec.update({m: float(sample[m]) for m in PER_DOC_METRICS if _num(sample.get(m)) is not None})
             rows.append(rec)
-    return pd.DataFrame(rows, columns=["task", "doc_id", *PER_DOC_METRICS])
+    return pd.DataFrame(rows, columns=["task", "doc_id", *PER_DOC_METRICS, "loglikelihoods"])
 
 
 @torch.no_grad()

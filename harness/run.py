@@ -78,50 +78,65 @@ def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
 
 
 def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None) -> pd.DataFrame:
-    """The run as numbered stages, each taking the plan and what the stages before it returned."""
+    """The run as numbered stages, each taking the plan and what the stages before it returned. Each stage's wall
+    time is a `suite=stage` row (load_s, fingerprint_s, baseline_s, quantize_s, pack_s, ppl_s, lm_eval_s,
+    timing_s), so a run shows where its time went."""
     started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     torch.manual_seed(cfg.seed)
-    with _loaded(cfg, plan) as (pipeline, tokenizer):
+    clock = StageClock()
+    with clock("load"), _loaded(cfg, plan) as (pipeline, tokenizer):
+        clock.stop("load")
         # 1. a streamed run that needs the model whole must fit it packed: refused before any weight is read
         if plan.streamed and plan.whole_model:
             check_packed_fits(cfg, plan, pipeline)
         # 2. what the run measures: the weights' fingerprint (the same weights behind touched files: result stands)
-        fingerprint = model_fingerprint(pipeline.model, pipeline.read)
+        with clock("fingerprint"):
+            fingerprint = model_fingerprint(pipeline.model, pipeline.read)
         if plan.resume.confirm_fingerprint is not None:
             if fingerprint == plan.resume.confirm_fingerprint:
                 return _confirmed(plan, fingerprint)
             log.info("%s: the weights changed (fingerprint %s, was %s): re-running", plan.out_dir, fingerprint,
                      plan.resume.confirm_fingerprint)
         # 3. the eval windows, and the unquantized model on them (the KLD baseline), before any method runs
-        windows, prints = eval_windows(cfg, tokenizer, pipeline.layout.spec.needs_bos, plan.cache)
-        baseline = teachers(pipeline, windows, prints, fingerprint, plan.cache) if cfg.eval.kld else None
+        with clock("baseline"):
+            windows, prints = eval_windows(cfg, tokenizer, pipeline.layout.spec.needs_bos, plan.cache)
+            baseline = teachers(pipeline, windows, prints, fingerprint, plan.cache) if cfg.eval.kld else None
         probe = probe_window(windows, pipeline.model.config.vocab_size, cfg.eval.seqlen, cfg.seed)
         shapes = linear_shapes(pipeline)  # the unpacked linears' shapes, for timing's GEMM microbenchmark
         # 4. quantize, or reuse the cache: artifacts, and the model fake-quantized
-        quant = quantize_stage(cfg, pipeline, tokenizer, fingerprint, plan.cache) if plan.quantizes else None
+        with clock("quantize"):
+            quant = quantize_stage(cfg, pipeline, tokenizer, fingerprint, plan.cache) if plan.quantizes else None
         artifacts, rows = (quant.result.artifacts, quant.rows) if quant else ({}, [])
         prepare = _block_preparer(pipeline.layout, artifacts)
         # 5. pack here when every evaluator is to see the packed layers (kernel=...)
         if plan.pack_at is PackAt.BEFORE_PPL:
-            rows += pack(pipeline, artifacts, plan.backend, probe, prepare)
+            with clock("pack"):
+                rows += pack(pipeline, artifacts, plan.backend, probe, prepare)
         # 6. perplexity, KLD against the baseline, per-block records (a streamed model: layer by layer)
-        ppl_rows, blocks = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block, prepare)
+        with clock("ppl"):
+            ppl_rows, blocks = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block, prepare)
         rows, records = rows + ppl_rows, {BLOCKS_FILE: blocks}
         # 7. a streamed model needed whole: made whole, its linears packed block by block as they arrive
         if plan.pack_at is PackAt.AFTER_PPL:
-            rows += pack(pipeline, artifacts, plan.backend, probe, prepare)
+            with clock("pack"):
+                rows += pack(pipeline, artifacts, plan.backend, probe, prepare)
         # 8. lm-eval
         if cfg.eval.lm_eval is not None:
             from harness.lmeval import run_lm_eval
 
-            lm_rows, records[DOCS_FILE] = run_lm_eval(pipeline.model, tokenizer, cfg.eval.lm_eval, plan.device)
+            with clock("lm_eval"):
+                lm_rows, records[DOCS_FILE] = run_lm_eval(pipeline.model, tokenizer, cfg.eval.lm_eval, plan.device)
             rows += lm_rows
         # 9. timing, through packed layers (packed here when the evaluators before saw fake-quantized weights)
         if plan.pack_at is PackAt.BEFORE_TIMING:
-            rows += pack(pipeline, artifacts, plan.backend, probe)
+            with clock("pack"):
+                rows += pack(pipeline, artifacts, plan.backend, probe)
         if cfg.eval.timing is not None:
-            rows += _timing(cfg, plan, pipeline, shapes)
+            with clock("timing"):
+                rows += _timing(cfg, plan, pipeline, shapes)
         # 10. the rows with their provenance, written atomically (DONE, with every file's checksum, last)
+        rows += clock.rows()
+        log.info("stage wall times: %s", clock.text())
         calib = {f"calib:{cfg.calib.source}": quant.calib_fingerprint} if quant and quant.calib_fingerprint else {}
         provenance = {"git_sha": git_sha(), "versions": versions(), "model_fingerprint": fingerprint,
                       "data_fingerprint": json.dumps({**prints, **calib}, sort_keys=True),
@@ -131,6 +146,35 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None) -> pd.DataF
         extras = quant.result.extras if quant else {}
         _write(cfg, plan, frame, config_yaml, extras, records, fingerprint)
         return frame
+
+
+class StageClock:
+    """Wall time per named stage of a run (a stage entered twice adds up): `with clock("ppl"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._open[name] = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def stop(self, name: str) -> None:
+        """End `name` now (a no-op when it already ended), e.g. inside the `with` that opened it."""
+        start = self._open.pop(name, None)
+        if start is not None:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rows(self) -> list[dict]:
+        return [{"suite": "stage", "task": "all", "metric": f"{name}_s", "value": value}
+                for name, value in self.seconds.items()]
+
+    def text(self) -> str:
+        return ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
 
 
 def check_packed_fits(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline) -> None:

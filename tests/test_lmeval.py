@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,6 +106,22 @@ def test_local_task_runs_through_lm_eval_and_matches_hand_computed_scores(model,
         # closed-form stderr of a mean of 0/1 outcomes (sample std, ddof=1)
         assert row["stderr"] == pytest.approx(math.sqrt(expected * (1 - expected) / 19), abs=1e-9)
         assert json.loads(row["detail"]) == {"split": "test", "num_fewshot": 0, "limit": None}
+
+
+@pytest.mark.parametrize("batch_size", [3, 16])
+def test_batched_requests_give_the_batch_one_loglikelihoods(model, byte_tokenizer, toy_task_dir, batch_size):
+    """Batching pads requests of different lengths into one forward: each choice's log-likelihood must stay that of
+    the request alone (float tolerance), and so must every per-document outcome."""
+    def run(size):
+        cfg = LMEvalConfig(tasks=["toy_mc"], extra_task_dirs=[str(toy_task_dir)], passthrough=False,
+                           batch_size=size)
+        return run_lm_eval(model, byte_tokenizer, cfg, CPU)[1].sort_values("doc_id")
+
+    one, many = run(1), run(batch_size)
+    lls_one, lls_many = (np.array(d["loglikelihoods"].tolist(), dtype=float) for d in (one, many))
+    assert lls_one.shape == (20, 3) and np.isfinite(lls_one).all()
+    np.testing.assert_allclose(lls_many, lls_one, rtol=0, atol=1e-4)
+    assert (one[["acc", "acc_norm"]].to_numpy() == many[["acc", "acc_norm"]].to_numpy()).all()
 
 
 def test_limit_and_fewshot_are_applied(model, byte_tokenizer, toy_task_dir):

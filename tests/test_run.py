@@ -281,7 +281,10 @@ def test_lm_eval_rows_join_the_same_table(tiny_model_dir, text_file, tmp_path):
     acc = frame[(frame.suite == "lm_eval") & (frame.metric == "acc")]
     assert len(acc) == 1 and acc.task.iloc[0] == "arc_easy" and 0 <= acc.value.iloc[0] <= 1
     assert acc.n.iloc[0] == 3 and acc.stderr.notna().all()
-    assert set(frame.suite) == {"quant", "ppl", "lm_eval"}
+    assert set(frame.suite) == {"quant", "ppl", "lm_eval", "stage"}
+    stages = frame[frame.suite == "stage"].set_index("metric")["value"]
+    assert set(stages.index) == {"load_s", "fingerprint_s", "baseline_s", "quantize_s", "ppl_s", "lm_eval_s"}
+    assert (stages > 0).all() and stages.sum() <= frame.wall_s.iloc[0]
 
 
 def test_unknown_task_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
