@@ -305,3 +305,25 @@ def test_relative_imports_are_followed(tmp_path):
                         "methods/awq/maths.py": "", "methods/base.py": ""})
     assert set(module_closure("methods.awq.method", tmp_path)) == {
         "methods", "methods.awq", "methods.awq.method", "methods.awq.maths", "methods.base"}
+
+
+def test_the_fingerprint_changes_with_any_weight_and_is_the_bytes_not_their_sums():
+    """Swapping two weights keeps every sum and sum of squares (what the fingerprint hashed before), and must still
+    change it; so must the smallest change of one value. The same weights in another tensor object do not."""
+    import copy
+
+    import torch
+
+    from harness.models import model_fingerprint
+
+    model = tiny_model("llama")
+    base = model_fingerprint(model)
+    assert model_fingerprint(copy.deepcopy(model)) == base
+    swapped = copy.deepcopy(model)
+    w = swapped.model.layers[0].mlp.down_proj.weight.data
+    w[0, 0], w[0, 1] = w[0, 1].item(), w[0, 0].item()
+    assert model_fingerprint(swapped) != base
+    nudged = copy.deepcopy(model)
+    v = nudged.model.layers[1].self_attn.q_proj.weight.data
+    v[3, 5] = torch.nextafter(v[3, 5], torch.tensor(float("inf")))
+    assert model_fingerprint(nudged) != base
