@@ -116,3 +116,52 @@ class QuantizedWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeights(move(self.codes), move(self.scales), move(self.zeros), self.bits,
                                 self.group_size, self.symmetric, move(self.g_idx))
+
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save: cache entries, a streamed run's artifact files) with the codes packed at `bits` bits
+        each, not one byte: a 3-bit artifact of 317M weights is 119 MB on disk instead of 317 MB."""
+        state = dict(self.__dict__)
+        state["codes"] = (pack_codes(self.codes.cpu(), self.bits), tuple(self.codes.shape))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        packed, shape = state["codes"]
+        self.__dict__.update(state, codes=unpack_codes(packed, state["bits"], shape))
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (each < 2^bits) -> a uint8 stream of ceil(numel * bits / 8) bytes, little-endian bit order."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    if int(flat.max()) >> bits if flat.numel() else 0:
+        raise ValueError(f"codes do not fit in {bits} bits (max {int(flat.max())})")
+    if 8 % bits == 0:  # 2 or 4 bits: whole codes per byte
+        per = 8 // bits
+        flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % per)).view(-1, per)
+        out = torch.zeros(flat.shape[0], dtype=torch.uint8)
+        for k in range(per):
+            out |= flat[:, k] << (bits * k)
+        return out
+    import numpy as np  # 3 bits: a bit stream
+
+    planes = (flat[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1
+    return torch.from_numpy(np.packbits(planes.numpy().reshape(-1), bitorder="little"))
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of pack_codes: uint8 codes of `shape`."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if bits == 8:
+        return packed.reshape(shape).clone()
+    if 8 % bits == 0:
+        per = 8 // bits
+        parts = [(packed >> (bits * k)) & (2**bits - 1) for k in range(per)]
+        return torch.stack(parts, dim=1).reshape(-1)[:numel].reshape(shape).contiguous()
+    import numpy as np
+
+    planes = np.unpackbits(packed.numpy(), bitorder="little")[:numel * bits].reshape(numel, bits)
+    weights = (1 << np.arange(bits, dtype=np.uint8)).astype(np.uint8)
+    return torch.from_numpy((planes * weights).sum(axis=1, dtype=np.uint8)).reshape(shape)

@@ -82,3 +82,35 @@ def test_artifact_shape_mismatch_is_an_error():
 def test_storage_bits_counts_scales_and_zeros():
     art = quantize_weight(torch.randn(4, 128), QuantSpec(4, 128))
     assert art.storage_bits_per_weight() == pytest.approx(4 + (16 + 4) / 128)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(7, 13), (64, 128), (1, 1), (0, 5)])
+def test_codes_pack_at_their_bit_width_and_round_trip(bits, shape):
+    from core.spec import pack_codes, unpack_codes
+
+    codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-codes.numel() * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, shape), codes)
+
+
+def test_an_artifact_is_stored_at_its_bits_per_weight():
+    """torch.save of an artifact (cache entries, a streamed run's artifact files) holds its codes packed: a 3-bit
+    artifact takes 3/8 byte per weight plus its scales and zeros, and loads back equal."""
+    import io
+
+    from core.spec import QuantizedWeights, pack_codes
+
+    gen = torch.Generator().manual_seed(0)
+    art = QuantizedWeights(torch.randint(0, 8, (256, 1024), dtype=torch.uint8, generator=gen),
+                           torch.rand(256, 8, generator=gen), torch.randint(0, 8, (256, 8), dtype=torch.uint8,
+                                                                             generator=gen), 3, 128)
+    buffer = io.BytesIO()
+    torch.save(art, buffer)
+    per_weight = len(buffer.getvalue()) / art.codes.numel()
+    assert per_weight < 3 / 8 + (4 + 1) * 8 / 1024 + 0.01  # codes + fp32 scales + zeros + pickle overhead
+    back = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert torch.equal(back.codes, art.codes) and torch.equal(back.scales, art.scales) and back.bits == 3
+    with pytest.raises(ValueError, match="do not fit in 3 bits"):
+        pack_codes(torch.tensor([8], dtype=torch.uint8), 3)
