@@ -155,6 +155,27 @@ def run_dirs_in_order(paths: list[str]) -> list[Path]:
     return list(found.values())
 
 
+def where_arg(text: str) -> tuple[str, list[str]]:
+    """--where KEY=V1[,V2...]: keep runs whose run-level column KEY (method, bits, calib_samples, ...) is one of the
+    values."""
+    from analysis.results import RUN_COLUMNS
+
+    key, _, values = text.partition("=")
+    if key not in RUN_COLUMNS or not values:
+        raise argparse.ArgumentTypeError(f"--where {text!r}: expected KEY=VALUE[,VALUE...] with KEY one of "
+                                         f"{RUN_COLUMNS}")
+    return key, values.split(",")
+
+
+def select_runs(runs: list[Run], where: list[tuple[str, list[str]]]) -> list[Run]:
+    """The runs whose first row matches every --where condition (values compared as text; "none" matches a missing
+    value)."""
+    def text(value) -> str:
+        return "none" if value is None or pd.isna(value) else str(value)
+
+    return [r for r in runs if all(text(r.rows.iloc[0][key]) in values for key, values in where)]
+
+
 def level_arg(text: str) -> float:
     """--level: a confidence level strictly inside (0, 1); 95 (a percentage) or 1 would print nonsense intervals."""
     try:
@@ -435,14 +456,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-cross-model", action="store_true",
                     help="compare runs of different models (other model_fingerprint) on ppl and accuracy; "
                          "their KLD cells are dropped (each is against its own baseline)")
+    ap.add_argument("--where", type=where_arg, action="append", default=[], metavar="KEY=V1[,V2]",
+                    help="only runs whose KEY (a run-level column: method, bits, calib_source, calib_samples, ...) is "
+                         "one of the values; repeatable")
     ap.add_argument("--csv", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
     margins = dict(args.margin)
-    dirs = run_dirs_in_order(args.paths)
-    if len(dirs) < 2:
-        print(f"compare: need at least two finished runs; found {len(dirs)} under {args.paths}", file=sys.stderr)
+    runs = select_runs([load_run(d) for d in run_dirs_in_order(args.paths)], args.where)
+    if len(runs) < 2:
+        print(f"compare: need at least two finished runs; found {len(runs)} under {args.paths}"
+              + (" matching --where" if args.where else ""), file=sys.stderr)
         return 2
-    configs = group_runs([load_run(d) for d in dirs])
+    dirs = [r.path for r in runs]
+    configs = group_runs(runs)
     if len(configs) < 2:
         print(f"compare: the {len(dirs)} runs under {args.paths} are draws of one configuration "
               f"({configs[0].label}); nothing to compare it with", file=sys.stderr)

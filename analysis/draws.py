@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import replicates, stats
-from analysis.compare import Config, _matrix, _tokens_refused, group_runs, level_arg, load_run, margin_arg, \
-    run_dirs_in_order
+from analysis.compare import (Config, _matrix, _tokens_refused, group_runs, level_arg, load_run, margin_arg,
+                              run_dirs_in_order, select_runs, where_arg)
 
 DRAW_COUNTS = (1, 3, 5, 10)
 
@@ -107,8 +107,8 @@ def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, 
     return pd.DataFrame(rows)
 
 
-def _configs(paths: list[str]) -> list[Config]:
-    return group_runs([load_run(d) for d in run_dirs_in_order(paths)])
+def _configs(paths: list[str], where: list | None = None) -> list[Config]:
+    return group_runs(select_runs([load_run(d) for d in run_dirs_in_order(paths)], where or []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: ppl=1%%)")
     ap.add_argument("--level", type=level_arg, default=stats.LEVEL, help="confidence level (default 0.95)")
     ap.add_argument("--power", type=level_arg, default=0.8, help="power to detect the target (default 0.8)")
+    ap.add_argument("--where", type=where_arg, action="append", default=[], metavar="KEY=V1[,V2]",
+                    help="only runs whose run-level column KEY is one of the values (A's and B's); repeatable")
     args = ap.parse_args(argv)
     pd.set_option("display.width", 200)
     if args.vs is None:
-        table = decomposition_table(_configs(args.paths))
+        table = decomposition_table(_configs(args.paths, args.where))
         if table.empty:
             print("draws: no configuration with two or more calibration draws under "
                   f"{args.paths} (sweep calib.seed=0,1,2,...)", file=sys.stderr)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlog ppl: per token NLL (the log of ppl); sd between draws: of one draw's value, beyond token noise; "
               "token se of one run: its interval's standard error over blocks; draw share: of one run's variance.")
         return 0
-    a, b = _configs(args.paths), _configs(args.vs)
+    a, b = _configs(args.paths, args.where), _configs(args.vs, args.where)
     for name, found in (("A", a), ("B (--vs)", b)):
         if len(found) != 1:
             print(f"draws: {name} must be one configuration (its draws); found {len(found)}: "

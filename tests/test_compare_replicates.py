@@ -193,3 +193,17 @@ def test_the_sweep_summary_lists_draws_and_their_spread():
     assert "calib_seed" in text.split("over")[0] and "over calibration draws" in text
     spread = text.split("over calibration draws")[1]
     assert "21.000" in spread and "20.000" in spread and "22.000" in spread  # awq mean, min and max
+
+
+def test_where_selects_the_runs_to_compare(tmp_path, capsys):
+    for seed in range(2):
+        draw_run(tmp_path, "awq", seed, 0.0)
+        draw_run(tmp_path, "gptq", seed, 0.05)
+    draw_run(tmp_path, "fp", None, 0.0)
+    table = table_of([str(tmp_path), "--where", "method=awq,gptq"], tmp_path)
+    labels = set(table["A_run"]) | set(table["B_run"])
+    assert len(labels) == 2 and all(label.startswith(("awq", "gptq")) for label in labels)  # fp left out
+    assert main([str(tmp_path), "--where", "method=rtn"]) == 2
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--where", "colour=red"])
+    assert "calib_samples" in capsys.readouterr().err
