@@ -207,3 +207,41 @@ def test_where_selects_the_runs_to_compare(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--where", "colour=red"])
     assert "calib_samples" in capsys.readouterr().err
+
+
+def source_run(root: Path, method: str, source: str, seed: int, shift: float) -> Path:
+    """A draw of `method` calibrated on `source`, measured on wiki and code (NLL raised by `shift` there)."""
+    run_id = f"{method}-{source}-{seed}"
+    rng = np.random.default_rng(zlib.crc32(run_id.encode()))
+    tokens = np.full(BLOCKS, BLOCK_TOKENS)
+    frames = []
+    for task, base in (("wiki", np.log(20.0)), ("code", np.log(8.0))):
+        text = base + 0.3 * np.sin(np.arange(BLOCKS))
+        off = 0.0 if task == source else shift
+        nll = (text + off + 0.003 * rng.standard_normal(BLOCKS) + 0.002 * rng.standard_normal()) * tokens
+        frames.append(pd.DataFrame({"task": task, "window": np.arange(BLOCKS) // 8, "block": np.arange(BLOCKS) % 8,
+                                    "tokens": tokens, "nll_sum": nll, "base_nll_sum": text * tokens}))
+    row = dict(run_id=run_id, config_hash=run_id, model="m", method=method, bits=3, group_size=128,
+               calib_source=source, calib_samples=8, calib_seqlen=512, calib_seed=seed, seed=0,
+               replicate_of=f"cfg-{method}-{source}", model_fingerprint="mf01",
+               data_fingerprint=json.dumps({"eval:wiki": "tw", "eval:code": "tc"}),
+               started_at="2026-12-01T10:00:00+00:00", suite="ppl", task="wiki", metric="ppl", value=20.0)
+    write_run(root / run_id, to_frame([row]), "{}\n", {"run_id": run_id},
+              files={"blocks.parquet": pd.concat(frames).to_parquet(index=False)})
+    return root / run_id
+
+
+def test_robustness_gives_penalties_and_which_method_is_less_sensitive(tmp_path, capsys):
+    from analysis.robustness import main as robustness_main
+
+    for seed in range(3):
+        for source in ("wiki", "code"):
+            source_run(tmp_path, "awq", source, seed, 0.02)   # penalty exp(0.02) off-domain
+            source_run(tmp_path, "gptq", source, seed, 0.20)  # penalty exp(0.20)
+    assert robustness_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    penalties = [line for line in out.split("Ratio")[0].splitlines() if line.lstrip().startswith(("awq", "gptq"))]
+    assert len(penalties) == 8  # 2 methods x 2 sources x 2 sets
+    sensitivity = out.split("Ratio of penalties")[1]
+    assert sensitivity.count("A less sensitive") == 2  # awq (A) on both off-domain cells
+    assert robustness_main([str(tmp_path), "--where", "method=rtn"]) == 2
