@@ -2,6 +2,7 @@
 
     python -m analysis.draws results/calib_study                       # variance components per configuration
     python -m analysis.draws RUNS_OF_A... --vs RUNS_OF_B... --target ppl=1% --target kld=0.01 --target acc=1pt
+    python -m analysis.draws results/calib_study --where bits=3 --split method=gptq,awq --target ppl=1%
 
 Without `--vs`: for every configuration with two or more replicate draws (runs that differ only in calib.seed), per
 eval set, the spread of its ppl and KLD between draws against the token noise of one run, and the draw's share of
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.draws", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run directories or directories holding runs (configuration A with --vs)")
     ap.add_argument("--vs", nargs="+", metavar="PATH", help="the runs of configuration B: print the data needed")
+    ap.add_argument("--split", type=where_arg, metavar="KEY=A,B",
+                    help="instead of --vs: A and B are the runs (after --where) whose KEY is the first / second "
+                         "value, e.g. --split method=gptq,awq")
     ap.add_argument("--target", type=margin_arg, action="append", default=[], metavar="KIND=VALUE",
                     help="the true difference to resolve: ppl=1%% (ratio), kld=0.01 (nats/token), acc=1pt "
                          "(default: ppl=1%%)")
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only runs whose run-level column KEY is one of the values (A's and B's); repeatable")
     args = ap.parse_args(argv)
     pd.set_option("display.width", 200)
-    if args.vs is None:
+    if args.split is not None and (args.vs is not None or len(args.split[1]) != 2):
+        ap.error("--split KEY=A,B takes exactly two values, and replaces --vs")
+    if args.vs is None and args.split is None:
         table = decomposition_table(_configs(args.paths, args.where))
         if table.empty:
             print("draws: no configuration with two or more calibration draws under "
@@ -134,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlog ppl: per token NLL (the log of ppl); sd between draws: of one draw's value, beyond token noise; "
               "token se of one run: its interval's standard error over blocks; draw share: of one run's variance.")
         return 0
-    a, b = _configs(args.paths, args.where), _configs(args.vs, args.where)
+    if args.split is not None:
+        key, (value_a, value_b) = args.split
+        a, b = (_configs(args.paths, [*args.where, (key, [v])]) for v in (value_a, value_b))
+    else:
+        a, b = _configs(args.paths, args.where), _configs(args.vs, args.where)
     for name, found in (("A", a), ("B (--vs)", b)):
         if len(found) != 1:
             print(f"draws: {name} must be one configuration (its draws); found {len(found)}: "

@@ -148,6 +148,9 @@ def test_draws_reports_the_draw_share_and_the_data_a_verdict_needs(tmp_path, cap
     assert ppl[8:12] == ["—"] * 4  # 0.5% is below what even 10 draws of this draw noise resolve
     assert kld[8] == "—" and kld[11] != "—"  # 0.02 nats: not with one draw per side, with ten
     assert draws_main([str(tmp_path / "awq"), "--vs", str(tmp_path)]) == 2  # B must be one configuration
+    assert draws_main([str(tmp_path), "--split", "method=awq,gptq", "--target", "ppl=0.5%",
+                       "--target", "kld=0.02"]) == 0
+    assert capsys.readouterr().out.splitlines()[3:5] == out.splitlines()[3:5]  # the same pair, the same needs
 
 
 def test_the_report_shows_one_row_per_configuration_with_the_draws_in_its_interval(tmp_path, capsys):
