@@ -228,8 +228,9 @@ def source_run(root: Path, method: str, source: str, seed: int, shift: float) ->
                calib_source=source, calib_samples=8, calib_seqlen=512, calib_seed=seed, seed=0,
                replicate_of=f"cfg-{method}-{source}", model_fingerprint="mf01",
                data_fingerprint=json.dumps({"eval:wiki": "tw", "eval:code": "tc"}),
-               started_at="2026-12-01T10:00:00+00:00", suite="ppl", task="wiki", metric="ppl", value=20.0)
-    write_run(root / run_id, to_frame([row]), "{}\n", {"run_id": run_id},
+               started_at="2026-12-01T10:00:00+00:00", suite="ppl", metric="ppl")
+    rows = [dict(row, task=f.task.iloc[0], value=float(np.exp(f.nll_sum.sum() / f.tokens.sum()))) for f in frames]
+    write_run(root / run_id, to_frame(rows), "{}\n", {"run_id": run_id},
               files={"blocks.parquet": pd.concat(frames).to_parquet(index=False)})
     return root / run_id
 
@@ -248,3 +249,16 @@ def test_robustness_gives_penalties_and_which_method_is_less_sensitive(tmp_path,
     sensitivity = out.split("Ratio of penalties")[1]
     assert sensitivity.count("A less sensitive") == 2  # awq (A) on both off-domain cells
     assert robustness_main([str(tmp_path), "--where", "method=rtn"]) == 2
+
+
+def test_the_report_gives_robustness_penalties_with_intervals_over_draws(tmp_path):
+    from analysis.report import main as report_main
+
+    for seed in range(3):
+        for source in ("wiki", "code"):
+            source_run(tmp_path / "runs", "gptq", source, seed, 0.20)
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    section = text.split("calibration robustness of gptq w3 g128")[1]
+    cells = [line for line in section.splitlines() if line.startswith(("| code", "| wiki"))][:2]
+    assert len(cells) == 2 and all("(×1.22" in line for line in cells), cells  # exp(0.20), with an interval

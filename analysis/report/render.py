@@ -160,10 +160,11 @@ def model_sections(frame: pd.DataFrame, acc_metric: str, main_calib: str | None 
     table = Table(*timing_table(frame))
     if not table.text.empty:
         sections.append((f"{model}: timing", table))
-    for label, matrix in robustness_matrices(frame):
-        title = (f"{model}: calibration robustness of {label} (perplexity; in parentheses the "
-                 "out-of-domain penalty vs calibrating in-domain; in-domain in bold)")
-        sections.append((title, Table(*robustness_tables(matrix))))
+    for label, matrix, runs in robustness_matrices(frame, with_runs=True):
+        title = (f"{model}: calibration robustness of {label} (perplexity; in parentheses the out-of-domain "
+                 "penalty vs calibrating in-domain: the ratio with its 95% interval over token blocks and "
+                 "calibration draws where the runs kept their records, else the difference; in-domain in bold)")
+        sections.append((title, Table(*robustness_tables(matrix, runs, evidence))))
     return sections
 
 

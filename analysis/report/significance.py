@@ -80,6 +80,23 @@ class PairedEvidence:
         return float(hit["p"].iloc[0]), sign * float(hit["delta"].iloc[0])
 
 
+    def ratio(self, a, b, kind: str, task: str) -> tuple[float, float, float] | None:
+        """(A / B, interval) of the paired ratio of `kind` (ppl) on `task` between runs (or configurations) a and
+        b; None without both runs' records or without an interval."""
+        if pd.isna(a) or pd.isna(b) or a == b:
+            return None
+        first, second = self.run(str(a)), self.run(str(b))
+        if first is None or second is None:
+            return None
+        table = compare(first, second, self.level)[0]
+        if table.empty:
+            return None
+        hit = table[(table["kind"] == kind) & (table["task"] == task)]
+        if hit.empty or pd.isna(hit["ci_low"].iloc[0]):
+            return None
+        return float(hit["ratio"].iloc[0]), float(hit["ci_low"].iloc[0]), float(hit["ci_high"].iloc[0])
+
+
 def _better(delta: float, higher_better: bool) -> bool:
     """A - B = delta: is A the better side?"""
     return delta > 0 if higher_better else delta < 0

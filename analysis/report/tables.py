@@ -233,8 +233,9 @@ def quant_table(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return simple_table(quant, ["metric"], varying_keys(quant))
 
 
-def robustness_matrices(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Per config calibrated on several sources: (config label, ppl matrix rows calib source x cols eval set)."""
+def robustness_matrices(frame: pd.DataFrame, with_runs: bool = False) -> list[tuple]:
+    """Per config calibrated on several sources: (config label, ppl matrix rows calib source x cols eval set), and
+    with `with_runs` the run id behind each cell (the paired tests of the penalties need them)."""
     ppl = frame[(frame["suite"] == "ppl") & (frame["metric"] == "ppl") & frame["calib_source"].notna()]
     out = []
     for _, group in ppl.groupby(ROBUSTNESS_GROUP, dropna=False, sort=True):
@@ -244,7 +245,11 @@ def robustness_matrices(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                                               and group[k].notna().any()]).iloc[0]
         matrix = pivot_unique(group, ["calib_source"], "task")
         matrix.index.name, matrix.columns.name = "calibrated on", "eval set"
-        out.append((label, matrix))
+        if with_runs:
+            runs = group.set_index(["calib_source", "task"])["run_id"].unstack("task")
+            out.append((label, matrix, runs.reindex(index=matrix.index, columns=matrix.columns)))
+        else:
+            out.append((label, matrix))
     return out
 
 
@@ -256,9 +261,20 @@ def robustness_penalty(matrix: pd.DataFrame) -> pd.DataFrame:
     return penalty
 
 
-def robustness_tables(matrix: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Matrix cells 'ppl (penalty)' with the in-domain cell marked bold; eval sets with no in-domain run show ppl only."""
+def robustness_tables(matrix: pd.DataFrame, runs: pd.DataFrame | None = None,
+                      evidence: PairedEvidence | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Matrix cells 'ppl (penalty)' with the in-domain cell marked bold; eval sets with no in-domain run show ppl only.
+    The penalty is the ratio to the in-domain ppl with its interval (over token blocks and, for configurations with
+    replicate draws, the draws) where `evidence` holds both runs' records, else the difference of ppls."""
     penalty = robustness_penalty(matrix)
+    ratios = {}
+    if runs is not None and evidence is not None:
+        for calib in matrix.index:
+            for eval_set in matrix.columns:
+                if calib != eval_set and eval_set in matrix.index:
+                    got = evidence.ratio(runs.loc[calib, eval_set], runs.loc[eval_set, eval_set], "ppl", eval_set)
+                    if got is not None:
+                        ratios[calib, eval_set] = got
     text = matrix.copy().astype(object)
     bold = pd.DataFrame(False, index=matrix.index, columns=matrix.columns)
     for calib in matrix.index:
@@ -269,6 +285,9 @@ def robustness_tables(matrix: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
             elif calib == eval_set:
                 text.loc[calib, eval_set] = f"{value:.2f}"
                 bold.loc[calib, eval_set] = True
+            elif (calib, eval_set) in ratios:
+                ratio, low, high = ratios[calib, eval_set]
+                text.loc[calib, eval_set] = f"{value:.2f} (×{ratio:.3f} [{low:.3f}, {high:.3f}])"
             elif eval_set in penalty.columns and pd.notna(penalty.loc[calib, eval_set]):
                 text.loc[calib, eval_set] = f"{value:.2f} ({penalty.loc[calib, eval_set]:+.2f})"
             else:
