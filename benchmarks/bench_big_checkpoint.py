@@ -11,8 +11,10 @@ takes to read the checkpoint from disk, and the peak RSS.
 2. Times one sequential read of every shard (what the disk delivers; the checkpoint is larger than the page cache
    can keep, so this is the disk's speed, not memory's).
 3. Runs `python -m harness model=hf model.path=DIR model.streaming=true method=<method> eval=ppl
-   eval.seqlen=512 eval.max_windows=1 eval.ppl_sets=[wiki]` in a child process (its peak RSS is its own) and
-   reads the run's stage rows: load, fingerprint, baseline, quantize, ppl.
+   eval.seqlen=512 eval.max_windows=1 eval.ppl_sets=[wiki]` in a child process (its peak RSS is its own) with an
+   empty cache directory (every pass is computed) and reads the run's stage rows: load, fingerprint, baseline,
+   quantize, ppl. Also the child's minor page faults and user/system CPU seconds (those do not depend on what
+   else the machine runs).
 
 Prints one table: pass, wall seconds, passes' wall over the disk-read time, and the child's peak RSS. Nothing
 here is a test: the numbers depend on the machine (it prints the CPU and the disk-read rate beside them).
@@ -96,25 +98,28 @@ def read_seconds(directory: Path) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
-def run_streamed(directory: Path, method: str, results: Path) -> tuple[dict[str, float], float, float]:
-    """(stage seconds, child wall seconds, child peak RSS in GiB) of one streamed harness run."""
+def run_streamed(directory: Path, method: str, results: Path) -> tuple[dict[str, float], float, dict]:
+    """(stage seconds, child wall seconds, the child's peak RSS, minor page faults and user/system CPU seconds) of
+    one streamed harness run."""
     import pandas as pd
 
     code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
             "try:\n    runpy.run_module('harness', run_name='__main__')\n"
-            "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+            "finally:\n    u = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "    print('RUSAGE', u.ru_maxrss, u.ru_minflt, u.ru_utime, u.ru_stime, file=sys.stderr)")
     argv = [sys.executable, "-c", code, "harness", "model=hf", f"model.path={directory}", "model.streaming=true",
             f"method={method}", "eval=ppl", "eval.seqlen=512", "eval.max_windows=1", "eval.ppl_sets=[wiki]",
-            f"results_dir={results}", "force=true", "hydra.run.dir=" + str(results / "hydra")]
+            f"results_dir={results}", f"cache_dir={results / 'cache'}", "hydra.run.dir=" + str(results / "hydra")]
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"the streamed run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    usage = next(line.split()[1:] for line in proc.stderr.splitlines() if line.startswith("RUSAGE"))
     rows = pd.concat(pd.read_parquet(p) for p in results.glob("*/rows.parquet"))
     stages = rows[rows.suite == "stage"].set_index("metric")["value"].to_dict()
-    return stages, wall, peak / 2**20
+    return stages, wall, {"peak_gib": int(usage[0]) / 2**20, "minor_faults": int(usage[1]),
+                          "user_s": float(usage[2]), "sys_s": float(usage[3])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     disk_s, size = read_seconds(args.dir)
     free = available_memory(torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="bench_big_") as tmp:
-        stages, wall, peak = run_streamed(args.dir, args.method, Path(tmp))
+        stages, wall, usage = run_streamed(args.dir, args.method, Path(tmp))
     print(f"# {args.layers} blocks, hidden {args.hidden}, bf16: {size / 2**30:.1f} GiB on disk, "
           f"{free / 2**30:.1f} GiB free memory; one read of it: {disk_s:.0f} s ({size / disk_s / 2**20:.0f} MiB/s)")
     print(f"# {device_name('cpu')}; commit {git_sha()}; method={args.method}, 1 window of 512 tokens (wiki)")
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in stages.items():
         print(f"| {name.removesuffix('_s')} | {seconds:.0f} | {seconds / disk_s:.2f} |")
     print(f"| whole run (child process) | {wall:.0f} | {wall / disk_s:.2f} |")
-    print(f"peak RSS of the run: {peak:.2f} GiB")
+    print(f"peak RSS of the run: {usage['peak_gib']:.2f} GiB; minor page faults: {usage['minor_faults']:,}; "
+          f"CPU: {usage['user_s']:.0f} s user, {usage['sys_s']:.0f} s system (the kernel's share: page faults)")
 
 
 if __name__ == "__main__":

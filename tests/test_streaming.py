@@ -206,3 +206,45 @@ def test_a_streamed_unquantized_run_is_made_whole_for_timing(tiny_model_dir, tex
     assert (streamed.suite == "timing").any() and not (streamed.suite == "quant").any()
     ppl = lambda f: f[f.metric == "ppl"]["value"].to_numpy()  # noqa: E731
     assert (ppl(streamed) == ppl(resident)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8,
+                                   torch.bool])
+def test_tensors_are_read_straight_from_the_file_as_safetensors_reads_them(dtype, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from structure.streaming import read_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=gen), "b": torch.randn(3, generator=gen), "c": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5)}
+    tensors = {n: (t * 10).to(dtype) for n, t in tensors.items()}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    expected = load_file(str(tmp_path / "t.safetensors"))
+    got = read_safetensors(tmp_path / "t.safetensors", list(tensors))
+    for name in tensors:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-3])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        read_safetensors(tmp_path / "cut.safetensors", list(tensors))
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_the_next_block_reads_into_the_memory_the_last_one_released(stored, tmp_path):
+    """Blocks of one shape reuse one set of tensors (no allocation per block, so no page faults per block), and a
+    block's values are its own, not its predecessor's; a bf16 checkpoint is cast to the model's fp32 through
+    pooled memory too."""
+    tiny_model("llama", seed=3).to(stored).save_pretrained(tmp_path / "ckpt", max_shard_size="60KB")
+    directory = tmp_path / "ckpt"
+    model, residency = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
+    layout = layout_for(model)
+    pointers, values = [], []
+    for index in range(len(layout.blocks(model))):
+        with residency.block(model, layout, index, writeback=False) as block:
+            pointers.append(block.mlp.down_proj.weight.data_ptr())
+            values.append(block.mlp.down_proj.weight.detach().clone())
+    assert len(set(pointers[1:])) == 1 and pointers[1] == pointers[0]  # the first block's memory, reused
+    for index, value in enumerate(values):
+        assert torch.equal(value, residency.read(model, f"model.layers.{index}.mlp.down_proj.weight"))
+    assert not torch.equal(values[0], values[1])
