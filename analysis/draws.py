@@ -9,7 +9,8 @@ eval set, the spread of its ppl and KLD between draws against the token noise of
 one run's variance. With `--vs`: for the pair A (the positional runs) and B, per eval set and metric, the eval
 windows (or lm-eval documents) needed to resolve a true difference of `--target` at `--level` with `--power`, for
 1, 3, 5 and 10 draws per side, from the variance components measured here (printed beside it). "—" means no
-amount of eval text is enough at that many draws: the draws' own noise already exceeds the budget.
+amount of eval text is enough at that many draws: the draws' own noise already exceeds the budget; "min draws"
+is the fewest draws per side for which some amount of eval text is.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, 
                 got = replicates.units_needed(diff, sa, sb, targets[kind], level, power, draws=k)
                 row[f"windows at {k} draws"] = None if got["units"] is None else math.ceil(got["units"] / per_window)
             got = replicates.units_needed(diff, sa, sb, targets[kind], level, power)
-            row.update({"unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
+            row.update({"min draws": _min_draws(got), "unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
                         "draw var B": got["draw_var"]["B"]})
             rows.append(row)
     docs_a, docs_b = (pd.concat([r.docs for r in c.runs]) if all(not r.docs.empty for r in c.runs) else None
@@ -102,10 +103,17 @@ def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, 
                 got = replicates.units_needed(diff, sa, sb, targets["acc"], level, power, draws=k)
                 row[f"documents at {k} draws"] = got["units"]
             got = replicates.units_needed(diff, sa, sb, targets["acc"], level, power)
-            row.update({"unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
+            row.update({"min draws": _min_draws(got), "unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
                         "draw var B": got["draw_var"]["B"]})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _min_draws(needed: dict) -> int:
+    """The fewest draws per side for which some amount of eval text resolves the target: the draws' own variance,
+    sum of sigma2_draw / K, must fall below the budget (with infinitely many windows)."""
+    draws = sum(needed["draw_var"].values())
+    return 1 if draws == 0 else math.floor(draws / needed["budget_var"]) + 1
 
 
 def _configs(paths: list[str], where: list | None = None) -> list[Config]:
