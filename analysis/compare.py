@@ -142,7 +142,11 @@ def model_mismatch(a: Run | Config, b: Run | Config) -> str | None:
     if a.model_print and a.model_print == b.model_print:
         return None
     shown = (f"{r.model or '?'} (model_fingerprint {r.model_print or 'missing'})" for r in (a, b))
-    return "different models: " + " vs ".join(shown)
+    text = "different models: " + " vs ".join(shown)
+    if a.model and a.model == b.model and a.model_print and b.model_print:
+        text += (" (one name, two fingerprints: other weights, or one run predates the fingerprint of every "
+                 "weight's bytes, commit a1b705e, and must be re-run with force=true to be compared)")
+    return text
 
 
 def run_dirs_in_order(paths: list[str]) -> list[Path]:
