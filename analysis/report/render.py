@@ -147,6 +147,12 @@ def model_sections(frame: pd.DataFrame, acc_metric: str, main_calib: str | None 
     sections = []
     main = main_rows(frame, main_calib)
     table = main_table_with_note(main, acc_metric, evidence)
+    draws = sorted({str(r) for r in main["run_id"].dropna() if str(r).endswith(" draws)")})
+    if draws and not table.text.empty:
+        table = table._replace(note=(table.note + " " if table.note else "") + (
+            f"{len(draws)} configurations have replicate calibration draws ({', '.join(d.split(' (')[1][:-1] for d in draws)}"
+            "): each is one row, the mean over its draws, with an interval that includes the draws; its paired tests "
+            "use every draw (docs/statistics.md)."))
     if not table.text.empty:
         title = (f"{model}: perplexity, KLD vs fp and accuracy (95% intervals where recorded; delta vs fp; "
                  "bold: not significantly worse than the best quantized value)")
