@@ -338,9 +338,10 @@ class Streamed(Residency):
         overlay, held by the residency itself, never does)."""
         from accelerate.utils import set_module_tensor_to_device
 
-        held = {id(t) for t in self.overlay.values()}
+        # by storage, not by object: the parameter wraps the overlay's tensor in an object of its own
+        held = {t.untyped_storage().data_ptr() for t in self.overlay.values()}
         for n, p in list(module.named_parameters(recurse=recurse)):
-            if pooled and id(p.data) not in held and p.data.device.type == "cpu":
+            if pooled and p.device.type == "cpu" and p.untyped_storage().data_ptr() not in held:
                 self.pool.give(p.data)
             set_module_tensor_to_device(module, n, "meta")
 

@@ -248,3 +248,18 @@ def test_the_next_block_reads_into_the_memory_the_last_one_released(stored, tmp_
     for index, value in enumerate(values):
         assert torch.equal(value, residency.read(model, f"model.layers.{index}.mlp.down_proj.weight"))
     assert not torch.equal(values[0], values[1])
+
+
+def test_a_tensor_of_the_overlay_is_never_reused_for_another_block(tmp_path):
+    """The overlay (what a cached quantization folded in) is held by the residency: releasing a block that was
+    given one of its tensors must not hand that memory to the next block's read."""
+    directory = sharded_checkpoint("llama", tmp_path / "ckpt")
+    name = "model.layers.0.mlp.down_proj.weight"
+    skeleton_model, plain = load_streamed(directory, torch.float32, CPU, tmp_path / "plain")
+    folded = plain.read(skeleton_model, name) * 3
+    model, residency = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch", overlay={name: folded})
+    layout = layout_for(model)
+    for index in range(len(layout.blocks(model))):
+        with residency.block(model, layout, index, writeback=False):
+            pass
+    assert torch.equal(residency.read(model, name), plain.read(skeleton_model, name) * 3)
