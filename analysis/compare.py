@@ -272,15 +272,17 @@ def _tokens_refused(a: Config, b: Config, task: str) -> str | None:
                 continue
             blocks = run.blocks[run.blocks.task == task].sort_values(["window", "block"])
             why = _other_tokens(ref.prints.get(f"eval:{task}"), run.prints.get(f"eval:{task}"), ref_blocks, blocks)
-            if why:
-                who = "B" if side == "B" and len(a.runs) == len(b.runs) == 1 else f"{run.path.name}"
-                return why if who == "B" else f"{why} (run {who} of {side})"
+            if why:  # a pair of single runs: B is the only run it can be
+                return why if len(a.runs) == len(b.runs) == 1 else f"{why} (run {run.path.name} of {side})"
     return None
 
 
-def _matrix(config: Config, task: str, column: str) -> np.ndarray:
-    return np.column_stack([r.blocks[r.blocks.task == task].sort_values(["window", "block"])[column].to_numpy(float)
-                            for r in config.runs])
+def side(config: Config, task: str, column: str) -> replicates.Side:
+    """The per-block sums of `column` (nll_sum, kld_sum) on eval set `task`, one column per draw, with the tokens per
+    block: a configuration as the crossed design sees it (its runs measured the same blocks: _tokens_refused)."""
+    blocks = [r.blocks[r.blocks.task == task].sort_values(["window", "block"]) for r in config.runs]
+    return replicates.Side(np.column_stack([b[column].to_numpy(float) for b in blocks]),
+                           blocks[0].tokens.to_numpy(float), config.calibrates)
 
 
 def ppl_cells(a: Run | Config, b: Run | Config, level: float, kld: bool = True) -> tuple[list[dict], list[str]]:
@@ -295,15 +297,13 @@ def ppl_cells(a: Run | Config, b: Run | Config, level: float, kld: bool = True) 
         if why:
             refused.append(f"{task}: not the same tokens: {why}")
             continue
-        ref = a.runs[0].blocks
-        tokens = ref[ref.task == task].sort_values(["window", "block"]).tokens.to_numpy(float)
         columns = [("ppl", "nll_sum", True)]
         if kld and all("kld_sum" in r.blocks for r in a.runs + b.runs):
             columns.append(("kld", "kld_sum", False))
         for kind, column, ratio in columns:
-            na, nb = _matrix(a, task, column), _matrix(b, task, column)
-            side_a, side_b = (replicates.Side(n, tokens, c.calibrates) for n, c in ((na, a), (nb, b)))
+            side_a, side_b = side(a, task, column), side(b, task, column)
             diff = replicates.difference(side_a, side_b, level)
+            tokens, na, nb = side_a.den, side_a.num, side_b.num
             better = []
             for i, j in _draw_pairs(a, b):
                 one = replicates.difference(replicates.Side(na[:, [i]], tokens, False),

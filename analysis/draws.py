@@ -22,20 +22,14 @@ import numpy as np
 import pandas as pd
 
 from analysis import replicates, stats
-from analysis.compare import (Config, _matrix, _tokens_refused, group_runs, level_arg, load_run, margin_arg,
-                              run_dirs_in_order, select_runs, where_arg)
+from analysis.compare import (Config, _tokens_refused, group_runs, level_arg, load_run, margin_arg,
+                              run_dirs_in_order, select_runs, side, where_arg)
 
 DRAW_COUNTS = (1, 3, 5, 10)
 
 
 def _sets(config: Config) -> list[str]:
     return sorted(set.intersection(*(set(r.blocks.get("task", [])) for r in config.runs)))
-
-
-def _side(config: Config, task: str, column: str) -> replicates.Side:
-    ref = config.runs[0].blocks
-    tokens = ref[ref.task == task].sort_values(["window", "block"]).tokens.to_numpy(float)
-    return replicates.Side(_matrix(config, task, column), tokens, config.calibrates)
 
 
 def decomposition_table(configs: list[Config]) -> pd.DataFrame:
@@ -50,9 +44,9 @@ def decomposition_table(configs: list[Config]) -> pd.DataFrame:
             for metric, column in (("log ppl", "nll_sum"), ("kld", "kld_sum")):
                 if not all(column in r.blocks for r in config.runs):
                     continue
-                side = _side(config, task, column)
-                parts = replicates.decomposition(side)
-                per_draw = side.num.sum(axis=0) / side.den.sum()
+                measured = side(config, task, column)
+                parts = replicates.decomposition(measured)
+                per_draw = measured.num.sum(axis=0) / measured.den.sum()
                 rows.append({"config": config.label, "set": task, "metric": metric, "draws": parts["draws"],
                              "units": parts["units"], "mean": float(per_draw.mean()),
                              "min draw": float(per_draw.min()), "max draw": float(per_draw.max()),
@@ -73,7 +67,7 @@ def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, 
         for kind, column in (("ppl", "nll_sum"), ("kld", "kld_sum")):
             if kind not in targets or not all(column in r.blocks for r in a.runs + b.runs):
                 continue
-            sa, sb = _side(a, task, column), _side(b, task, column)
+            sa, sb = side(a, task, column), side(b, task, column)
             diff = replicates.difference(sa, sb, level)
             row = {"set": task, "metric": kind, "target": targets[kind], "measured": diff.value,
                    "measured windows": int(round(sa.num.shape[0] / per_window)), "draws": f"{sa.draws} vs {sb.draws}"}

@@ -21,15 +21,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import replicates, stats
-from analysis.compare import (Config, _matrix, _tokens_refused, group_runs, level_arg, load_run, run_dirs_in_order,
-                              select_runs, where_arg)
+from analysis.compare import (Config, _tokens_refused, group_runs, level_arg, load_run, run_dirs_in_order,
+                              select_runs, side, where_arg)
 from analysis.labels import method_label
-
-
-def _side(config: Config, task: str) -> replicates.Side:
-    ref = config.runs[0].blocks
-    tokens = ref[ref.task == task].sort_values(["window", "block"]).tokens.to_numpy(float)
-    return replicates.Side(_matrix(config, task, "nll_sum"), tokens, config.calibrates)
 
 
 def _key(config: Config) -> tuple:
@@ -49,7 +43,7 @@ def by_method(configs: list[Config]) -> dict[tuple, dict[str, Config]]:
     return {k: v for k, v in found.items() if len(v) > 1}
 
 
-def _estimate(diff: replicates.Difference, level: float) -> dict:
+def _estimate(diff: replicates.Difference) -> dict:
     ok = diff.ci_low is not None
     return {"ratio": math.exp(diff.value), "ci_low": math.exp(diff.ci_low) if ok else None,
             "ci_high": math.exp(diff.ci_high) if ok else None, "p": diff.p}
@@ -63,11 +57,11 @@ def penalty_table(methods: dict[tuple, dict[str, Config]], level: float) -> pd.D
             for task in sorted(sources):
                 if task not in sources or _tokens_refused(config, sources[task], task):
                     continue
-                side = _side(config, task)
-                row = {"config": label, "calibrated on": calib, "eval set": task, "draws": side.draws,
-                       "ppl": float(np.exp(side.ratio()))}
+                measured = side(config, task, "nll_sum")
+                row = {"config": label, "calibrated on": calib, "eval set": task, "draws": measured.draws,
+                       "ppl": float(np.exp(measured.ratio()))}
                 if calib != task:
-                    row.update(_estimate(replicates.difference(side, _side(sources[task], task), level), level))
+                    row.update(_estimate(replicates.difference(measured, side(sources[task], task, "nll_sum"), level)))
                 rows.append(row)
     table = pd.DataFrame(rows)
     if "p" in table:
@@ -88,10 +82,10 @@ def sensitivity_table(methods: dict[tuple, dict[str, Config]], level: float) -> 
             for task in sorted(set(a) & set(b)):
                 if calib == task:
                     continue
-                sides = [_side(a[calib], task), _side(a[task], task), _side(b[calib], task), _side(b[task], task)]
+                sides = [side(c, task, "nll_sum") for c in (a[calib], a[task], b[calib], b[task])]
                 diff = replicates.contrast(sides, [1.0, -1.0, -1.0, 1.0], level)
                 rows.append({"A": ka[0], "B": kb[0], "bits": ka[1], "calibrated on": calib, "eval set": task,
-                             "draws": "/".join(str(s.draws) for s in sides), **_estimate(diff, level)})
+                             "draws": "/".join(str(s.draws) for s in sides), **_estimate(diff)})
     table = pd.DataFrame(rows)
     if not table.empty:
         reject = stats.holm(table["p"].tolist(), 1 - level)

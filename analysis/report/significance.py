@@ -60,41 +60,45 @@ class PairedEvidence:
         except (ValueError, TypeError, KeyError, OSError):  # e.g. a data fingerprint that is not JSON
             return None
 
-    def cell(self, a, b, kind: str, task: str) -> tuple[float, float] | None:
-        """(p, A - B) of the paired test of run `a` against run `b` on `kind` (ppl, kld, acc, acc_norm) of `task`;
-        None when the two runs did not both measure it on identical data (or either kept no records)."""
+    def _pair(self, a, b) -> tuple[pd.DataFrame, bool] | None:
+        """analysis.compare's cells of runs (or configurations) a and b, computed once per unordered pair, and whether
+        they are oriented b against a; None for a missing id or a run against itself."""
         if pd.isna(a) or pd.isna(b) or a == b:
             return None
         a, b = str(a), str(b)
-        key, sign = ((a, b), 1.0) if a < b else ((b, a), -1.0)
+        key = (a, b) if a < b else (b, a)
         if key not in self._pairs:
             first, second = self.run(key[0]), self.run(key[1])
             self._pairs[key] = (pd.DataFrame() if first is None or second is None
                                 else compare(first, second, self.level)[0])
-        table = self._pairs[key]
-        if table.empty:
-            return None
-        hit = table[(table["kind"] == kind) & (table["task"] == task)]
-        if hit.empty or pd.isna(hit["p"].iloc[0]) or pd.isna(hit["delta"].iloc[0]):
-            return None
-        return float(hit["p"].iloc[0]), sign * float(hit["delta"].iloc[0])
+        return self._pairs[key], key != (a, b)
 
+    def _hit(self, a, b, kind: str, task: str) -> tuple[pd.Series, bool] | None:
+        pair = self._pair(a, b)
+        if pair is None or pair[0].empty:
+            return None
+        table, flipped = pair
+        hit = table[(table["kind"] == kind) & (table["task"] == task)]
+        return (hit.iloc[0], flipped) if not hit.empty else None
+
+    def cell(self, a, b, kind: str, task: str) -> tuple[float, float] | None:
+        """(p, A - B) of the paired test of run `a` against run `b` on `kind` (ppl, kld, acc, acc_norm) of `task`;
+        None when the two runs did not both measure it on identical data (or either kept no records)."""
+        got = self._hit(a, b, kind, task)
+        if got is None or pd.isna(got[0]["p"]) or pd.isna(got[0]["delta"]):
+            return None
+        return float(got[0]["p"]), (-1.0 if got[1] else 1.0) * float(got[0]["delta"])
 
     def ratio(self, a, b, kind: str, task: str) -> tuple[float, float, float] | None:
         """(A / B, interval) of the paired ratio of `kind` (ppl) on `task` between runs (or configurations) a and
         b; None without both runs' records or without an interval."""
-        if pd.isna(a) or pd.isna(b) or a == b:
+        got = self._hit(a, b, kind, task)
+        if got is None or pd.isna(got[0]["ci_low"]):
             return None
-        first, second = self.run(str(a)), self.run(str(b))
-        if first is None or second is None:
-            return None
-        table = compare(first, second, self.level)[0]
-        if table.empty:
-            return None
-        hit = table[(table["kind"] == kind) & (table["task"] == task)]
-        if hit.empty or pd.isna(hit["ci_low"].iloc[0]):
-            return None
-        return float(hit["ratio"].iloc[0]), float(hit["ci_low"].iloc[0]), float(hit["ci_high"].iloc[0])
+        row, flipped = got
+        if flipped:  # the pair was computed as B against A: invert the ratio and its interval
+            return 1 / float(row["ratio"]), 1 / float(row["ci_high"]), 1 / float(row["ci_low"])
+        return float(row["ratio"]), float(row["ci_low"]), float(row["ci_high"])
 
 
 def _better(delta: float, higher_better: bool) -> bool:
