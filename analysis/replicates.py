@@ -12,7 +12,7 @@ estimated without bias by  V = s2_D / J + (MS_draws(A) - MS_e(A)) / (J K_A) + (M
 where D_j is the per-unit difference of the two sides' draw means and MS are the two-way ANOVA mean squares of each
 side (draws, residual). A draw term estimated below zero is dropped (the draws then show no spread beyond the
 token noise). The interval is Student-t with Satterthwaite's degrees of freedom, the draws' mean squares (2-9 df in
-practice) taken median-unbiased (`_median_unbiased`) so that a draw spread that happens to look small does not
+practice) taken median-unbiased (`median_unbiased`) so that a draw spread that happens to look small does not
 also buy a small t quantile. A side that does not calibrate
 (fp, RTN) has no draw term; a side with a single draw cannot estimate its own and makes the comparison
 "conditional on one calibration draw" (as every comparison was before replicates). docs/statistics.md argues the
@@ -56,7 +56,7 @@ class Side:
         return (self.num - r * self.den[:, None]) / self.den.mean() + r
 
 
-def _median_unbiased(df: int) -> float:
+def median_unbiased(df: int) -> float:
     """df / median(chi2_df): the factor that makes a mean square with `df` degrees of freedom median-unbiased for
     its expectation. With 2-4 draws the draws' mean square falls below its expectation most of the time (chi2 with 2
     df has its median at 0.69 of its mean), and exactly then Satterthwaite's df is large and the t quantile small:
@@ -123,7 +123,7 @@ def contrast(sides: list[Side], weights: list[float], level: float = LEVEL) -> D
         if not side.calibrates or side.draws < 2 or w == 0:
             continue
         ms_draws, ms_res = _mean_squares(z)
-        ms_draws *= _median_unbiased(side.draws - 1)
+        ms_draws *= median_unbiased(side.draws - 1)
         scale = J * side.draws / w ** 2
         if ms_draws > ms_res:  # a draw spread beyond what the token noise alone would give
             draw_var += (ms_draws - ms_res) / scale

@@ -74,15 +74,6 @@ def paired_difference(num_a: np.ndarray, num_b: np.ndarray, tokens: np.ndarray, 
     return ratio_of_sums(np.asarray(num_a, float) - np.asarray(num_b, float), tokens, level)
 
 
-def paired_p_value(per_block_a: np.ndarray, per_block_b: np.ndarray) -> float:
-    """Two-sided p-value of a paired t-test over blocks (blocks are the independent-enough units); 1.0 when the two
-    sides are identical."""
-    diff = np.asarray(per_block_a, float) - np.asarray(per_block_b, float)
-    if len(diff) < 2 or np.all(diff == diff[0]):
-        return 1.0 if np.all(diff == 0) else 0.0
-    return float(stats.ttest_rel(per_block_a, per_block_b).pvalue)
-
-
 def proportion(successes: int, n: int, level: float = LEVEL) -> Estimate:
     """A rate over independent units (documents) with its binomial stderr and Wilson interval."""
     if n == 0:

@@ -5,6 +5,7 @@ method produced it. Torch only; imports nothing of the project.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()
-    if int(flat.max()) >> bits if flat.numel() else 0:
+    if flat.numel() and int(flat.max()) >> bits:
         raise ValueError(f"codes do not fit in {bits} bits (max {int(flat.max())})")
     if 8 % bits == 0:  # 2 or 4 bits: whole codes per byte
         per = 8 // bits
@@ -151,9 +152,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The inverse of pack_codes: uint8 codes of `shape`."""
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     if bits == 8:
         return packed.reshape(shape).clone()
     if 8 % bits == 0:

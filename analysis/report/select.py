@@ -49,7 +49,7 @@ def collapse_draws(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str
     (conservative); the paired tests (bold, wins) use the exact design from the runs' blocks."""
     from scipy import stats as sstats
 
-    from analysis.replicates import _median_unbiased
+    from analysis.replicates import median_unbiased
 
     if rows.empty or "replicate_of" not in rows:
         return rows, {}
@@ -79,7 +79,7 @@ def collapse_draws(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str
             row["run_id"], row["calib_seed"] = group_id, pd.NA
             row["detail"] = json.dumps({"draws": len(obs), "seeds": seeds, "interval": "includes the draws"})
             if len(obs) > 1 and not np.isnan(se).any():
-                token, draw = float(np.mean(se ** 2)), _median_unbiased(len(obs) - 1) * float(v.var(ddof=1)) / len(obs)
+                token, draw = float(np.mean(se ** 2)), median_unbiased(len(obs) - 1) * float(v.var(ddof=1)) / len(obs)
                 total = token + draw
                 df = total ** 2 / (draw ** 2 / (len(obs) - 1)) if draw > 0 else 1e6
                 q = float(sstats.t.ppf(0.975, df)) * np.sqrt(total)

@@ -2,8 +2,9 @@
 Holm's correction, and the fallbacks for runs that kept no paired records.
 
 - `PairedEvidence` loads finished runs lazily from their directories (run_id -> path) and caches analysis.compare's
-  cells per pair of runs: a paired t-test over blocks of tokens for ppl and KLD (identical tokens: same token
-  fingerprint, same windows and blocks), an exact McNemar test over documents for accuracy (same documents).
+  cells per pair of runs (or configurations with replicate draws, analysis.compare's crossed design): a paired
+  t-test over blocks of tokens for ppl and KLD (identical tokens: same token fingerprint, same windows and blocks),
+  an exact McNemar test over documents for accuracy (same documents).
 - `not_worse_than_best` decides one table column's bold set: the best value and every value not significantly
   worse than it (best vs each other, Holm within the column); pairs without paired records fall back to
   non-overlapping intervals, and without intervals only the best value stays bold.
@@ -24,7 +25,8 @@ from analysis.compare import Config, Run, compare, group_runs, load_run
 from analysis.results import BLOCKS_FILE, DOCS_FILE
 
 ALPHA = 1 - stats.LEVEL  # family-wise error rate of every correction here
-PAIRED_TESTS = ("a paired t-test over blocks of tokens for perplexity and KLD (identical tokens), "
+PAIRED_TESTS = ("a paired t-test over blocks of tokens for perplexity and KLD (identical tokens; with replicate "
+                "calibration draws, over blocks x draws), "
                 "an exact McNemar test over documents for accuracy (identical documents)")
 
 
