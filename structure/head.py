@@ -26,18 +26,19 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lm_head_input(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The input of `model`'s output layer on ids [1, L] -> [L, hidden] (the final norm's output; at least fp32).
-    The model's own forward produces it, so every family's pre- and post-processing is the model's own."""
+def lm_head_inputs(model: nn.Module, ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """The input of `model`'s output layer on ids [batch, L] -> [batch, L, hidden] (the final norm's output; at least
+    fp32). The model's own forward produces it (with `forward_kwargs`, e.g. a custom attention mask and positions),
+    so every family's pre- and post-processing is the model's own."""
     found: list[torch.Tensor] = []
 
     def capture(module, args):
-        found.append(at_least_fp32(args[0][0].detach()))
+        found.append(at_least_fp32(args[0].detach()))
         raise _Captured
 
     handle = model.get_output_embeddings().register_forward_pre_hook(capture)
     try:
-        model(ids, use_cache=False)
+        model(ids, use_cache=False, **forward_kwargs)
     except _Captured:
         pass
     finally:
@@ -45,6 +46,11 @@ def lm_head_input(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     if not found:
         raise RuntimeError(f"{type(model).__name__}: the forward never reached its output layer")
     return found[0]
+
+
+def lm_head_input(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """lm_head_inputs of one sequence: ids [1, L] -> [L, hidden]."""
+    return lm_head_inputs(model, ids)[0]
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -108,20 +108,77 @@ def test_local_task_runs_through_lm_eval_and_matches_hand_computed_scores(model,
         assert json.loads(row["detail"]) == {"split": "test", "num_fewshot": 0, "limit": None}
 
 
-@pytest.mark.parametrize("batch_size", [3, 16])
-def test_batched_requests_give_the_batch_one_loglikelihoods(model, byte_tokenizer, toy_task_dir, batch_size):
-    """Batching pads requests of different lengths into one forward: each choice's log-likelihood must stay that of
-    the request alone (float tolerance), and so must every per-document outcome."""
-    def run(size):
+@pytest.mark.parametrize("share_context,batch_size", [(False, 3), (False, 16), (True, 1), (True, 3), (True, 16)])
+def test_batched_and_shared_requests_give_lm_evals_own_loglikelihoods(model, byte_tokenizer, toy_task_dir,
+                                                                      share_context, batch_size):
+    """Batching pads requests of different lengths into one forward, and sharing packs a document's choices behind
+    one forward of its context: each choice's log-likelihood must stay that of lm-eval's own loop at batch size 1
+    (float tolerance), and so must every per-document outcome."""
+    def run(share, size):
         cfg = LMEvalConfig(tasks=["toy_mc"], extra_task_dirs=[str(toy_task_dir)], passthrough=False,
-                           batch_size=size)
+                           batch_size=size, share_context=share)
         return run_lm_eval(model, byte_tokenizer, cfg, CPU)[1].sort_values("doc_id")
 
-    one, many = run(1), run(batch_size)
+    one, many = run(False, 1), run(share_context, batch_size)
     lls_one, lls_many = (np.array(d["loglikelihoods"].tolist(), dtype=float) for d in (one, many))
     assert lls_one.shape == (20, 3) and np.isfinite(lls_one).all()
     np.testing.assert_allclose(lls_many, lls_one, rtol=0, atol=1e-4)
     assert (one[["acc", "acc_norm"]].to_numpy() == many[["acc", "acc_norm"]].to_numpy()).all()
+
+
+def _requests(seed: int = 0) -> list[tuple]:
+    """Log-likelihood requests as lm-eval hands them over: documents with 2-4 choices of 1-6 tokens (one-token
+    continuations, a repeated choice), plus contexts long enough to be truncated at max_length 40."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(0, 256, (n,), generator=gen).tolist()  # noqa: E731
+    requests = []
+    for doc in range(7):
+        context = tokens(3 + 5 * doc)
+        choices = [tokens(1 + (doc + c) % 6) for c in range(2 + doc % 3)]
+        choices.append(choices[0])
+        requests += [(None, context, choice) for choice in choices]
+    requests += [(None, tokens(50), tokens(4)), (None, tokens(38), tokens(3)), (None, tokens(1), tokens(39))]
+    return requests
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_context_scoring_equals_lm_evals_loop_request_by_request(model, byte_tokenizer, attention):
+    """Truncated contexts, one-token and repeated continuations, packs split at max_length, both mask kinds."""
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.lm_scoring import SharedContextLM, pack_requests
+
+    requests = _requests()
+    assert any(len(p.requests) > 1 for p in pack_requests(requests, 40))
+    assert len(pack_requests(requests, 40)) > len({tuple(r[1]) for r in requests})  # some contexts split
+    model.set_attn_implementation(attention)
+    try:
+        ours = SharedContextLM(pretrained=model, tokenizer=byte_tokenizer, batch_size=3, max_length=40)
+        theirs = HFLM(pretrained=model, tokenizer=byte_tokenizer, batch_size=1, max_length=40)
+        got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+        want = theirs._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert ours.checked
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+
+
+def test_a_forward_that_ignores_the_packing_is_refused(model, byte_tokenizer, monkeypatch):
+    """The first shared document is scored both ways: a model that does not honour the custom positions (here:
+    all positions zeroed) must stop the run, not give numbers."""
+    from harness import lm_scoring
+
+    real = lm_scoring.batch_inputs
+
+    def positions_ignored(*args, **kwargs):
+        ids, positions, mask, rows = real(*args, **kwargs)
+        return ids, torch.zeros_like(positions), mask, rows
+
+    monkeypatch.setattr(lm_scoring, "batch_inputs", positions_ignored)
+    lm = lm_scoring.SharedContextLM(pretrained=model, tokenizer=byte_tokenizer, batch_size=2, max_length=40)
+    with pytest.raises(lm_scoring.SharedContextMismatch, match="share_context=false"):
+        lm._loglikelihood_tokens(_requests(), disable_tqdm=True)
 
 
 def test_limit_and_fewshot_are_applied(model, byte_tokenizer, toy_task_dir):
