@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from analysis import stats
 from harness.config import RunConfig
 from harness.data import eval_tokens
-from structure.head import head_logits, lm_head_input, position_chunks
+from harness.teacher import Baseline
+from structure.head import head_logits, lm_head_input, position_chunks, stats_pieces
 from structure.layerwise import layerwise_lm_head_inputs
 from structure.pipeline import BlockPipeline
 
@@ -61,50 +62,59 @@ def eval_windows(cfg: RunConfig, tokenizer, needs_bos: bool, cache: Path) -> tup
     return windows, prints
 
 
-# Elements of the logits the per-token statistics handle at once (8 MiB in fp32: cache-sized pieces measured ~0.3 s
-# per 2048-token window faster than whole chunks with SmolLM2's 49k vocabulary).
-STATS_ELEMENTS = 1 << 21
-
-
-def _piece_stats(out: dict[str, torch.Tensor], window: int, at: slice, logits_q: torch.Tensor,
-                 logits_p: torch.Tensor | None, target: torch.Tensor) -> None:
-    """Fill out[...][window, at] from the logits of the evaluated model (q) and of the baseline (p) at those
-    positions. With lse = logsumexp: nll = lse_q - logit_q[target], and the exact
-    KL(P || Q) = sum_v p_v (logit_p - logit_q)_v - (lse_p - lse_q), which is 0 exactly when the logits agree."""
+def _piece_stats(out: dict[str, torch.Tensor], window: int, at: slice, logits_q: torch.Tensor, target: torch.Tensor,
+                 baseline: Baseline | None, logits_p: torch.Tensor | None, hidden_q: torch.Tensor) -> None:
+    """Fill out[...][window, at] from the logits of the evaluated model (q) at those positions and the baseline (p):
+    its logits there, or its summary (harness/teacher.py) with the lm_head inputs hidden_q. With lse = logsumexp:
+    nll = lse_q - logit_q[target], and the exact KL(P || Q) = sum_v p_v (logit_p - logit_q)_v - (lse_p - lse_q),
+    which is 0 exactly when the logits agree."""
     lse_q = torch.logsumexp(logits_q, dim=-1)
     lq_target = logits_q.gather(-1, target)[:, 0] - lse_q
     out["nll"][window, at] = -lq_target.double().cpu()
-    if logits_p is None:
+    if baseline is None:
         return
-    lse_p = torch.logsumexp(logits_p, dim=-1)
-    lp_target = logits_p.gather(-1, target)[:, 0] - lse_p
-    p = torch.exp(logits_p - lse_p[:, None])
-    kld = torch.linalg.vecdot(p, logits_p - logits_q) - (lse_p - lse_q)
+    if logits_p is not None:
+        lse_p = torch.logsumexp(logits_p, dim=-1)
+        lp_target = logits_p.gather(-1, target)[:, 0] - lse_p
+        p = torch.exp(logits_p - lse_p[:, None])
+        kld = torch.linalg.vecdot(p, logits_p - logits_q) - (lse_p - lse_q)
+        top1_p = logits_p.argmax(-1)
+    else:  # sum_v p_v (logit_p - logit_q)_v = e . (h_p - h_q); identical inputs give identical distributions
+        hidden_p = baseline.hidden[window, at].to(hidden_q.device)
+        lse_p = baseline.lse[window, at].to(lse_q.device)
+        lp_target = baseline.target_logprob[window, at].to(lse_q.device)
+        top1_p = baseline.top1[window, at].to(lse_q.device)
+        moved = (hidden_p.double() - hidden_q.double())
+        kld = torch.linalg.vecdot(baseline.expected[window, at].to(moved.device).double(), moved) \
+            - (lse_p.double() - lse_q.double())
+        kld = kld.masked_fill((moved == 0).all(-1), 0.0)
     out["base_nll"][window, at] = -lp_target.double().cpu()
     out["kld"][window, at] = kld.double().cpu()
-    out["same_top1"][window, at] = (logits_q.argmax(-1) == logits_p.argmax(-1)).double().cpu()
+    out["same_top1"][window, at] = (logits_q.argmax(-1) == top1_p).double().cpu()
     out["dp"][window, at] = (lq_target.exp() - lp_target.exp()).double().cpu()
 
 
 @torch.no_grad()
 def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.device,
-                teacher: torch.Tensor | None = None, desc: str = "ppl",
+                teacher: Baseline | None = None, desc: str = "ppl",
                 hidden_of=None) -> dict[str, np.ndarray]:
     """Per predicted token of every window ([n_windows, seqlen - 1] each): nll; and against the baseline (teacher:
-    its lm_head inputs [n_windows, seqlen, hidden]), base_nll, kld = KL(P_baseline || Q) exactly over the
-    vocabulary, same_top1 (1 where the argmax tokens agree) and dp (change in p of the true next token).
+    the unquantized model on the same windows, harness/teacher.py), base_nll, kld = KL(P_baseline || Q) exactly
+    over the vocabulary, same_top1 (1 where the argmax tokens agree) and dp (change in p of the true next token).
 
     The logits are computed a chunk of positions at a time from the lm_head input, so memory does not grow with
-    vocabulary x window. `hidden_of(i, ids)` gives window i's lm_head input (default: the model's own forward;
-    the layer-wise evaluator passes the inputs it computed block by block)."""
-    if teacher is not None and tuple(teacher.shape[:2]) != tuple(windows.shape):
-        raise ValueError(f"{desc}: the baseline holds {tuple(teacher.shape[:2])} window positions, the eval has "
-                         f"{tuple(windows.shape)}; the baseline cache does not belong to these windows")
+    vocabulary x window; the baseline's logits only when it is not summarized. `hidden_of(i, ids)` gives window i's
+    lm_head input (default: the model's own forward; the layer-wise evaluator passes the inputs it computed block by
+    block)."""
+    if teacher is not None and tuple(teacher.hidden.shape[:2]) != tuple(windows.shape):
+        raise ValueError(f"{desc}: the baseline holds {tuple(teacher.hidden.shape[:2])} window positions, the eval "
+                         f"has {tuple(windows.shape)}; the baseline cache does not belong to these windows")
     hidden_of = hidden_of or (lambda i, ids: lm_head_input(model, ids))
     keys = ("nll",) if teacher is None else ("nll", "base_nll", "kld", "same_top1", "dp")
     n, length = windows.shape
     out = {k: torch.zeros(n, length - 1, dtype=torch.float64) for k in keys}
     vocab = model.get_output_embeddings().weight.shape[0]
+    both_logits = teacher is not None and not teacher.summarized
     for i, row in enumerate(tqdm(windows, desc=desc, unit="window", leave=False)):
         ids = row[None].to(device)
         hidden = hidden_of(i, ids)
@@ -112,22 +122,22 @@ def token_stats(model: torch.nn.Module, windows: torch.Tensor, device: torch.dev
             # every row of the chunk is multiplied (the last position predicts nothing and is dropped after), so a
             # window that is one chunk is the very product of the model's own forward
             logits_q = head_logits(model, hidden[chunk])
-            logits_p = None if teacher is None else head_logits(model, teacher[i][chunk])
+            logits_p = head_logits(model, teacher.hidden[i][chunk]) if both_logits else None
             # the statistics run over smaller pieces of the chunk, which stay in the CPU's cache
-            for piece in position_chunks(logits_q.shape[0], vocab, STATS_ELEMENTS):
+            for piece in stats_pieces(logits_q.shape[0], vocab):
                 at = slice(chunk.start + piece.start, min(chunk.start + piece.stop, length - 1))
                 if at.start >= at.stop:
                     break
                 used = slice(piece.start, piece.start + at.stop - at.start)
-                _piece_stats(out, i, at, logits_q[used], None if logits_p is None else logits_p[used],
-                             ids[0, at.start + 1:at.stop + 1, None])
+                _piece_stats(out, i, at, logits_q[used], ids[0, at.start + 1:at.stop + 1, None], teacher,
+                             None if logits_p is None else logits_p[used], hidden[at])
     stats_ = {k: v.numpy() for k, v in out.items()}
     if not np.isfinite(stats_["nll"]).all():
         raise FloatingPointError(f"{desc}: non-finite NLL; the model produced NaN/Inf logits")
     return stats_
 
 
-def model_token_stats(pipeline: BlockPipeline, windows: torch.Tensor, teacher: torch.Tensor | None = None,
+def model_token_stats(pipeline: BlockPipeline, windows: torch.Tensor, teacher: Baseline | None = None,
                       desc: str = "ppl", prepare_block=None) -> dict[str, np.ndarray]:
     """token_stats of any model: a streamed one is run layer by layer (structure/layerwise.py), with
     `prepare_block(i, block)` writing each block's quantized weights as it is loaded; the numbers are those of the
@@ -195,7 +205,7 @@ def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, wi
 
 
 def evaluate_perplexity(pipeline: BlockPipeline, windows: dict[str, torch.Tensor],
-                        teachers: dict[str, torch.Tensor] | None = None, block: int = 256,
+                        teachers: dict[str, Baseline] | None = None, block: int = 256,
                         prepare_block=None) -> tuple[list[dict], pd.DataFrame]:
     """The ppl evaluator: (rows per eval set, per-block records of every set). With `teachers` (the unquantized
     model's distributions on the same windows) it adds the KLD, top-1 agreement and Δp rows. A streamed model is

@@ -15,6 +15,9 @@ from torch import nn
 # Elements of one chunk of logits (64 MiB in fp32): small enough to stay near the cache, large enough that the
 # lm_head product runs at full speed. A window whose logits fit is one chunk: the same product as the model's own.
 CHUNK_ELEMENTS = 1 << 24
+# Elements of the logits the per-token statistics handle at once (8 MiB in fp32: cache-sized pieces of a chunk measured
+# ~0.3 s per 2048-token window faster than whole chunks with SmolLM2's 49k vocabulary).
+STATS_ELEMENTS = 1 << 21
 
 
 class _Captured(Exception):
@@ -70,3 +73,8 @@ def position_chunks(length: int, vocab: int, elements: int | None = None) -> Ite
     step = max(1, (elements or CHUNK_ELEMENTS) // max(1, vocab))
     for start in range(0, length, step):
         yield slice(start, min(length, start + step))
+
+
+def stats_pieces(length: int, vocab: int) -> Iterator[slice]:
+    """Slices of a chunk's `length` positions for the per-token statistics (STATS_ELEMENTS logits each)."""
+    return position_chunks(length, vocab, STATS_ELEMENTS)

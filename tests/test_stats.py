@@ -142,3 +142,36 @@ def test_chunked_logits_give_the_full_forward_numbers(monkeypatch):
             exact = (lp.double().exp() * (lp.double() - lq.double())).sum(-1).numpy()
             np.testing.assert_allclose(got["kld"][i], exact, rtol=0, atol=1e-3 * exact.mean())
             np.testing.assert_array_equal(got["same_top1"][i], (lp.argmax(-1) == lq.argmax(-1)).double().numpy())
+
+
+@pytest.mark.parametrize("chunk,piece", [(None, None), (7, 3)])
+def test_the_summarized_baseline_gives_the_full_logit_numbers(monkeypatch, chunk, piece):
+    """A baseline summarized once (log-sum-exp, target log-prob, argmax, expected output embedding) gives the KLD,
+    base NLL, top-1 agreement and delta-p of the evaluation through both models' full logits; also with windows cut
+    into chunks of 7 positions and pieces of 3."""
+    import structure.head
+    from conftest import tiny_model
+    from harness.perplexity import token_stats
+    from harness.teacher import Baseline, summarizable
+
+    base, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    other.lm_head.weight = base.lm_head.weight
+    other.model.embed_tokens.weight = base.model.embed_tokens.weight
+    other.model.norm.weight = base.model.norm.weight
+    windows = torch.randint(0, 256, (3, 50), generator=torch.Generator().manual_seed(0))
+    if chunk is not None:
+        vocab = base.config.vocab_size
+        monkeypatch.setattr(structure.head, "CHUNK_ELEMENTS", chunk * vocab)
+        monkeypatch.setattr(structure.head, "STATS_ELEMENTS", piece * vocab)
+    summarized = compute_teacher(BlockPipeline(base, layout_for(base), "cpu"), windows)
+    assert summarized.summarized
+    got = token_stats(other, windows, torch.device("cpu"), summarized)
+    want = token_stats(other, windows, torch.device("cpu"), Baseline(summarized.hidden))
+    np.testing.assert_array_equal(got["nll"], want["nll"])
+    np.testing.assert_array_equal(got["same_top1"], want["same_top1"])
+    for key in ("base_nll", "kld", "dp"):
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-6, err_msg=key)
+    assert (got["kld"] > 0).all()
+    base.config.final_logit_softcapping = 30.0  # logit differences are no longer linear in the lm_head inputs
+    assert not summarizable(base)
+    assert not compute_teacher(BlockPipeline(base, layout_for(base), "cpu"), windows).summarized
