@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -259,15 +260,22 @@ def model_fingerprint(model: torch.nn.Module, read=None) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     state = model.state_dict()
     size = sum(p.numel() * p.element_size() for p in state.values())
+    names = list(state)
+
+    def fetch(i: int) -> torch.Tensor:
+        p = state[names[i]]
+        return (read(names[i]) if p.is_meta else p).detach().to("cpu").contiguous().reshape(-1)
+
+    # the next tensor is read (a streamed one from disk) while this one is hashed: both release the GIL
     with tqdm(total=size, unit="B", unit_scale=True, desc="fingerprint", leave=False,
-              disable=size < FINGERPRINT_BAR_BYTES) as bar:
-        for name, p in state.items():
-            if p.is_meta:
-                p = read(name)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            data = p.detach().to("cpu").contiguous().reshape(-1)
+              disable=size < FINGERPRINT_BAR_BYTES) as bar, ThreadPoolExecutor(1) as reader:
+        upcoming = reader.submit(fetch, 0) if names else None
+        for i, name in enumerate(names):
+            data = upcoming.result()
+            upcoming = reader.submit(fetch, i + 1) if i + 1 < len(names) else None
+            h.update(f"{name}{tuple(state[name].shape)}{data.dtype}".encode())
             h.update(memoryview(data.view(torch.uint8).numpy()))  # the bytes as held; no copy on the CPU
-            bar.update(p.numel() * p.element_size())
+            bar.update(data.numel() * data.element_size())
     return h.hexdigest()[:16]
 
 

@@ -30,7 +30,12 @@ class HessianAccumulator:
 
     n counts token rows, as GPTQModel does (IST-DASLab counts sequences); the factor only rescales H,
     and damping is relative to mean(diag(H)), so the quantized result does not depend on it.
+    H is symmetric, so only its lower triangle is accumulated, a band of TRIANGLE_ROWS rows at a time (the band's
+    product runs up to the diagonal): 54-67% of the full product's multiplications at SmolLM2's widths, the same
+    fp64 sums blocked differently; `H` mirrors the triangle.
     """
+
+    TRIANGLE_ROWS = 128
 
     def __init__(self, in_features: int, device: torch.device | str, name: str = "layer",
                  dtype: torch.dtype = torch.float64) -> None:
@@ -50,15 +55,20 @@ class HessianAccumulator:
         # Running mean: rescale what is there, then add the new rows with weight 2/n.
         self._H.mul_(self.n / (self.n + m))
         self.n += m
-        self._H.addmm_(x.T, x, alpha=2.0 / self.n)
+        width, band = x.shape[1], self.TRIANGLE_ROWS
+        for start in range(0, width, band):
+            stop = min(width, start + band)
+            self._H[start:stop, :stop].addmm_(x[:, start:stop].T, x[:, :stop], alpha=2.0 / self.n)
 
     @property
     def H(self) -> torch.Tensor:
-        """[in, in] in the accumulator's dtype; ValueError when no activation was ever added (empty calibration)."""
+        """[in, in] in the accumulator's dtype (exactly symmetric); ValueError when no activation was ever added
+        (empty calibration)."""
         if self.n == 0:
             raise ValueError(f"{self.name}: no calibration activations reached this layer (empty calibration), "
                              "cannot build its GPTQ Hessian")
-        return self._H
+        lower = torch.tril(self._H)
+        return lower + torch.tril(lower, -1).T
 
 
 def _damped_inverse_factor(H: torch.Tensor, damp_percent: float, damp_increment: float, max_damp_retries: int,
@@ -285,11 +295,14 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
             owner = name
         if alias.setdefault(name, owner) != owner:
             raise RuntimeError(f"{ctx.full_name(name)}: shared-input pattern changed between calibration batches")
-        if len(seen_names) == len(names) - 1 and name not in seen_names:
-            raise _GroupDone
         seen_names.add(name)
+        # done once every linear has its input; after the first batch, a linear that shares its input with one
+        # already seen has it too (up_proj with gate_proj): the forward stops before computing gate_proj
+        if all(n in seen_names or (known and alias[n] in seen_names) for n in names):
+            raise _GroupDone
 
     seen_names: set[str] = set()
+    known = False  # whether the first batch has shown which linears share an input
     with ctx.input_hooks(list(names), on_input):
         for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
             seen.clear()
@@ -299,6 +312,7 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
                 ctx.block(ctx.inputs[i:i + ctx.batch_size], **ctx.kwargs)
             except _GroupDone:
                 pass
+            known = len(alias) == len(names)
     missing = [n for n in names if n not in alias]
     if missing:
         raise ValueError(f"{ctx.prefix}: no calibration activations reached {missing}")
