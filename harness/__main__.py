@@ -6,12 +6,20 @@ expensive work and before anything is written.
 """
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-from typing import NoReturn
+import os
 
-import hydra
+# Large CPU tensors (a streamed block's weights and their quantization temporaries, logits chunks) on transparent
+# huge pages where the kernel offers them on request (THP "madvise"): torch then faults in 2 MiB at a time instead of
+# 4 KiB, which was measured to remove ~99% of the page faults of allocating and freeing 280 MB tensors and to halve
+# their cost. torch reads this once, at its first allocation, so it is set before torch is imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
