@@ -145,7 +145,10 @@ class SharedContextLM(HFLM):
     def _score(self, requests, batch: list[_Packed], mask_kind: str) -> list[tuple[int, tuple[float, bool]]]:
         """(request index, (log-likelihood, greedy)) of every request in the packed batch."""
         ids, positions, mask, rows = batch_inputs(batch, mask_kind, self.model.dtype, self.device)
-        hidden = lm_head_inputs(self.model, ids, position_ids=positions, attention_mask=mask)
+        if all(len(p.requests) == 1 for p in batch):  # nothing shared (rolling windows): the plain causal forward,
+            hidden = lm_head_inputs(self.model, ids)  # right padding, no T x T mask to hold
+        else:
+            hidden = lm_head_inputs(self.model, ids, position_ids=positions, attention_mask=mask)
         picked, targets, owners = [], [], []
         for b, (pack, pack_rows) in enumerate(zip(batch, rows)):
             for i, cont, at in zip(pack.requests, pack.continuations, pack_rows):

@@ -141,16 +141,21 @@ def _requests(seed: int = 0) -> list[tuple]:
     return requests
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_context_scoring_equals_lm_evals_loop_request_by_request(model, byte_tokenizer, attention):
-    """Truncated contexts, one-token and repeated continuations, packs split at max_length, both mask kinds."""
+@pytest.mark.parametrize("attention,shared", [("sdpa", True), ("eager", True), ("sdpa", False)])
+def test_shared_context_scoring_equals_lm_evals_loop_request_by_request(model, byte_tokenizer, attention, shared):
+    """Truncated contexts, one-token and repeated continuations, packs split at max_length, both mask kinds; and
+    requests that share nothing (every batch a plain causal forward, as rolling windows are)."""
     from lm_eval.models.huggingface import HFLM
 
     from harness.lm_scoring import SharedContextLM, pack_requests
 
     requests = _requests()
-    assert any(len(p.requests) > 1 for p in pack_requests(requests, 40))
-    assert len(pack_requests(requests, 40)) > len({tuple(r[1]) for r in requests})  # some contexts split
+    if shared:
+        assert any(len(p.requests) > 1 for p in pack_requests(requests, 40))
+        assert len(pack_requests(requests, 40)) > len({tuple(r[1]) for r in requests})  # some contexts split
+    else:
+        requests = [(None, [i % 256, *context], cont) for i, (_, context, cont) in enumerate(requests)]
+        assert all(len(p.requests) == 1 for p in pack_requests(requests, 40))
     model.set_attn_implementation(attention)
     try:
         ours = SharedContextLM(pretrained=model, tokenizer=byte_tokenizer, batch_size=3, max_length=40)
@@ -159,7 +164,7 @@ def test_shared_context_scoring_equals_lm_evals_loop_request_by_request(model, b
         want = theirs._loglikelihood_tokens(requests, disable_tqdm=True)
     finally:
         model.set_attn_implementation("sdpa")
-    assert ours.checked
+    assert ours.checked == shared
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=1e-4)
     assert [g[1] for g in got] == [w[1] for w in want]
 
