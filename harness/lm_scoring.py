@@ -86,9 +86,10 @@ def pack_requests(requests: list[tuple], max_length: int) -> list[_Packed]:
     return packs
 
 
-def batch_inputs(packs: list[_Packed], mask_kind: str, dtype: torch.dtype, device: torch.device):
+def batch_inputs(packs: list[_Packed], mask_kind: str | None, dtype: torch.dtype, device: torch.device):
     """(ids [B, T], position_ids [B, T], 4D attention mask [B, 1, T, T], rows per pack) of packed sequences, right
-    padded. Padding positions attend only to themselves (no row of the mask is empty)."""
+    padded. Padding positions attend only to themselves (no row of the mask is empty). Without a mask kind: ids and
+    rows only (positions and mask None), for the plain causal forward."""
     layouts = [p.layout() for p in packs]
     width = max(len(tokens) for tokens, *_ in layouts)
     ids = torch.zeros(len(packs), width, dtype=torch.long)
@@ -98,6 +99,9 @@ def batch_inputs(packs: list[_Packed], mask_kind: str, dtype: torch.dtype, devic
         ids[b, :len(tokens)] = torch.tensor(tokens)
         positions[b, :len(tokens)] = torch.tensor(pos)
         segments[b, :len(tokens)] = torch.tensor(seg)
+    rows = [rows for *_, rows in layouts]
+    if mask_kind is None:
+        return ids.to(device), None, None, rows
     q, k = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & (k >= 0) & ((k == 0) | (k == q))
@@ -105,7 +109,7 @@ def batch_inputs(packs: list[_Packed], mask_kind: str, dtype: torch.dtype, devic
     mask = allowed[:, None]
     if mask_kind == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    return ids.to(device), positions.to(device), mask.to(device), [rows for *_, rows in layouts]
+    return ids.to(device), positions.to(device), mask.to(device), rows
 
 
 class SharedContextLM(HFLM):
@@ -144,11 +148,11 @@ class SharedContextLM(HFLM):
 
     def _score(self, requests, batch: list[_Packed], mask_kind: str) -> list[tuple[int, tuple[float, bool]]]:
         """(request index, (log-likelihood, greedy)) of every request in the packed batch."""
-        ids, positions, mask, rows = batch_inputs(batch, mask_kind, self.model.dtype, self.device)
-        if all(len(p.requests) == 1 for p in batch):  # nothing shared (rolling windows): the plain causal forward,
-            hidden = lm_head_inputs(self.model, ids)  # right padding, no T x T mask to hold
-        else:
-            hidden = lm_head_inputs(self.model, ids, position_ids=positions, attention_mask=mask)
+        # nothing shared (rolling windows): the plain causal forward on right-padded ids, no T x T mask to build
+        shared = any(len(p.requests) > 1 for p in batch)
+        ids, positions, mask, rows = batch_inputs(batch, mask_kind if shared else None, self.model.dtype, self.device)
+        packing = {"position_ids": positions, "attention_mask": mask} if shared else {}
+        hidden = lm_head_inputs(self.model, ids, **packing)
         picked, targets, owners = [], [], []
         for b, (pack, pack_rows) in enumerate(zip(batch, rows)):
             for i, cont, at in zip(pack.requests, pack.continuations, pack_rows):

@@ -80,12 +80,11 @@ def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
     return False
 
 
-def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None,
-             clock: StageClock | None = None) -> pd.DataFrame:
+def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: StageClock) -> pd.DataFrame:
     """The run as numbered stages, each taking the plan and what the stages before it returned. Each stage's wall
     time is a `suite=stage` row (plan_s, load_s, fingerprint_s, baseline_s, quantize_s, pack_s, ppl_s, lm_eval_s,
-    timing_s), so a run shows where its time went."""
-    clock = clock or StageClock()
+    timing_s), so a run shows where its time went. `clock` was started before planning (plan_s, where the packaged
+    model is converted): the run's wall time starts with it."""
     started_at, t0 = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), clock.started
     torch.manual_seed(cfg.seed)
     with clock("load"), _loaded(cfg, plan) as (pipeline, tokenizer):

@@ -14,8 +14,9 @@ W (h_p - h_q), the exact KLD is
     KL(P || Q) = sum_v p_v (logit_p - logit_q)_v - (lse_p - lse_q) = e . (h_p - h_q) - (lse_p - lse_q)
 (the bias cancels), 0 exactly where h_q = h_p. Against the KLD computed in fp64 on SmolLM2 w4 (benchmarks/
 bench_kld_cost.py, docs/statistics.md) it is off by at most 1.2e-4 nats per token and 1.1e-6 relative on the mean;
-the full-logit formula in fp32 by 1.4e-5 and 8e-8. That doubles the cache (hidden x 8 bytes per token) and moves one lm_head product, and one more for e,
-into the baseline, which is computed once and reused by every run on the same model and tokens. Other heads
+the full-logit formula in fp32 by 1.4e-5 and 8e-8. That doubles the cache (hidden x 8 bytes per token) and moves
+one lm_head product, and one more for e, into the baseline, which is computed once and reused by every run on the
+same model and tokens. Other heads
 (bf16 weights, Gemma's soft-capping) keep the lm_head inputs only and are evaluated through both logits.
 Keeping top-k log-probs plus a tail bucket instead was measured and rejected: on SmolLM2 the bucketed KLD is 16%
 below the exact one at k = 32 and still 1.9% below at k = 1024 (benchmarks/kld_topk_error.py, docs/statistics.md).
