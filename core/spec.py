@@ -72,6 +72,9 @@ class QuantizedWeights:
     group_size: int | None
     symmetric: bool = False
     g_idx: torch.Tensor | None = None
+    # Bits per weight as a checkpoint's format stores this layer (GGUF Q4_0: 4.5, one fp16 scale per 32 and no zero);
+    # None: our own layout, storage_bits_per_weight()'s count.
+    stored_bits: float | None = None
 
     def __post_init__(self) -> None:
         out, inp = self.codes.shape
@@ -109,14 +112,17 @@ class QuantizedWeights:
         return w.to(dtype)
 
     def storage_bits_per_weight(self, scale_bits: int = 16) -> float:
-        """Average bits per weight including one fp16 scale and one `bits`-wide zero per group."""
+        """Average bits per weight including one fp16 scale and one `bits`-wide zero per group (or what the
+        checkpoint this artifact was read from stores, `stored_bits`)."""
+        if self.stored_bits is not None:
+            return self.stored_bits
         per_group = scale_bits + self.bits
         return self.bits + per_group * self.n_groups / self.in_features
 
     def to(self, device: torch.device | str) -> "QuantizedWeights":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeights(move(self.codes), move(self.scales), move(self.zeros), self.bits,
-                                self.group_size, self.symmetric, move(self.g_idx))
+                                self.group_size, self.symmetric, move(self.g_idx), self.stored_bits)
 
     def __getstate__(self) -> dict:
         """Pickled (torch.save: cache entries, a streamed run's artifact files) with the codes packed at `bits` bits
@@ -128,6 +134,40 @@ class QuantizedWeights:
     def __setstate__(self, state: dict) -> None:
         packed, shape = state["codes"]
         self.__dict__.update(state, codes=unpack_codes(packed, state["bits"], shape))
+
+
+@dataclass
+class DequantizedWeights:
+    """A checkpoint's layer whose format has no codes/scales/zeros form (GGUF Q4_1's float minimum, a K-quant's
+    two-level scales): carried as its dequantized weight, with the format's name and what it stores per weight.
+    Fake-quant evaluates it like any artifact; packed kernels and export refuse it, naming the format.
+
+    weight: float32 [out, in], exactly what the format's own dequantization gives.
+    bits, group_size: the format's nominal code width and block size (Q4_K: 4 and 32), for labels only.
+    """
+
+    weight: torch.Tensor
+    format: str
+    stored_bits: float
+    bits: int
+    group_size: int | None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    def storage_bits_per_weight(self) -> float:
+        return self.stored_bits
+
+    def to(self, device: torch.device | str) -> "DequantizedWeights":
+        return DequantizedWeights(self.weight.to(device), self.format, self.stored_bits, self.bits, self.group_size)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from core.spec import SUPPORTED_BITS
 from harness.data import SOURCES
 from harness.lmeval import LMEvalConfig
 from kernels.backends import BACKENDS
+import checkpoints  # noqa: F401  (registers method=checkpoint)
 from methods import METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: bit-stable discrete choices (the CI gate)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from core.spec import QuantSpec
 from harness.config import RunConfig
-from methods import METHODS
+from methods import METHODS, build_method
+from methods.base import ArtifactSource
 
 
 def stable_hash(key, length: int) -> str:
@@ -31,6 +32,11 @@ def calibrates(cfg: RunConfig) -> bool:
 
 def spec_of(cfg: RunConfig) -> QuantSpec:
     return QuantSpec(cfg.bits, cfg.group_size, cfg.symmetric)
+
+
+def source_of(cfg: RunConfig) -> ArtifactSource | None:
+    """Where the run's artifacts come from when the spec does not say (a checkpoint made elsewhere), else None."""
+    return build_method(cfg.method).artifact_source()
 
 
 def used_sources(cfg: RunConfig) -> set[str]:
@@ -56,7 +62,10 @@ def result_key(cfg: RunConfig) -> dict:
     }
     if cfg.kernel is not None:
         key["kernel"] = cfg.kernel
-    if quantizes(cfg):
+    source = source_of(cfg)
+    if source is not None:  # the checkpoint, not bits/group_size, decides the weights
+        key["source"] = dataclasses.asdict(source)
+    elif quantizes(cfg):
         key["spec"] = dataclasses.asdict(spec_of(cfg))
     if calibrates(cfg):
         key["calib"] = dataclasses.asdict(cfg.calib)
@@ -84,6 +93,9 @@ def replicate_of(cfg: RunConfig) -> str:
 
 
 def run_id(cfg: RunConfig) -> str:
+    source = source_of(cfg)
+    if source is not None:
+        return f"{cfg.model.name}-{source.label.replace(':', '-')}-{config_hash(cfg)}"
     label = spec_of(cfg).tag() if quantizes(cfg) else "baseline"
     return f"{cfg.model.name}-{cfg.method.name}-{label}-{config_hash(cfg)}"
 
@@ -98,6 +110,9 @@ def quantization_key(cfg: RunConfig, model_fingerprint: str, calib_fingerprint: 
     key = {"model_fingerprint": model_fingerprint, "model": _model_key(cfg),
            "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
            "code": code, "device": cfg.device}
+    source = source_of(cfg)
+    if source is not None:
+        key["source"] = dataclasses.asdict(source)
     if calibrates(cfg):
         key["calib"] = _without_none(dataclasses.asdict(cfg.calib))  # calib.seed=null keeps older entries valid
         key["calib_source"] = dataclasses.asdict(cfg.data.sources[cfg.calib.source])

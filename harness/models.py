@@ -7,8 +7,6 @@ dequantized 4-bit model: every report on it must say so.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints.gguf import gguf_parsed_once
 from harness.config import DTYPES as DTYPE_NAMES
 from harness.config import ConfigError, ModelConfig
 from analysis.integrity import file_sha256, read_or_quarantine, verify_manifest, write_manifest
@@ -69,29 +68,6 @@ def converted_directory(cache_dir: Path) -> Path:
     return cache_dir / "models" / f"smollm2_135m-{file_sha256(packaged_gguf_path())[:12]}"
 
 
-@contextlib.contextmanager
-def _gguf_parsed_once():
-    """transformers parses a GGUF file three times (config, weights, tokenizer: ~4 s each for SmolLM2's 49k-token
-    vocabulary) and builds gguf's tensor-name table once per module (~5 s in all): while converting, each file is
-    parsed once and each table built once. Both are read-only after construction."""
-    import gguf
-
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict = {}
-
-    def reader(path, mode="r"):
-        key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
-
-
 def convert_packaged(cache_dir: Path) -> Path:
     """Convert the packaged GGUF to an fp32 safetensors directory once; return its path (atomic)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +77,7 @@ def convert_packaged(cache_dir: Path) -> Path:
     if target.exists() and read_or_quarantine(target, lambda: verify_manifest(target)):
         return target
     log.info("converting %s to fp32 safetensors in %s (one time, ~10 s)", gguf.name, target)
-    with _gguf_parsed_once():
+    with gguf_parsed_once():
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.

@@ -59,6 +59,7 @@ def preflight(cfg: RunConfig, cache: Path, device: torch.device | None) -> None:
     check_lm_eval_tasks(cfg)
     check_seqlens(cfg, model_config)
     check_token_budgets(cfg, cache, directory, model_config)
+    check_checkpoint(cfg, directory)
 
 
 def preflight_config(cfg: RunConfig, check_device: bool = True) -> None:
@@ -98,6 +99,41 @@ def check_kernel_device(cfg: RunConfig, device: torch.device) -> None:
         check_backend_device(cfg.kernel, device)
     except ValueError as err:
         raise ConfigError(f"kernel={cfg.kernel!r} cannot run on device {device}: {err}") from None
+
+
+def check_checkpoint(cfg: RunConfig, directory: Path | None) -> None:
+    """method=checkpoint: the file exists and is of a known format, and belongs to the base model (architecture,
+    every tensor's name and shape, the vocabulary), checked on a weightless skeleton; packed layers (kernel=...,
+    timing) need a checkpoint whose every layer has a codes/scales/zeros form. A model not on this machine yet is
+    checked by the run itself as soon as it has loaded, before anything is measured."""
+    from methods import build_method
+
+    method = build_method(cfg.method)
+    try:
+        source = method.artifact_source()
+        if source is None:
+            return
+        packs = [key for key, value in (("kernel", cfg.kernel), ("eval.timing", cfg.eval.timing)) if value is not None]
+        if packs and not source.packable:
+            raise ValueError(f"{source.label} stores some layers in a form with no codes/scales/zeros (carried "
+                             f"dequantized), which packed kernels cannot run; set {'=null '.join(packs)}=null to "
+                             "evaluate it fake-quantized")
+        if directory is not None:
+            method.check_model(*_skeleton(str(directory), cfg.model.trust_remote_code))
+    except ValueError as err:
+        raise ConfigError(f"method.path={cfg.method.path!r}: {err}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _skeleton(directory: str, trust_remote_code: bool):
+    """(the model on the meta device: names and shapes, no weights; its tokenizer) from a model directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return model, AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
 
 
 def check_writable(key: str, path: str | Path) -> None:

@@ -55,7 +55,7 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
     the model with the artifacts (a streamed model: evaluation applies them block by block)."""
     model, layout = pipeline.model, pipeline.layout
     method = build_method(cfg.method)
-    short = short_group_layers(model, layout, cfg)
+    short = short_group_layers(model, layout, cfg) if method.artifact_source() is None else {}
     calib = calib_print = None
     if method.needs_calibration:
         calib_set = calibration_tokens(cfg.calib.source, cfg.data.sources[cfg.calib.source], tokenizer, cache,
@@ -82,8 +82,8 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
 
 def artifact_rows(result: QuantizationResult, short: dict[str, int]) -> list[dict]:
     arts = result.artifacts.values()
-    n_weights = sum(a.codes.numel() for a in arts)
-    bits_pw = sum(a.storage_bits_per_weight() * a.codes.numel() for a in arts) / max(1, n_weights)
+    n_weights = sum(a.out_features * a.in_features for a in arts)
+    bits_pw = sum(a.storage_bits_per_weight() * a.out_features * a.in_features for a in arts) / max(1, n_weights)
     return [quant_row("quantized_layers", len(result.artifacts)),
             quant_row("short_group_layers", len(short),
                       {"in_features": sorted(set(short.values()))} if short else None),

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from harness.config import ConfigError, RunConfig
-from harness.identity import calibrates, config_hash, quantizes, replicate_of, result_key, run_dir, run_id
+from harness.identity import (calibrates, config_hash, quantizes, replicate_of, result_key, run_dir, run_id,
+                              source_of)
 from harness.models import (PACKAGED_NOTE, cache_dir_of, load_model, load_streamed_model, model_fingerprint,
                             resolve_device, weights_stamp)
 from harness.pack_stage import pack, probe_window
@@ -92,6 +93,8 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
         # 1. a streamed run that needs the model whole must fit it packed: refused before any weight is read
         if plan.streamed and plan.whole_model:
             check_packed_fits(cfg, plan, pipeline)
+        # 1b. a checkpoint made elsewhere must belong to this model (the preflight checked it if the model was here)
+        check_model_fits_method(cfg, pipeline, tokenizer)
         # 2. what the run measures: the weights' fingerprint (the same weights behind touched files: result stands)
         with clock("fingerprint"):
             fingerprint = model_fingerprint(pipeline.model, pipeline.read)
@@ -199,6 +202,17 @@ def check_packed_fits(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline) ->
              size / 2**30)
 
 
+def check_model_fits_method(cfg: RunConfig, pipeline: BlockPipeline, tokenizer) -> None:
+    """The method's own refusal of this model (method=checkpoint: a checkpoint of another model), before anything is
+    measured."""
+    from methods import build_method
+
+    try:
+        build_method(cfg.method).check_model(pipeline.model, tokenizer)
+    except ValueError as err:
+        raise ConfigError(f"method={cfg.method.name}: {err}") from None
+
+
 def _confirmed(plan: RunPlan, fingerprint: str) -> pd.DataFrame:
     """The finished result, re-stamped: the model files changed, the weights did not."""
     log.info("%s: the model files changed but their weights did not (fingerprint %s): the finished result stands",
@@ -251,10 +265,15 @@ def _timing(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline, shapes: list
 
 def run_columns(cfg: RunConfig) -> dict:
     """The run-level columns repeated on every row (None where the run has no such setting)."""
-    q, c = quantizes(cfg), calibrates(cfg)
-    return {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "model": cfg.model.name, "method": cfg.method.name,
-            "bits": cfg.bits if q else None, "group_size": cfg.group_size if q else None,
-            "symmetric": cfg.symmetric if q else None, "calib_source": cfg.calib.source if c else None,
+    q, c, source = quantizes(cfg), calibrates(cfg), source_of(cfg)
+    if source is not None:  # a checkpoint: named and specified by what it holds
+        named = {"method": source.label, "bits": source.bits, "group_size": source.group_size,
+                 "symmetric": source.symmetric}
+    else:
+        named = {"method": cfg.method.name, "bits": cfg.bits if q else None,
+                 "group_size": cfg.group_size if q else None, "symmetric": cfg.symmetric if q else None}
+    return {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "model": cfg.model.name, **named,
+            "calib_source": cfg.calib.source if c else None,
             "calib_samples": cfg.calib.n_samples if c else None, "calib_seqlen": cfg.calib.seqlen if c else None,
             "calib_seed": cfg.calib_seed if c else None, "seed": cfg.seed, "replicate_of": replicate_of(cfg)}
 

@@ -163,6 +163,9 @@ def pack_model(model: nn.Module, artifacts: dict[str, QuantizedWeights], backend
     BACKENDS.get(backend)  # an unknown name fails here, before anything is replaced
     linears = {}
     for name, art in artifacts.items():
+        if not isinstance(art, QuantizedWeights):
+            raise ValueError(f"pack_model: {name} is stored as {art.format}, which has no codes/scales/zeros form; "
+                             "packed kernels cannot run it: evaluate it fake-quantized (kernel=null, no timing)")
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"pack_model: {name!r} is a {type(module).__name__}, expected nn.Linear")

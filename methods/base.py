@@ -35,6 +35,24 @@ class QuantizationResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ArtifactSource:
+    """Where a method's artifacts come from when its config and the run's spec do not determine them (a checkpoint
+    made elsewhere): it names the run's rows and keys its results and cache entries in place of the spec.
+
+    label: the rows' method column, e.g. "ckpt:gguf-Q4_0". bits, group_size, symmetric: the source's nominal spec.
+    digest: sha256 of the files the artifacts are read from, so a changed file is never read as the old one.
+    packable: whether every artifact has a codes/scales/zeros form that packed kernels can run.
+    """
+
+    label: str
+    bits: int
+    group_size: int | None
+    symmetric: bool | None
+    digest: str
+    packable: bool = True
+
+
 class Method(ABC):
     """A weight-only quantization method, selected by `method=<name>` and configured by its `config_class`.
 
@@ -56,6 +74,14 @@ class Method(ABC):
 
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    def artifact_source(self) -> ArtifactSource | None:
+        """What besides the config and spec determines the artifacts (None: nothing; they are computed)."""
+        return None
+
+    def check_model(self, model: torch.nn.Module, tokenizer=None) -> None:
+        """Refuse (ValueError naming the cause) a model this method cannot serve; `model` may be a weightless
+        skeleton. Run before anything is measured. Computed artifacts fit any model: nothing to check."""
 
     @abstractmethod
     def quantize_blocks(self, pipeline: BlockPipeline, spec: QuantSpec,

@@ -1,6 +1,6 @@
-"""The import contract: imports point down the layers only (core <- structure <- methods, kernels <- harness), and
-the analysis of finished runs stands apart: it imports no other project package and no torch, so compare, report
-and regress can never run a model.
+"""The import contract: imports point down the layers only (core <- structure <- methods, kernels <- checkpoints <-
+harness), and the analysis of finished runs stands apart: it imports no other project package and no torch, so
+compare, report and regress can never run a model.
 
 Reads every import statement of the project's packages with ast, including imports inside functions, so a lazy
 import cannot hide an upward dependency."""
@@ -18,7 +18,8 @@ ALLOWED = {
     "structure": {"core", "structure"},
     "methods": {"core", "structure", "methods"},
     "kernels": {"core", "kernels"},
-    "harness": {"core", "structure", "methods", "kernels", "harness", "analysis"},
+    "checkpoints": {"core", "structure", "methods", "kernels", "checkpoints"},
+    "harness": {"core", "structure", "methods", "kernels", "checkpoints", "harness", "analysis"},
     "analysis": {"analysis"},
 }
 # Libraries the analysis never imports: it reads results/ only.

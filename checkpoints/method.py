@@ -1,0 +1,74 @@
+"""`method=checkpoint method.path=...`: the artifacts are read from a checkpoint made elsewhere instead of computed,
+and judged against the base model (`model=...`) on the same tokens as every other run.
+
+The whole checkpoint is evaluated as it would be deployed: its quantized linears as artifacts, and every other
+tensor it stores (embeddings, norms with AWQ's folded scales, a GGUF's quantized embedding table) in place of the
+base model's.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from checkpoints.base import CheckpointError, check_belongs, digest, reader_for
+from methods.base import ArtifactSource, Method, QuantizationResult, register_method
+from structure.architectures import layout_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """`method=checkpoint`. `path`: a GGUF file or a checkpoint directory. `format`: auto (detected) or a reader's
+    name. `label`: how its rows are named (method column "ckpt:<label>"); None: from the format, e.g. gguf-Q4_K_M."""
+
+    name: str = "checkpoint"
+    path: Optional[str] = None
+    format: str = "auto"
+    label: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from checkpoints.base import READERS
+
+        if not self.path:
+            raise ValueError("method.path is missing; allowed values: a GGUF file or a quantized checkpoint directory "
+                             "(e.g. method=checkpoint method.path=model-Q4_0.gguf)")
+        if self.format != "auto" and self.format not in READERS:
+            raise ValueError(f"method.format={self.format!r} is invalid; allowed values: {['auto', *READERS.names()]}")
+        if self.label is not None and not self.label.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"method.label={self.label!r} is invalid; allowed values: letters, digits, '-', '_', '.'")
+
+
+@register_method("checkpoint", CheckpointConfig)
+class FromCheckpoint(Method):
+    needs_calibration = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.config.path).expanduser()
+
+    def artifact_source(self) -> ArtifactSource:
+        about = reader_for(self.path, self.config.format).describe(self.path)
+        return ArtifactSource(f"ckpt:{self.config.label or about.label}", about.bits, about.group_size,
+                              about.symmetric, digest(self.path), about.packable)
+
+    def check_model(self, model, tokenizer=None) -> None:
+        """Refuse (CheckpointError) a checkpoint that is not a quantization of `model` (a skeleton is enough)."""
+        check_belongs(reader_for(self.path, self.config.format).header(self.path, model), model, layout_for(model),
+                      tokenizer)
+
+    def quantize_blocks(self, pipeline, spec, calib) -> QuantizationResult:
+        model = pipeline.model
+        reader = reader_for(self.path, self.config.format)
+        check_belongs(reader.header(self.path, model), model, pipeline.layout)
+        contents = reader.read(self.path, model)
+        dtype = next(model.parameters()).dtype
+        others = sum(t.numel() for t in contents.tensors.values())
+        log.info("read %d quantized linears and %d other tensors (%.2f bits per weight as stored) from %s",
+                 len(contents.artifacts), len(contents.tensors), contents.other_bits / max(1, others), self.path)
+        if not contents.artifacts:
+            raise CheckpointError(f"{self.path} holds no quantized linear of the base model: nothing to judge")
+        stats = {"(other tensors)": {"other_params": others, "other_stored_bits": contents.other_bits}}
+        return QuantizationResult(contents.artifacts, {k: t.to(dtype) for k, t in contents.tensors.items()}, stats)
