@@ -36,3 +36,14 @@ def test_packed_cpu_int4_model_matches_fake_quant_perplexity(packaged_ppl):
     packed = packaged_ppl("method=rtn", "bits=4", "group_size=128", "kernel=cpu_int4")
     for name in fake:
         assert packed[name] == pytest.approx(fake[name], rel=0.01), (name, fake, packed)
+
+
+def test_the_packaged_gguf_judged_as_a_checkpoint_is_its_own_base_model(packaged_ppl, tmp_path):
+    """The real llama.cpp file the packaged model comes from, read by the GGUF reader (q/k rows permuted back, its
+    Q4_1 linears carried dequantized, its Q8_0 embedding table): the same weights as the converted base model, so
+    the same perplexity to the last bit."""
+    from harness.models import packaged_gguf_path
+
+    fp = packaged_ppl("method=fp")
+    gguf = packaged_ppl("method=checkpoint", f"method.path={packaged_gguf_path()}")
+    assert gguf == fp
