@@ -2,7 +2,7 @@
 `method=checkpoint` that evaluates one against its base model on the same tokens as every other run.
 
 Importing this package registers every reader in it (a new format is a module that decorates its reader class with
-`@READERS.register(name)`) and the checkpoint method.
+`@register_reader(name)`) and the checkpoint method.
 """
 import importlib
 import pkgutil

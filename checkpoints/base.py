@@ -101,6 +101,17 @@ class CheckpointReader(ABC):
 READERS: Registry[type[CheckpointReader]] = Registry("checkpoint format")
 
 
+def register_reader(name: str):
+    """Class decorator: make a reader selectable as `method.format=<name>` (and tried by format=auto)."""
+
+    def wrap(cls: type[CheckpointReader]) -> type[CheckpointReader]:
+        cls.name = name
+        READERS.add(name, cls)
+        return cls
+
+    return wrap
+
+
 def reader_for(path: str | Path, fmt: str = "auto") -> CheckpointReader:
     """The reader of `fmt`, or (auto) the one format that detects `path`; CheckpointError when none does."""
     path = Path(path).expanduser()

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoints.base import READERS, CheckpointError, CheckpointReader, Contents, Description, Header
+from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Description, Header,
+                              register_reader)
 from core.spec import DequantizedWeights, QuantizedWeights
 
 # type -> the integer offset of its codes: dequantized value = d * (q - offset), d the block's leading fp16 scale
@@ -92,7 +93,7 @@ def _field(reader, key: str):
     return [v.tolist()[0] if hasattr(v, "tolist") else v for v in values]
 
 
-@READERS.register("gguf")
+@register_reader("gguf")
 class GGUFReader(CheckpointReader):
     @classmethod
     def detects(cls, path: Path) -> bool:

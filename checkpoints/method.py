@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CheckpointConfig:
     """`method=checkpoint`. `path`: a GGUF file or a checkpoint directory. `format`: auto (detected) or a reader's
-    name. `label`: how its rows are named (method column "ckpt:<label>"); None: from the format, e.g. gguf-Q4_K_M."""
+    name. `label`: how its rows are named (method column "ckpt:<label>"); None: the format and the first digits of
+    the checkpoint's sha256, e.g. gguf-Q4_K_M-1a2b3c4d, so two checkpoints of one format never share a name (reports
+    would take the later for a re-run of the earlier)."""
 
     name: str = "checkpoint"
     path: Optional[str] = None
@@ -51,8 +53,9 @@ class FromCheckpoint(Method):
 
     def artifact_source(self) -> ArtifactSource:
         about = reader_for(self.path, self.config.format).describe(self.path)
-        return ArtifactSource(f"ckpt:{self.config.label or about.label}", about.bits, about.group_size,
-                              about.symmetric, digest(self.path), about.packable)
+        sha = digest(self.path)
+        return ArtifactSource(f"ckpt:{self.config.label or f'{about.label}-{sha[:8]}'}", about.bits, about.group_size,
+                              about.symmetric, sha, about.packable)
 
     def check_model(self, model, tokenizer=None) -> None:
         """Refuse (CheckpointError) a checkpoint that is not a quantization of `model` (a skeleton is enough)."""

@@ -17,6 +17,7 @@ from core.spec import SUPPORTED_BITS
 from harness.data import SOURCES
 from harness.lmeval import LMEvalConfig
 from kernels.backends import BACKENDS
+from kernels.export import FORMATS as EXPORT_FORMATS
 import checkpoints  # noqa: F401  (registers method=checkpoint)
 from methods import METHODS
 
@@ -191,6 +192,9 @@ class RunConfig:
     symmetric: bool = False
     strict_groups: bool = False  # true: a group size that does not divide a layer is a config error
     kernel: Optional[str] = None  # None: evaluate fake-quantized weights; else run packed QuantLinear layers
+    # None: no checkpoint; else write results/<run_id>/checkpoint-<format>/, a deployable checkpoint of the run,
+    # whose weights (fp16 scales, as the format stores them) are the ones the run evaluates
+    export: Optional[str] = None
     seed: int = 0
     device: str = "auto"
     results_dir: str = "results"
@@ -213,6 +217,10 @@ class RunConfig:
                  f"null or one of {BACKENDS.names()}")
         _require(self.bits == 4 or self.kernel in (None, "reference"), "kernel", self.kernel,
                  f"null or 'reference' when bits={self.bits} (the packed kernels are 4-bit)")
+        _require(self.export is None or self.export in EXPORT_FORMATS, "export", self.export,
+                 f"null or one of {list(EXPORT_FORMATS)}")
+        _require(self.export is None or getattr(self.method, "name", None) != "fp", "export", self.export,
+                 "null when method=fp (nothing is quantized)")
         _require(getattr(self.method, "name", None) in METHODS, "method", getattr(self.method, "name", None),
                  str(METHODS.names()))
         sources = self.data.sources

@@ -39,6 +39,14 @@ def source_of(cfg: RunConfig) -> ArtifactSource | None:
     return build_method(cfg.method).artifact_source()
 
 
+def declared_spec(cfg: RunConfig) -> QuantSpec:
+    """The spec the run's weights have: the run's own, or the nominal one of the checkpoint they are read from."""
+    source = source_of(cfg)
+    if source is None:
+        return spec_of(cfg)
+    return QuantSpec(source.bits, source.group_size, bool(source.symmetric))
+
+
 def used_sources(cfg: RunConfig) -> set[str]:
     """Names of the data sources this run reads: its eval sets, plus the calibration source if it calibrates."""
     return set(cfg.eval.ppl_sets) | ({cfg.calib.source} if calibrates(cfg) else set())
@@ -62,6 +70,8 @@ def result_key(cfg: RunConfig) -> dict:
     }
     if cfg.kernel is not None:
         key["kernel"] = cfg.kernel
+    if cfg.export is not None:  # the run evaluates the weights as the checkpoint stores them (fp16 scales)
+        key["export"] = cfg.export
     source = source_of(cfg)
     if source is not None:  # the checkpoint, not bits/group_size, decides the weights
         key["source"] = dataclasses.asdict(source)

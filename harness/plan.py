@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from harness.config import RunConfig
+from harness.config import ConfigError, RunConfig
 from harness.identity import quantizes
 from harness.models import cache_dir_of, decide_streaming, resolve_device
 from kernels.backends import default_backend
@@ -71,6 +71,9 @@ def plan_run(cfg: RunConfig, out_dir: Path, resume: Resume) -> RunPlan:
     """Decide how `cfg` runs; reads at most the checkpoint's index, never a weight."""
     cache, device = cache_dir_of(cfg), resolve_device(cfg.device)
     streamed = decide_streaming(cfg.model, cache, device)
+    if streamed and cfg.export is not None:
+        raise ConfigError(f"export={cfg.export} needs the model whole in memory and this run streams it (it would not "
+                          "fit comfortably); set export=null, or model.streaming=false on a larger machine")
     whole = whole_model_keys(cfg)
     pack_at = _pack_point(cfg, streamed, whole)
     backend = None if pack_at is PackAt.NEVER else cfg.kernel or default_backend(device)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import data as datasets_
 from harness.config import ConfigError, RunConfig
-from harness.identity import calibrates, used_sources
+from harness.identity import calibrates, declared_spec, used_sources
 from harness.models import (PACKAGED_MAX_POSITIONS, cache_dir_of, check_model_location, local_model_directory,
                             resolve_device)
 
@@ -60,6 +60,7 @@ def preflight(cfg: RunConfig, cache: Path, device: torch.device | None) -> None:
     check_seqlens(cfg, model_config)
     check_token_budgets(cfg, cache, directory, model_config)
     check_checkpoint(cfg, directory)
+    check_export(cfg)
 
 
 def preflight_config(cfg: RunConfig, check_device: bool = True) -> None:
@@ -113,7 +114,8 @@ def check_checkpoint(cfg: RunConfig, directory: Path | None) -> None:
         source = method.artifact_source()
         if source is None:
             return
-        packs = [key for key, value in (("kernel", cfg.kernel), ("eval.timing", cfg.eval.timing)) if value is not None]
+        packs = [key for key, value in (("kernel", cfg.kernel), ("eval.timing", cfg.eval.timing),
+                                        ("export", cfg.export)) if value is not None]
         if packs and not source.packable:
             raise ValueError(f"{source.label} stores some layers in a form with no codes/scales/zeros (carried "
                              f"dequantized), which packed kernels cannot run; set {'=null '.join(packs)}=null to "
@@ -122,6 +124,21 @@ def check_checkpoint(cfg: RunConfig, directory: Path | None) -> None:
             method.check_model(*_skeleton(str(directory), cfg.model.trust_remote_code))
     except ValueError as err:
         raise ConfigError(f"method.path={cfg.method.path!r}: {err}") from None
+
+
+def check_export(cfg: RunConfig) -> None:
+    """export=...: the format can hold the run's weights, and the model is held whole (a streamed run has one block
+    in memory at a time; streaming=auto is checked when the run plans)."""
+    if cfg.export is None:
+        return
+    from kernels.export import refusal
+
+    why = refusal(cfg.export, declared_spec(cfg))
+    if why is not None:
+        raise ConfigError(f"export={cfg.export}: {why}")
+    if cfg.model.streaming == "true":
+        raise ConfigError(f"export={cfg.export} needs the model whole in memory; set model.streaming=false or "
+                          "export=null")
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,6 +2,7 @@
 artifacts to the model (fake-quant), and turn what the method reports into `quant` rows."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from harness import cache as quant_cache
 from harness.config import ConfigError, RunConfig
 from harness.data import calibration_tokens
+from harness.export_stage import stored_artifacts
 from harness.identity import quantization_key, spec_of
 from analysis.results import quant_row
 from methods import build_method
@@ -72,6 +74,7 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
         result = method.quantize_blocks(pipeline, spec_of(cfg), calib)
         meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
         result = quant_cache.save_entry(path, key, result, meta)
+    result = dataclasses.replace(result, artifacts=stored_artifacts(result.artifacts, cfg.export))
     pipeline.adopt(result.modified)  # a streamed model: the checkpoint + what the method folded, from now on
     if not pipeline.streamed:  # a streamed model gets its artifacts block by block, as evaluation loads it
         apply_artifacts(model, result.artifacts)

@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from harness.config import ConfigError, RunConfig
-from harness.identity import (calibrates, config_hash, quantizes, replicate_of, result_key, run_dir, run_id,
-                              source_of)
+from harness.identity import (calibrates, config_hash, declared_spec, quantizes, replicate_of, result_key, run_dir,
+                              run_id, source_of)
 from harness.models import (PACKAGED_NOTE, cache_dir_of, load_model, load_streamed_model, model_fingerprint,
                             resolve_device, weights_stamp)
 from harness.pack_stage import pack, probe_window
@@ -113,6 +113,12 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
         with clock("quantize"):
             quant = quantize_stage(cfg, pipeline, tokenizer, fingerprint, plan.cache) if plan.quantizes else None
         artifacts, rows = (quant.result.artifacts, quant.rows) if quant else ({}, [])
+        exported = {}
+        if cfg.export is not None:  # the checkpoint of exactly the weights evaluated below, before anything packs
+            from harness.export_stage import export_files
+
+            with clock("export"):
+                exported = export_files(pipeline.model, artifacts, cfg.export, declared_spec(cfg), tokenizer)
         prepare = _block_preparer(pipeline.layout, artifacts)
         # 5. pack here when every evaluator is to see the packed layers (kernel=...)
         if plan.pack_at is PackAt.BEFORE_PPL:
@@ -150,7 +156,7 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
                       "peak_mem_mb": peak_memory_mb(plan.device)}
         frame = to_frame({**run_columns(cfg), **provenance, **row} for row in rows)
         extras = quant.result.extras if quant else {}
-        _write(cfg, plan, frame, config_yaml, extras, records, fingerprint)
+        _write(cfg, plan, frame, config_yaml, extras, records, fingerprint, exported)
         return frame
 
 
@@ -279,13 +285,13 @@ def run_columns(cfg: RunConfig) -> dict:
 
 
 def _write(cfg: RunConfig, plan: RunPlan, frame: pd.DataFrame, config_yaml: str | None, extras: dict,
-           records: dict[str, pd.DataFrame], fingerprint: str) -> None:
+           records: dict[str, pd.DataFrame], fingerprint: str, exported: dict[str, bytes]) -> None:
     stamp = plan.resume.stamp or weights_stamp(cfg.model)  # a hub id's files are on this machine now
     meta = {"run_id": run_id(cfg), "result_key": result_key(cfg), "model_fingerprint": fingerprint,
             "weights_stamp": stamp, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if cfg.model.source == "packaged":
         meta["note"] = PACKAGED_NOTE
-    files = {}
+    files = dict(exported)  # the exported checkpoint's files, checksummed with the rest
     for name, obj in extras.items():  # e.g. awq_search.pt: written on a cache hit too
         buffer = io.BytesIO()
         torch.save(obj, buffer)

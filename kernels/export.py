@@ -27,6 +27,23 @@ WEIGHTS_FILE = "model.safetensors"
 _PACKED_KEYS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq_gemm": ("qweight", "qzeros", "scales")}
 
 
+def as_stored(art: QuantizedWeights, fmt: Format) -> QuantizedWeights:
+    """The artifact as a `fmt` checkpoint stores it: scales rounded to fp16 (codes, zeros and g_idx are exact)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format fmt={fmt!r}; allowed values: {list(FORMATS)}")
+    return QuantizedWeights(art.codes, art.scales.to(torch.float16).float(), art.zeros, art.bits, art.group_size,
+                            art.symmetric, art.g_idx)
+
+
+def refusal(fmt: Format, spec: QuantSpec) -> str | None:
+    """Why a `fmt` checkpoint cannot hold weights of `spec` (None: it can)."""
+    if fmt not in FORMATS:
+        return f"export format {fmt!r} is unknown; allowed values: {list(FORMATS)}"
+    if fmt == "awq_gemm" and (spec.bits != 4 or spec.symmetric or spec.group_size is None):
+        return (f"awq_gemm stores 4-bit asymmetric grouped weights only, not {spec.tag()} (use export=gptq)")
+    return None
+
+
 def quantization_config(fmt: Format, spec: QuantSpec, desc_act: bool, extra: dict[str, Any] | None = None) -> dict:
     """The `quantization_config` dict of config.json for `fmt` (transformers' GPTQConfig / AwqConfig keys)."""
     if fmt == "gptq":

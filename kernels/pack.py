@@ -95,8 +95,10 @@ def pack_gptq(art: QuantizedWeights, scale_dtype: torch.dtype = torch.float16) -
     }
 
 
-def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int | None) -> QuantizedWeights:
-    """GPTQ tensors (see pack_gptq) -> artifact with fp32 scales; g_idx kept only when it is not the contiguous one."""
+def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int | None,
+                zeros_minus_one: bool = True) -> QuantizedWeights:
+    """GPTQ tensors (see pack_gptq) -> artifact with fp32 scales; g_idx kept only when it is not the contiguous one.
+    zeros_minus_one: qzeros holds zero - 1 (v1, what pack_gptq writes); False: the zero itself (GPTQModel's v2)."""
     _check_bits(bits, GPTQ_BITS, "unpack_gptq")
     missing = {"qweight", "qzeros", "scales", "g_idx"} - set(tensors)
     if missing:
@@ -106,7 +108,7 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int | N
     g_idx = tensors["g_idx"].to(torch.int32)
     K = g_idx.shape[0]
     codes = unpack_bit_stream(tensors["qweight"], bits, K).t()
-    zeros = (unpack_bit_stream(tensors["qzeros"].t(), bits, N).t() + 1) & (2**bits - 1)
+    zeros = (unpack_bit_stream(tensors["qzeros"].t(), bits, N).t() + int(zeros_minus_one)) & (2**bits - 1)
     expected_groups = 1 if group_size is None else -(-K // group_size)
     if n_groups != expected_groups:
         raise ValueError(f"unpack_gptq: {n_groups} scale groups do not match in={K} with group_size={group_size}")

@@ -385,3 +385,24 @@ def test_hf_model_name_from_a_local_directory_and_from_the_cli(tmp_path, monkeyp
     assert ModelConfig(name="hf", source="hf", path="ckpt").name == "ckpt"
     assert make_config("model=hf", "model.path=org/some.model").model.name == "org--some.model"
     assert make_config("model=hf", "model.path=org/some.model", "model.name=x").model.name == "x"
+
+
+def test_kld_against_stored_bits_marks_the_pareto_front(tmp_path):
+    """Every method and format at the bits per weight it stores: the front keeps the configs no other beats on both."""
+    from analysis.report.plots import plot_kld_vs_storage_bits
+
+    def kld(value, low, high):
+        return [("ppl", "wiki", "kld", value, None, None)]
+
+    rows = []
+    for run_id, method, bits, bpw, value in (("a", "rtn", 4, 4.25, 0.09), ("b", "gptq", 4, 4.25, 0.05),
+                                             ("c", "ckpt:gguf-Q4_0", 4, 4.5, 0.07), ("d", "rtn", 3, 3.25, 0.30)):
+        rows += run_rows(run_id, method, bits, 128 if bits != 4 or bpw != 4.5 else 32,
+                         kld(value, value * 0.9, value * 1.1) + quant_obs(bpw))
+    frame = to_frame(rows).assign(ci_low=lambda f: f["value"] * 0.9, ci_high=lambda f: f["value"] * 1.1)
+    paths = plot_kld_vs_storage_bits(frame, tmp_path)
+    assert [p.name for p in paths] == ["kld_vs_bpw_smollm2_135m.png", "kld_vs_bpw_smollm2_135m.pdf"]
+    from analysis.report.plots import pareto_front
+
+    points = pd.DataFrame({"bpw": [4.25, 4.25, 4.5, 3.25], "kld": [0.09, 0.05, 0.07, 0.30]})
+    assert pareto_front(points, "bpw", "kld")["kld"].tolist() == [0.30, 0.05]  # Q4_0 costs more bits for more KLD

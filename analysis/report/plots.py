@@ -135,6 +135,35 @@ def plot_size_vs_ppl(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, f"size_vs_ppl_{_safe_stem(frame['model'].iloc[0])}")
 
 
+def plot_kld_vs_storage_bits(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Mean KLD from fp (with its interval) against the bits per weight each config stores, one panel per eval set,
+    every method and checkpoint format as a point, the Pareto front (fewer bits and lower KLD) marked. The budget
+    axis is what the format stores (scales, zeros, super-block scales, g_idx), so unequal budgets show as such."""
+    bpw = frame[(frame["suite"] == "quant") & (frame["metric"] == "storage_bits_per_weight")]
+    kld = frame[(frame["suite"] == "ppl") & (frame["metric"] == "kld") & ~is_reference(frame)]
+    points = kld.merge(bpw[CONFIG_KEYS + ["value"]].rename(columns={"value": "bpw"}), on=CONFIG_KEYS, how="inner")
+    if points.empty:
+        return []
+    points = points.assign(label=config_label(points, varying_keys(points)).reindex(points.index))
+    tasks = sorted(points["task"].unique())
+    fig, axes = _panels(len(tasks), width=4.6, height=3.6)
+    for ax, task in zip(axes, tasks):
+        here = points[points["task"] == task]
+        low = (here["value"] - here["ci_low"]).clip(lower=0).fillna(0)
+        high = (here["ci_high"] - here["value"]).clip(lower=0).fillna(0)
+        ax.errorbar(here["bpw"], here["value"], yerr=[low, high], fmt="o", markersize=4, capsize=2, linewidth=0.8)
+        for row in here.itertuples():
+            ax.annotate(row.label, (row.bpw, row.value), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(here, "bpw", "value")
+        ax.step(front["bpw"], front["value"], where="post", color="tab:red", marker="o", markerfacecolor="none",
+                markersize=9, label="Pareto front")
+        ax.set(title=task, xlabel="stored bits per weight (quantized linears)", ylabel="mean KLD vs fp (nats/token)",
+               yscale="log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{frame['model'].iloc[0]}: KL divergence vs bits per weight (95% intervals)")
+    return _save(fig, out_dir, f"kld_vs_bpw_{_safe_stem(frame['model'].iloc[0])}")
+
+
 def plot_timing(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """One bar panel per timing (task, metric), one bar per config."""
     timing = frame[frame["suite"] == "timing"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.labels import DASH, distinct_model_names, latest_per_key, value_text
-from analysis.report.plots import plot_kld_vs_bits, plot_ppl_vs_bits, plot_size_vs_ppl, plot_timing
+from analysis.report.plots import (plot_kld_vs_bits, plot_kld_vs_storage_bits, plot_ppl_vs_bits, plot_size_vs_ppl,
+                                   plot_timing)
 from analysis.report.select import collapse_draws, main_rows
 from analysis.report.significance import PairedEvidence
 from analysis.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
@@ -223,7 +224,8 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
     for model, model_rows in rows.groupby("model", sort=True):
         sections = model_sections(model_rows, acc_metric, main_calib, evidence)
         figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_kld_vs_bits(model_rows, out_dir)
-                   + plot_size_vs_ppl(model_rows, out_dir) + plot_timing(model_rows, out_dir)) if plots else []
+                   + plot_kld_vs_storage_bits(model_rows, out_dir) + plot_size_vs_ppl(model_rows, out_dir)
+                   + plot_timing(model_rows, out_dir)) if plots else []
         prov = provenance(model_rows, superseded)
         prov += [("warning", name_warnings[model])] if model in name_warnings else []
         md += _markdown_model(str(model), sections, prov, figures)

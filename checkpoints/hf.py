@@ -1,0 +1,331 @@
+"""Checkpoint directories in the Hugging Face layout (config.json with a `quantization_config`, safetensors shards):
+GPTQ (v1 and GPTQModel's v2 zero convention, act-order g_idx), AutoAWQ GEMM and GEMV, compressed-tensors
+`pack-quantized` (llm-compressor) and AutoRound's own format. Tensor names are the base model's own; the packed
+layouts are kernels.pack's (the same code our export writes with). scripts/produce/README.md describes each layout
+as its library writes it, and scripts/produce/check_layout.py checks those claims against the libraries.
+
+Stored bits per weight are counted from the tensors themselves: every byte of a layer's qweight, qzeros, scales
+and g_idx over its out x in weights, so a format's overhead is what the file holds, not a formula.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Description, Header,
+                              register_reader)
+from core.spec import QuantizedWeights
+from kernels.pack import unpack_awq_gemm, unpack_bit_stream, unpack_gptq
+
+
+def quantization_config(path: Path) -> dict | None:
+    """config.json's quantization_config (None without one or without config.json)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as err:
+        raise CheckpointError(f"{path}/config.json is not valid JSON ({err})") from None
+    return config.get("quantization_config") if isinstance(config, dict) else None
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a checkpoint directory (one file or an index of shards), read lazily by name."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path} has no *.safetensors file")
+        self.handles, self.where = [], {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as err:  # a truncated or damaged file: safetensors raises its own errors
+                raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+            self.handles.append(handle)
+            self.where.update({name: handle for name in handle.keys()})
+
+    def names(self) -> list[str]:
+        return sorted(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.where[name].get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"tensor {name} cannot be read ({err}): the file is damaged") from None
+
+
+class PackedLinearCheckpoint(CheckpointReader):
+    """A directory whose quantized linears are stored as `<name>.<part>` tensors; subclasses say which parts, how
+    to unpack them and what the quantization_config means."""
+
+    quant_methods: tuple[str, ...]  # the quantization_config.quant_method values it reads
+    parts: tuple[str, ...]  # the tensors of one quantized linear, `<name>.<part>`; the first is always there
+
+    @classmethod
+    def detects(cls, path: Path) -> bool:
+        config = quantization_config(path) if path.is_dir() else None
+        return bool(config) and str(config.get("quant_method", "")).lower() in cls.quant_methods and cls.accepts(config)
+
+    @classmethod
+    def accepts(cls, config: dict) -> bool:
+        return True
+
+    def config(self, path: Path) -> dict:
+        config = quantization_config(path)
+        if not config or str(config.get("quant_method", "")).lower() not in self.quant_methods:
+            raise CheckpointError(f"{path}/config.json has no quantization_config with quant_method in "
+                                  f"{list(self.quant_methods)}: not a {self.name} checkpoint")
+        if not self.accepts(config):
+            raise CheckpointError(f"{path}: {self.refusal(config)}")
+        return config
+
+    def refusal(self, config: dict) -> str:
+        """Why `accepts` said no, for the error message."""
+        return f"this quantization_config is not one the {self.name} reader takes"
+
+    def spec(self, config: dict) -> tuple[int, int | None, bool]:
+        """(bits, group size or None per channel, symmetric) from the quantization_config."""
+        group = config.get("group_size", config.get("q_group_size"))
+        return int(config["bits"]), None if group in (None, -1) else int(group), bool(config.get("sym", False))
+
+    def layers(self, tensors: SafetensorsCheckpoint) -> list[str]:
+        suffix = f".{self.parts[0]}"
+        return sorted(n.removesuffix(suffix) for n in tensors.names() if n.endswith(suffix))
+
+    def header(self, path: Path, model: nn.Module) -> Header:
+        from transformers import AutoConfig
+
+        config, tensors = self.config(path), SafetensorsCheckpoint(path)
+        layers = self.layers(tensors)
+        packed = {f"{name}.{part}" for name in layers for part in self.parts}
+        linears = {name: self.layer_shape(tensors, name, config) for name in layers}
+        others = {name: tensors.shape(name) for name in tensors.names() if name not in packed}
+        model_type = AutoConfig.from_pretrained(path).model_type
+        return Header(self.describe(path), model_type, _vocab(path), linears, others)
+
+    def read(self, path: Path, model: nn.Module) -> Contents:
+        config, tensors = self.config(path), SafetensorsCheckpoint(path)
+        contents = Contents({})
+        packed = set()
+        for name in self.layers(tensors):
+            parts = {part: tensors.get(f"{name}.{part}") for part in self.parts if f"{name}.{part}" in tensors.where}
+            packed |= {f"{name}.{part}" for part in parts}
+            art = self.unpack(parts, config)
+            stored = sum(t.numel() * t.element_size() for t in parts.values()) * 8
+            art.stored_bits = stored / (art.out_features * art.in_features)
+            if not torch.isfinite(art.scales).all():
+                raise CheckpointError(f"{name} has non-finite scales: the checkpoint is damaged")
+            contents.artifacts[name] = art
+        for name in tensors.names():
+            if name not in packed:
+                tensor = tensors.get(name)
+                contents.tensors[name] = tensor.float()
+                contents.other_bits += tensor.numel() * tensor.element_size() * 8
+        return contents
+
+    def layer_shape(self, tensors: SafetensorsCheckpoint, name: str, config: dict) -> tuple[int, int]:
+        """(out, in) of a quantized linear, from its tensors' shapes."""
+        raise NotImplementedError
+
+    def unpack(self, parts: dict[str, torch.Tensor], config: dict) -> QuantizedWeights:
+        raise NotImplementedError
+
+
+@register_reader("gptq")
+class GPTQCheckpoint(PackedLinearCheckpoint):
+    """GPTQ (AutoGPTQ / GPTQModel / ours): qweight int32 [K*bits/32, N], qzeros [groups, N*bits/32] holding zero - 1
+    (v1) or the zero itself (GPTQModel's checkpoint_format gptq_v2), scales [groups, N], g_idx [K]."""
+
+    quant_methods = ("gptq",)
+    parts = ("qweight", "qzeros", "scales", "g_idx")
+
+    def describe(self, path: Path) -> Description:
+        config = self.config(path)
+        bits, group, sym = self.spec(config)
+        v2 = _checkpoint_format(config) == "gptq_v2"
+        return Description("gptq", "gptq-v2" if v2 else "gptq", bits, group, sym, packable=True)
+
+    def layer_shape(self, tensors, name, config):
+        if f"{name}.g_idx" in tensors.where:
+            return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.g_idx")[0]
+        return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.qweight")[0] * 32 // self.spec(config)[0]
+
+    def unpack(self, parts, config):
+        bits, group, sym = self.spec(config)
+        if "g_idx" not in parts:  # some writers (AutoRound) leave out the contiguous g_idx
+            K = parts["qweight"].shape[0] * 32 // bits
+            parts = {**parts, "g_idx": torch.arange(K, dtype=torch.int32) // (group or K)}
+        art = unpack_gptq(parts, bits, group, zeros_minus_one=_checkpoint_format(config) != "gptq_v2")
+        art.symmetric = sym
+        return art
+
+
+@register_reader("awq_gemm")
+class AWQGemmCheckpoint(PackedLinearCheckpoint):
+    """AutoAWQ GEMM: qweight int32 [K, N/8] and qzeros int32 [groups, N/8] in AutoAWQ's nibble order, scales
+    fp16 [groups, N]; zeros stored as they are."""
+
+    quant_methods = ("awq",)
+    parts = ("qweight", "qzeros", "scales")
+    version = "gemm"
+
+    @classmethod
+    def accepts(cls, config: dict) -> bool:
+        return str(config.get("version", "gemm")).lower() == cls.version
+
+    def refusal(self, config: dict) -> str:
+        return f"AWQ version={config.get('version')!r}; the {self.name} reader takes {self.version!r}"
+
+    def describe(self, path: Path) -> Description:
+        config = self.config(path)
+        bits, group, _ = self.spec(config)
+        return Description(self.name, f"awq-{self.version}", bits, group, not config.get("zero_point", True))
+
+    def layer_shape(self, tensors, name, config):
+        return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.qweight")[0]
+
+    def unpack(self, parts, config):
+        bits, group, _ = self.spec(config)
+        art = unpack_awq_gemm(parts, bits, group)
+        art.symmetric = not config.get("zero_point", True)
+        return art
+
+
+@register_reader("awq_gemv")
+class AWQGemvCheckpoint(AWQGemmCheckpoint):
+    """AutoAWQ GEMV: qweight int32 [N, K/8] holding inputs 8c..8c+7 in order (no interleave), qzeros int32 [N, Z]
+    holding 8 zeros each and scales fp16 [N, 8Z], Z padded (to a multiple of 4) past the real groups."""
+
+    version = "gemv"
+
+    def layer_shape(self, tensors, name, config):
+        N, words = tensors.shape(f"{name}.qweight")
+        return N, words * 8
+
+    def unpack(self, parts, config):
+        bits, group, _ = self.spec(config)
+        if bits != 4 or group is None:
+            raise CheckpointError(f"AWQ GEMV with bits={bits}, group_size={group}: only 4-bit grouped is defined")
+        codes = unpack_bit_stream(parts["qweight"].t(), 4, parts["qweight"].shape[1] * 8).t()
+        n_groups = -(-codes.shape[1] // group)
+        zeros = unpack_bit_stream(parts["qzeros"].t(), 4, parts["qzeros"].shape[1] * 8).t()[:, :n_groups]
+        return QuantizedWeights(codes.to(torch.uint8).contiguous(), parts["scales"].float()[:, :n_groups].contiguous(),
+                                zeros.to(torch.uint8).contiguous(), 4, group,
+                                symmetric=not config.get("zero_point", True))
+
+
+@register_reader("auto_round")
+class AutoRoundCheckpoint(GPTQCheckpoint):
+    """AutoRound's own format (quant_method "auto-round"): its packing_format says which layout the tensors use,
+    auto_round:auto_gptq (GPTQ v1, zero - 1 stored; g_idx may be left out) or auto_round:auto_awq (AWQ GEMM)."""
+
+    quant_methods = ("auto-round", "intel/auto-round")
+    LAYOUTS = ("auto_round:auto_gptq", "auto_round:gptq", "auto_round:auto_awq")
+
+    @classmethod
+    def accepts(cls, config: dict) -> bool:
+        return str(config.get("packing_format", "auto_round:auto_gptq")) in cls.LAYOUTS and \
+            str(config.get("data_type", "int")) == "int"
+
+    def refusal(self, config: dict) -> str:
+        return (f"AutoRound packing_format={config.get('packing_format')!r}, data_type={config.get('data_type')!r}; "
+                f"this reader takes integer weights in {list(self.LAYOUTS)}")
+
+    def is_awq(self, config: dict) -> bool:
+        return str(config.get("packing_format", "")).endswith("auto_awq")
+
+    def describe(self, path: Path) -> Description:
+        config = self.config(path)
+        bits, group, sym = self.spec(config)
+        return Description("auto_round", "autoround-awq" if self.is_awq(config) else "autoround", bits, group, sym)
+
+    def layer_shape(self, tensors, name, config):
+        if self.is_awq(config):  # qweight [K, N/8]
+            return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.qweight")[0]
+        return super().layer_shape(tensors, name, config)
+
+    def unpack(self, parts, config):
+        if self.is_awq(config):
+            bits, group, sym = self.spec(config)
+            art = unpack_awq_gemm(parts, bits, group)
+            art.symmetric = sym
+            return art
+        return super().unpack(parts, config)  # GPTQ v1: no checkpoint_format key, zero - 1 stored
+
+
+def _checkpoint_format(config: dict) -> str:
+    return str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
+
+
+def _vocab(path: Path) -> tuple[str, ...] | None:
+    """The checkpoint's tokens in id order, when it carries a tokenizer."""
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return tuple(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
+@register_reader("compressed_tensors")
+class CompressedTensorsCheckpoint(PackedLinearCheckpoint):
+    """compressed-tensors `pack-quantized` (what llm-compressor writes for W4A16): weight_packed int32 [out, in*b/32]
+    a dense little-endian bit stream along the input with each signed code stored + 2^(b-1), weight_scale
+    [out, groups], weight_zero_point int32 packed the same way along the output (absent when symmetric: zero 0),
+    weight_shape [2], weight_g_idx [in] under group act-order."""
+
+    quant_methods = ("compressed-tensors",)
+    parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+    @classmethod
+    def weights_specs(cls, config: dict) -> list[dict]:
+        return [group.get("weights") or {} for group in (config.get("config_groups") or {}).values()]
+
+    @classmethod
+    def accepts(cls, config: dict) -> bool:
+        specs = cls.weights_specs(config)
+        formats = {config.get("format")} | {g.get("format") for g in (config.get("config_groups") or {}).values()}
+        return (bool(specs) and formats - {None} == {"pack-quantized"} and all(s == specs[0] for s in specs)
+                and specs[0].get("type", "int") == "int" and specs[0].get("strategy") in ("group", "channel"))
+
+    def refusal(self, config: dict) -> str:
+        return ("this reader takes format pack-quantized with one integer weights scheme (strategy group or "
+                f"channel) for every config group; got format={config.get('format')!r}, weights="
+                f"{self.weights_specs(config)}")
+
+    def spec(self, config: dict) -> tuple[int, int | None, bool]:
+        weights = self.weights_specs(config)[0]
+        group = weights.get("group_size") if weights.get("strategy") == "group" else None
+        return int(weights["num_bits"]), None if group in (None, -1) else int(group), bool(weights.get("symmetric"))
+
+    def describe(self, path: Path) -> Description:
+        bits, group, sym = self.spec(self.config(path))
+        return Description(self.name, "compressed-tensors", bits, group, sym)
+
+    def layer_shape(self, tensors, name, config):
+        out, inp = (int(v) for v in tensors.get(f"{name}.weight_shape").tolist())
+        return out, inp
+
+    def unpack(self, parts, config):
+        bits, group, sym = self.spec(config)
+        out, inp = (int(v) for v in parts["weight_shape"].tolist())
+        offset = 1 << (bits - 1)
+        codes = unpack_bit_stream(parts["weight_packed"].t(), bits, inp).t()
+        scales = parts["weight_scale"].float().reshape(out, -1)
+        if "weight_zero_point" in parts:
+            zeros = unpack_bit_stream(parts["weight_zero_point"], bits, out)
+        else:
+            zeros = torch.full(scales.shape, offset, dtype=torch.int64)
+        g_idx = parts.get("weight_g_idx")
+        return QuantizedWeights(codes.to(torch.uint8).contiguous(), scales.contiguous(),
+                                zeros.to(torch.uint8).contiguous(), bits, group, symmetric=sym,
+                                g_idx=None if g_idx is None else g_idx.to(torch.int32))

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The arena: our quantizers and the checkpoints other tools make of the same model, judged on the same windows and
+# lm-eval documents against the same baseline, then one report (intervals, bits per weight, wins/ties/losses,
+# KLD against stored bits with the Pareto front).
+#
+# Usage: scripts/arena.sh [RESULTS_DIR]      (default results/arena; checkpoints go to $ARENA_CHECKPOINTS,
+#                                             default $QUANT_HARNESS_CACHE/arena or ~/.cache/quant-harness/arena)
+# Needs the reference venvs (each tool in its own): scripts/setup_gptq_reference.sh, setup_awq_reference.sh,
+# setup_llmcompressor_reference.sh, setup_autoround_reference.sh, setup_llamacpp_reference.sh [--tools].
+# A checkpoint whose tool's venv is missing is skipped with a line saying so; a finished checkpoint or run is reused
+# (the harness verifies and resumes), so re-running after an interruption continues where it stopped.
+#
+# Every tool that calibrates gets our calibration draw (wiki, 128 x 512 tokens, seed 0; llama.cpp's imatrix the same
+# windows as text). Settings match ours where the algorithm is the same (w4 g128 asymmetric, damp 0.01, no act-order);
+# AutoRound keeps its own recipe (symmetric) with ARENA_AUTOROUND_ITERS steps per block (default 200, the library's).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+PY="$REPO/.venv/bin/python"
+RESULTS="${1:-results/arena}"
+CACHE="${QUANT_HARNESS_CACHE:-$HOME/.cache/quant-harness}"
+CK="${ARENA_CHECKPOINTS:-$CACHE/arena}"
+ITERS="${ARENA_AUTOROUND_ITERS:-200}"
+EVAL=(${ARENA_EVAL:-eval=quick})   # the default job's windows and documents
+mkdir -p "$CK"
+
+BASE="$("$PY" -c 'from harness.models import convert_packaged, default_cache_dir; print(convert_packaged(default_cache_dir()))')"
+GGUF="$("$PY" -c 'from harness.models import packaged_gguf_path; print(packaged_gguf_path())')"
+echo "base model: $BASE (from $GGUF); checkpoints: $CK; results: $RESULTS"
+
+produce() {  # produce NAME VENV COMMAND...: make $CK/NAME with COMMAND unless it is there or the venv is missing
+  local name="$1" venv="$2"; shift 2
+  if [[ -e "$CK/$name" ]]; then echo "have $name"; return; fi
+  if [[ ! -x "$venv/bin/python" ]]; then echo "skip $name: $venv is missing (see the setup scripts)"; return; fi
+  echo "producing $name"; "$@" || echo "FAILED to produce $name (see above)"
+}
+
+# GGUF: the gguf package's own quantizer, and llama.cpp's (a K-quant mix, without and with an importance matrix)
+produce gguf-Q4_0.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-Q4_0.gguf" --type Q4_0
+produce gguf-Q4_K_M.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
+  "$GGUF" "$CK/gguf-Q4_K_M.gguf" --type Q4_K_M
+IMATRIX_BIN=/work/venv-llamacpp/llama-build/bin
+if [[ -x "$IMATRIX_BIN/llama-imatrix" && ! -e "$CK/gguf-Q4_K_M-imatrix.gguf" ]]; then
+  "$PY" scripts/produce/calib_text.py "$CK/calib-wiki-128x512.txt"
+  [[ -e "$CK/imatrix.gguf" ]] || "$IMATRIX_BIN/llama-imatrix" -m "$GGUF" -f "$CK/calib-wiki-128x512.txt" \
+      -o "$CK/imatrix.gguf" -c 512 -t 2
+  produce gguf-Q4_K_M-imatrix.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
+    "$GGUF" "$CK/gguf-Q4_K_M-imatrix.gguf" --type Q4_K_M --imatrix "$CK/imatrix.gguf" \
+    --quantize-bin "$IMATRIX_BIN/llama-quantize"
+fi
+# GPTQ and AWQ by their reference implementations, llm-compressor's modifiers, AutoRound
+produce gptqmodel-w4g128 /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py \
+  --model "$BASE" --out "$CK/gptqmodel-w4g128" --bits 4 --group-size 128 --no-sym --no-desc-act
+produce autoawq-w4g128 /work/venv-awq /work/venv-awq/bin/python scripts/produce/autoawq.py \
+  --model "$BASE" --out "$CK/autoawq-w4g128" --bits 4 --group-size 128 --zero-point
+produce llmc-gptq-w4g128 /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
+  "$BASE" "$CK/llmc-gptq-w4g128" --modifier gptq --bits 4 --group-size 128 --no-sym --actorder none
+produce llmc-awq-w4g128 /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
+  "$BASE" "$CK/llmc-awq-w4g128" --modifier awq --bits 4 --group-size 128 --no-sym
+produce autoround-w4g128 /work/venv-autoround /work/venv-autoround/bin/python scripts/produce/autoround.py \
+  "$BASE" "$CK/autoround-w4g128" --bits 4 --group-size 128 --iters "$ITERS"
+
+# ours, then every checkpoint that exists, each named by its file or directory
+"$PY" -m harness -m method=fp,rtn,gptq,awq,awq_gptq bits=4,3 group_size=128 "${EVAL[@]}" results_dir="$RESULTS"
+for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-*; do
+  [[ -e "$path" && "$path" != *.json ]] || continue
+  label="$(basename "$path" .gguf)"
+  "$PY" -m harness method=checkpoint method.path="$path" method.label="$label" "${EVAL[@]}" results_dir="$RESULTS"
+done
+"$PY" -m analysis.report "$RESULTS" --out "$RESULTS/report"
+echo "report: $RESULTS/report/report.md"
