@@ -10,6 +10,7 @@ and g_idx over its out x in weights, so a format's overhead is what the file hol
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Descr
                               register_reader)
 from core.spec import QuantizedWeights
 from kernels.pack import unpack_awq_gemm, unpack_bit_stream, unpack_gptq
+
+log = logging.getLogger(__name__)
 
 
 def quantization_config(path: Path) -> dict | None:
@@ -164,7 +167,13 @@ class GPTQCheckpoint(PackedLinearCheckpoint):
         if "g_idx" not in parts:  # some writers (AutoRound) leave out the contiguous g_idx
             K = parts["qweight"].shape[0] * 32 // bits
             parts = {**parts, "g_idx": torch.arange(K, dtype=torch.int32) // (group or K)}
-        art = unpack_gptq(parts, bits, group, zeros_minus_one=_checkpoint_format(config) != "gptq_v2")
+        v1 = _checkpoint_format(config) != "gptq_v2"
+        art = unpack_gptq(parts, bits, group, zeros_minus_one=v1)
+        if v1 and bool((art.zeros == 0).any()):
+            # v1 stores zero - 1; writers disagree on a zero of 0 (ours masks per field, GPTQModel borrows from the
+            # next field of the word, AutoRound clamps, AutoGPTQ corrupts the word): read per field, and say so
+            log.warning("a GPTQ v1 layer stores a zero point of 0 (%d groups): v1 writers encode it differently, "
+                        "so these groups are read as our export writes them", int((art.zeros == 0).sum()))
         art.symmetric = sym
         return art
 

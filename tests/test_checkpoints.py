@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints.base import CheckpointError, check_belongs, reader_for
+from checkpoints.base import CheckpointError, check_belongs, digest, reader_for
 from core.spec import DequantizedWeights, QuantizedWeights
 from harness.config import ConfigError
 from harness.run import execute
@@ -77,6 +77,27 @@ def test_gguf_description_names_the_mix_and_whether_it_packs():
     assert (q41.label, q41.packable) == ("gguf-Q4_1", False)
 
 
+def test_gguf_k_quant_mix_is_carried_dequantized_and_counted_per_type():
+    """llama.cpp's Q4_K_M of a 256-wide tiny Llama (K-quants need 256 columns): Q4_K and Q6_K layers, each read as
+    transformers reads it, stored bits per type by hand: Q4_K = 144 bytes per 256 weights (fp16 d and dmin, 12 bytes
+    of 6-bit scales and mins, 128 of codes), Q6_K = 210 bytes per 256."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    model, path = tiny_model("llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1), \
+        GOLDEN / "gguf" / "tiny256-Q4_K_M.gguf"
+    reader = reader_for(path)
+    about = reader.describe(path)
+    assert (about.label, about.bits, about.packable) == ("gguf-Q4_K_M", 4, False)
+    check_belongs(reader.header(path, model), model, layout_for(model), tiny_tokenizer())
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    contents = reader.read(path, model)
+    bits = {art.format: art.storage_bits_per_weight() for art in contents.artifacts.values()}
+    assert bits == {"GGUF Q4_K": 144 * 8 / 256, "GGUF Q6_K": 210 * 8 / 256}
+    for name, art in contents.artifacts.items():
+        assert torch.equal(art.dequantize(), theirs[f"{name}.weight"]), name
+    assert torch.equal(contents.tensors["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+
+
 def test_a_checkpoint_of_another_shape_is_refused():
     other = tiny_model("llama", intermediate_size=128)
     with pytest.raises(CheckpointError, match="mlp.*is \\(160, 64\\).*\\(128, 64\\)|is \\(64, 160\\).*\\(64, 128\\)"):
@@ -119,8 +140,10 @@ def checkpoint_run(text_file, tmp_path, path, *extra):
 def test_a_gguf_run_is_named_and_counted_by_what_the_file_holds(text_file, tmp_path, base):
     frame = execute(checkpoint_run(text_file, tmp_path, gguf_file("Q4_0")))
     row = frame.iloc[0]
-    assert (row["method"], row["bits"], row["group_size"], row["symmetric"]) == ("ckpt:gguf-Q4_0", 4, 32, True)
-    assert row["run_id"].startswith("tiny-ckpt-gguf-Q4_0-")
+    sha = digest(gguf_file("Q4_0"))
+    assert (row["method"], row["bits"], row["group_size"], row["symmetric"]) == (f"ckpt:gguf-Q4_0-{sha[:8]}", 4, 32,
+                                                                                 True)
+    assert row["run_id"].startswith(f"tiny-ckpt-gguf-Q4_0-{sha[:8]}-")
     quant = frame[frame.suite == "quant"].set_index("metric")["value"]
     assert quant["storage_bits_per_weight"] == GGUF_BITS["Q4_0"] and quant["quantized_layers"] == 14
     kld = frame[(frame.suite == "ppl") & (frame.metric == "kld")]["value"].iloc[0]
@@ -133,7 +156,7 @@ def test_a_changed_checkpoint_file_is_a_different_run(text_file, tmp_path):
     before = execute(checkpoint_run(text_file, tmp_path, first))["run_id"].iloc[0]
     shutil.copy(gguf_file("Q5_0"), first)  # same path, other contents
     after = execute(checkpoint_run(text_file, tmp_path, first))
-    assert after["run_id"].iloc[0] != before and after["method"].iloc[0] == "ckpt:gguf-Q5_0"
+    assert after["run_id"].iloc[0] != before and after["method"].iloc[0].startswith("ckpt:gguf-Q5_0-")
 
 
 def test_a_mismatched_checkpoint_is_refused_before_anything_is_written(text_file, tmp_path):
@@ -149,10 +172,136 @@ def test_a_mismatched_checkpoint_is_refused_before_anything_is_written(text_file
 
 def test_packed_kernels_refuse_a_checkpoint_carried_dequantized(text_file, tmp_path):
     cfg = checkpoint_run(text_file, tmp_path, gguf_file("Q4_1"), "kernel=reference")
-    with pytest.raises(ConfigError, match="gguf-Q4_1 stores some layers .* set kernel=null"):
+    with pytest.raises(ConfigError, match="gguf-Q4_1-[0-9a-f]{8} stores some layers .* set kernel=null"):
         execute(cfg)
 
 
 def test_method_path_is_required():
     with pytest.raises(Exception, match="method.path is missing"):
         make_config("method=checkpoint")
+
+
+# --- export, and the round trip through the checkpoint method -------------------------------------------------------
+
+def ppl_and_kld(frame):
+    ppl = frame[frame.suite == "ppl"].set_index("metric")["value"]
+    return ppl["ppl"], ppl["kld"]
+
+
+@pytest.mark.parametrize("method,fmt", [("gptq", "gptq"), ("awq", "awq_gemm"), ("rtn", "gptq")])
+def test_an_exported_run_evaluated_as_a_checkpoint_gives_the_same_numbers(tiny_model_dir, text_file, tmp_path, method,
+                                                                         fmt):
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, f"method={method}", "group_size=32",
+                                          f"export={fmt}", "calib.n_samples=4", "calib.seqlen=32"))
+    run = execute(cfg)
+    exported = tmp_path / "results" / run["run_id"].iloc[0] / f"checkpoint-{fmt}"
+    assert (exported / "config.json").is_file() and (exported / "model.safetensors").is_file()
+    again = execute(make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=checkpoint",
+                                                    f"method.path={exported}", "method.label=exported")))
+    assert again["method"].iloc[0] == "ckpt:exported"
+    assert ppl_and_kld(again) == ppl_and_kld(run)
+
+
+def test_our_export_reads_back_bit_exact(tmp_path, base):
+    from core.quant import quantize_weight
+    from core.spec import QuantSpec
+    from kernels.export import as_stored, save_quantized
+
+    layout = layout_for(base)
+    for fmt, spec in (("gptq", QuantSpec(3, 32, True)), ("gptq", QuantSpec(4, None)), ("awq_gemm", QuantSpec(4, 32))):
+        arts = {n: as_stored(quantize_weight(lin.weight.data, spec), fmt)
+                for n, lin in layout.quantizable_linears(base).items()}
+        out = save_quantized(base, arts, tmp_path / f"{fmt}-{spec.tag()}", fmt, spec, tiny_tokenizer())
+        contents = reader_for(out).read(out, base)
+        for name, art in arts.items():
+            got = contents.artifacts[name]
+            assert torch.equal(got.codes, art.codes) and torch.equal(got.zeros, art.zeros), name
+            assert torch.equal(got.scales, art.scales), name
+
+
+def test_gptq_bits_per_weight_count_every_stored_tensor(tmp_path, base):
+    """w4 g32 GPTQ, counted by hand per layer [out, in]: 4-bit codes, per group of 32 an fp16 scale and a 4-bit zero,
+    and an int32 g_idx entry per input column."""
+    from core.quant import quantize_weight
+    from core.spec import QuantSpec
+    from kernels.export import save_quantized
+
+    spec, layout = QuantSpec(4, 32), layout_for(base)
+    arts = {n: quantize_weight(lin.weight.data, spec) for n, lin in layout.quantizable_linears(base).items()}
+    out = save_quantized(base, arts, tmp_path / "ck", "gptq", spec)
+    for name, art in reader_for(out).read(out, base).artifacts.items():
+        n_out, n_in = art.out_features, art.in_features
+        expected = 4 + (16 + 4) / 32 + 32 / n_out
+        assert art.storage_bits_per_weight() == pytest.approx(expected), (name, n_out, n_in)
+
+
+def test_export_refuses_what_its_format_cannot_hold(tiny_model_dir, text_file, tmp_path):
+    with pytest.raises(ConfigError, match="export=awq_gemm: awq_gemm stores 4-bit asymmetric"):
+        execute(make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "bits=3",
+                                                "group_size=32", "export=awq_gemm")))
+    with pytest.raises(ConfigError, match="gguf-Q4_1-[0-9a-f]{8} stores some layers .* set export=null"):
+        execute(checkpoint_run(text_file, tmp_path, gguf_file("Q4_1"), "export=gptq"))
+    with pytest.raises(Exception, match="export=.*null or one of"):
+        make_config("export=exl2")
+
+
+# --- checkpoint directories written by GPTQModel, AutoAWQ, llm-compressor and AutoRound ------------------------------
+
+# golden directory -> (reader, label, bits, group size, symmetric); each holds library_dequantized.safetensors, every
+# quantized linear as the library itself dequantizes it (scripts/produce/check_layout.py --write-reference)
+HF_GOLDENS = {
+    "gptqmodel-w4g32-sym": ("gptq", "gptq", 4, 32, True),
+    "gptqmodel-w4g32-asym-actorder": ("gptq", "gptq", 4, 32, False),
+    "gptqmodel-w4g32-v2": ("gptq", "gptq-v2", 4, 32, False),
+    "gptqmodel-w3g32-asym": ("gptq", "gptq", 3, 32, False),
+    "autoawq-gemm-w4g32": ("awq_gemm", "awq-gemm", 4, 32, False),
+    "autoawq-gemv-w4g32": ("awq_gemv", "awq-gemv", 4, 32, False),
+    "llmc-gptq-w4g32": ("compressed_tensors", "compressed-tensors", 4, 32, True),
+    "llmc-gptq-w4g32-asym": ("compressed_tensors", "compressed-tensors", 4, 32, False),
+    "llmc-awq-w4g32-asym": ("compressed_tensors", "compressed-tensors", 4, 32, False),
+    "autoround-w4g32": ("auto_round", "autoround", 4, 32, True),
+    "autoround-w4g32-asym": ("auto_round", "autoround-awq", 4, 32, False),
+    "autoround-w4g32-gptq": ("gptq", "gptq", 4, 32, True),
+    "autoround-w4g32-llmc": ("compressed_tensors", "compressed-tensors", 4, 32, True),
+}
+# AutoAWQ cannot dequantize GEMV on a CPU: the GEMV golden holds the very codes of its GEMM sibling (same search)
+REFERENCE_OF = {"autoawq-gemv-w4g32": "autoawq-gemm-w4g32"}
+
+
+def library_reference(name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(GOLDEN / REFERENCE_OF.get(name, name) / "library_dequantized.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(HF_GOLDENS))
+def test_checkpoint_reader_equals_the_library_that_wrote_it(base, name):
+    path = GOLDEN / name
+    fmt, label, bits, group, sym = HF_GOLDENS[name]
+    reader = reader_for(path)
+    about = reader.describe(path)
+    assert (reader.name, about.label, about.bits, about.group_size, about.symmetric) == (fmt, label, bits, group, sym)
+    check_belongs(reader.header(path, base), base, layout_for(base), tiny_tokenizer())
+    contents = reader.read(path, base)
+    reference = library_reference(name)
+    assert {f"{n}.weight" for n in contents.artifacts} == set(reference)
+    for linear, art in contents.artifacts.items():
+        ref = reference[f"{linear}.weight"]
+        assert torch.equal(art.dequantize().to(ref.dtype), ref), linear
+    # every other tensor is the checkpoint's own (AutoAWQ's norms carry its folded scales)
+    assert set(contents.tensors) <= set(base.state_dict())
+
+
+def test_gptq_act_order_keeps_the_checkpoint_g_idx(base):
+    path = GOLDEN / "gptqmodel-w4g32-asym-actorder"
+    arts = reader_for(path).read(path, base).artifacts
+    assert any(a.g_idx is not None for a in arts.values())
+
+
+def test_compressed_tensors_bits_per_weight_count_what_the_file_stores(base):
+    """llm-compressor's W4A16 (symmetric, group 32) by hand per layer: 4-bit codes, an fp32 scale per 32 weights,
+    no zero point, and the two int64 of weight_shape."""
+    path = GOLDEN / "llmc-gptq-w4g32"
+    for name, art in reader_for(path).read(path, base).artifacts.items():
+        n = art.out_features * art.in_features
+        assert art.storage_bits_per_weight() == pytest.approx(4 + 32 / 32 + 128 / n), name
