@@ -111,6 +111,12 @@ class PackedLinearCheckpoint(CheckpointReader):
         layers = self.layers(tensors)
         packed = {f"{name}.{part}" for name in layers for part in self.parts}
         linears = {name: self.layer_shape(tensors, name, config) for name in layers}
+        bits, group, _ = self.spec(config)
+        for name, (_, inp) in linears.items():
+            stored, needed = self.scale_groups(tensors, name), 1 if group is None else -(-inp // group)
+            if stored is not None and stored != needed:
+                raise CheckpointError(f"group_size={group} does not fit {name}: its {inp} inputs need {needed} "
+                                      f"groups, its scales hold {stored}")
         others = {name: tensors.shape(name) for name in tensors.names() if name not in packed}
         model_type = AutoConfig.from_pretrained(path).model_type
         return Header(self.describe(path), model_type, _vocab(path), linears, others)
@@ -122,7 +128,11 @@ class PackedLinearCheckpoint(CheckpointReader):
         for name in self.layers(tensors):
             parts = {part: tensors.get(f"{name}.{part}") for part in self.parts if f"{name}.{part}" in tensors.where}
             packed |= {f"{name}.{part}" for part in parts}
-            art = self.unpack(parts, config)
+            try:
+                art = self.unpack(parts, config)
+            except (ValueError, RuntimeError, IndexError) as err:  # shapes that contradict the config
+                raise CheckpointError(f"{name} cannot be unpacked as {self.name} ({err}): the checkpoint is damaged "
+                                      "or not what its quantization_config says") from None
             stored = sum(t.numel() * t.element_size() for t in parts.values()) * 8
             art.stored_bits = stored / (art.out_features * art.in_features)
             if not torch.isfinite(art.scales).all():
@@ -138,6 +148,10 @@ class PackedLinearCheckpoint(CheckpointReader):
     def layer_shape(self, tensors: SafetensorsCheckpoint, name: str, config: dict) -> tuple[int, int]:
         """(out, in) of a quantized linear, from its tensors' shapes."""
         raise NotImplementedError
+
+    def scale_groups(self, tensors: SafetensorsCheckpoint, name: str) -> int | None:
+        """How many groups a layer's scales hold along the input (None: the layout pads them; not checked)."""
+        return tensors.shape(f"{name}.scales")[0]
 
     def unpack(self, parts: dict[str, torch.Tensor], config: dict) -> QuantizedWeights:
         raise NotImplementedError
@@ -219,6 +233,9 @@ class AWQGemvCheckpoint(AWQGemmCheckpoint):
     def layer_shape(self, tensors, name, config):
         N, words = tensors.shape(f"{name}.qweight")
         return N, words * 8
+
+    def scale_groups(self, tensors, name):
+        return None
 
     def unpack(self, parts, config):
         bits, group, _ = self.spec(config)
@@ -323,6 +340,9 @@ class CompressedTensorsCheckpoint(PackedLinearCheckpoint):
     def layer_shape(self, tensors, name, config):
         out, inp = (int(v) for v in tensors.get(f"{name}.weight_shape").tolist())
         return out, inp
+
+    def scale_groups(self, tensors, name):
+        return tensors.shape(f"{name}.weight_scale")[1]
 
     def unpack(self, parts, config):
         bits, group, sym = self.spec(config)

@@ -305,3 +305,25 @@ def test_compressed_tensors_bits_per_weight_count_what_the_file_stores(base):
     for name, art in reader_for(path).read(path, base).artifacts.items():
         n = art.out_features * art.in_features
         assert art.storage_bits_per_weight() == pytest.approx(4 + 32 / 32 + 128 / n), name
+
+
+def test_a_group_size_that_does_not_fit_the_layers_is_refused(tmp_path, base):
+    import json
+
+    path = tmp_path / "wrong-group"
+    shutil.copytree(GOLDEN / "gptqmodel-w4g32-sym", path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 64
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="group_size=64 does not fit .*down_proj: its 160 inputs need 3 groups, its scales hold 5"):
+        reader_for(path).header(path, base)
+
+
+def test_a_damaged_safetensors_file_is_refused(tmp_path, base):
+    path = tmp_path / "cut"
+    shutil.copytree(GOLDEN / "llmc-gptq-w4g32", path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file|cannot be read"):
+        reader = reader_for(path)
+        reader.read(path, base)
