@@ -3,7 +3,7 @@
 Both sides get the SAME calibration windows (harness.data, fingerprints compared) and the same settings
 (asymmetric, damp 0.01, block 128, true-sequential, GPTQModel's act_group_aware off). Each side quantizes in
 its own subprocess (so peak RSS is its own) and writes a GPTQ checkpoint; both checkpoints are then read by
-kernels.export.load_quantized_model (GPTQModel's through the same loader: a format interop check too) and
+checkpoints.base.load_checkpoint_model (GPTQModel's through the same reader: a format interop check too) and
 evaluated with the same perplexity code, so only the quantization differs. Scales are fp16 on both sides.
 
 Run with the reference venv (scripts/setup_gptq_reference.sh), from the repo root:
@@ -148,7 +148,7 @@ def main_parent(args) -> None:
 
     from structure.architectures import apply_artifacts, layout_for
     from harness.config import ModelConfig
-    from kernels.export import load_quantized_model
+    from checkpoints.base import load_checkpoint_model as load_quantized_model
     from harness.models import load_model
     from core.spec import QuantSpec
     from core.quant import quantize_weight
@@ -250,7 +250,7 @@ def noise_floor(args) -> None:
     """Ours twice on the same calibration, once with 1 and once with 2 torch threads: only the floating-point
     summation order differs. The ppl spread between the two is the resolution of any ours-vs-theirs comparison."""
     from harness.config import ModelConfig
-    from kernels.export import load_quantized_model
+    from checkpoints.base import load_checkpoint_model as load_quantized_model
     from harness.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -284,7 +284,8 @@ def export_check(args) -> None:
 
     from structure.architectures import layout_for
     from harness.config import ModelConfig
-    from kernels.export import load_quantized_model, save_quantized
+    from checkpoints.base import load_checkpoint_model as load_quantized_model
+    from kernels.export import save_quantized
     from harness.models import load_model
     from core.spec import QuantSpec
     from methods.gptq import GPTQ, GPTQConfig

@@ -186,3 +186,27 @@ def check_belongs(header: Header, model: nn.Module, layout: ModelLayout, tokeniz
         if bad is not None:
             raise CheckpointError(f"token {bad} is {header.vocab[bad]!r} in the checkpoint's tokenizer and "
                                   f"{ours[bad]!r} in the base model's: not the same vocabulary")
+
+
+@torch.no_grad()
+def load_checkpoint_model(path: str | Path, dtype: torch.dtype = torch.float32, fmt: str = "auto"):
+    """A quantized checkpoint directory as a model on its own (no base model needed): its config without the
+    quantization_config, every tensor it stores, its linears fake-quantized -> (model in eval mode, artifacts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from structure.architectures import apply_artifacts
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    contents = reader_for(path, fmt).read(path, model)
+    missing, unexpected = model.load_state_dict({k: t.to(dtype) for k, t in contents.tensors.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k.removesuffix(".weight") not in contents.artifacts and k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the checkpoint does not fit its own config: missing {missing}, unexpected "
+                              f"{unexpected}")
+    apply_artifacts(model, contents.artifacts, dtype)
+    return model, contents.artifacts

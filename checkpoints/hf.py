@@ -19,7 +19,7 @@ from torch import nn
 from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Description, Header,
                               register_reader)
 from core.spec import QuantizedWeights
-from kernels.pack import unpack_awq_gemm, unpack_bit_stream, unpack_gptq
+from kernels.pack import unpack_awq_gemm, unpack_bit_stream, unpack_compressed, unpack_gptq
 
 log = logging.getLogger(__name__)
 
@@ -345,16 +345,4 @@ class CompressedTensorsCheckpoint(PackedLinearCheckpoint):
         return tensors.shape(f"{name}.weight_scale")[1]
 
     def unpack(self, parts, config):
-        bits, group, sym = self.spec(config)
-        out, inp = (int(v) for v in parts["weight_shape"].tolist())
-        offset = 1 << (bits - 1)
-        codes = unpack_bit_stream(parts["weight_packed"].t(), bits, inp).t()
-        scales = parts["weight_scale"].float().reshape(out, -1)
-        if "weight_zero_point" in parts:
-            zeros = unpack_bit_stream(parts["weight_zero_point"], bits, out)
-        else:
-            zeros = torch.full(scales.shape, offset, dtype=torch.int64)
-        g_idx = parts.get("weight_g_idx")
-        return QuantizedWeights(codes.to(torch.uint8).contiguous(), scales.contiguous(),
-                                zeros.to(torch.uint8).contiguous(), bits, group, symmetric=sym,
-                                g_idx=None if g_idx is None else g_idx.to(torch.int32))
+        return unpack_compressed(parts, *self.spec(config))

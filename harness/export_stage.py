@@ -1,4 +1,4 @@
-"""The export stage (`export=gptq|awq_gemm`): a deployable checkpoint of the run, written with its results as
+"""The export stage (`export=gptq|awq_gemm|compressed-tensors`): a deployable checkpoint of the run, written with its results as
 results/<run_id>/checkpoint-<format>/ (checksummed in DONE like every other file of the run).
 
 The run evaluates the weights the checkpoint holds (kernels.export.as_stored: fp16 scales), so evaluating the

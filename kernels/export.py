@@ -1,10 +1,12 @@
-"""Save quantized models as GPTQ or AutoAWQ-GEMM checkpoints, and read the artifacts back.
+"""Save quantized models as GPTQ, AutoAWQ-GEMM or compressed-tensors (`pack-quantized`) checkpoints.
 
-A checkpoint directory holds `model.safetensors` (per quantized linear: `<name>.qweight`, `.qzeros`,
-`.scales` and, for GPTQ, `.g_idx`; every other tensor of the model as it is), `config.json` with a
-`quantization_config` that transformers understands, and the tokenizer when one is given. Packing is
-`kernels.pack`'s job; this module only names tensors, writes files and reads them back. Writes are
-atomic: everything goes to a temporary sibling directory that is renamed into place at the end.
+A checkpoint directory holds `model.safetensors` (per quantized linear its packed tensors: GPTQ's `<name>.qweight`,
+`.qzeros`, `.scales`, `.g_idx`; AWQ's first three; compressed-tensors' `.weight_packed`, `.weight_scale`,
+`.weight_shape` and, as needed, `.weight_zero_point` and `.weight_g_idx`; every other tensor of the model as it
+is), `config.json` with a `quantization_config` that transformers understands, and the tokenizer when one is given.
+Packing is `kernels.pack`'s job; this module only names tensors and writes files (reading any of them back, ours or
+another tool's, is `checkpoints/`'s). Writes are atomic: everything goes to a temporary sibling directory that is
+renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -18,13 +20,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kernels.pack import pack_awq_gemm, pack_gptq, unpack_awq_gemm, unpack_gptq
+from kernels.pack import pack_awq_gemm, pack_compressed, pack_gptq
 from core.spec import QuantizedWeights, QuantSpec
 
-Format = Literal["gptq", "awq_gemm"]
-FORMATS = ("gptq", "awq_gemm")
+Format = Literal["gptq", "awq_gemm", "compressed-tensors"]
+FORMATS = ("gptq", "awq_gemm", "compressed-tensors")
 WEIGHTS_FILE = "model.safetensors"
-_PACKED_KEYS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq_gemm": ("qweight", "qzeros", "scales")}
 
 
 def as_stored(art: QuantizedWeights, fmt: Format) -> QuantizedWeights:
@@ -54,6 +55,15 @@ def quantization_config(fmt: Format, spec: QuantSpec, desc_act: bool, extra: dic
     elif fmt == "awq_gemm":
         qc = {"quant_method": "awq", "version": "gemm", "bits": spec.bits, "group_size": spec.group_size,
               "q_group_size": spec.group_size, "zero_point": not spec.symmetric}
+    elif fmt == "compressed-tensors":  # the keys llm-compressor writes for W4A16 / W4A16_ASYM
+        weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+                   "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size,
+                   "actorder": "group" if desc_act else None, "dynamic": False, "block_structure": None,
+                   "observer": None, "observer_kwargs": {}}
+        qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+              "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": weights,
+                                            "input_activations": None, "output_activations": None}},
+              "ignore": ["lm_head"], "kv_cache_scheme": None}
     else:
         raise ValueError(f"export format fmt={fmt!r}; allowed values: {list(FORMATS)}")
     return {**qc, **(extra or {})}
@@ -109,10 +119,10 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 def save_quantized(model: nn.Module, artifacts: dict[str, QuantizedWeights], out_dir: str | Path, fmt: Format,
                    spec: QuantSpec, tokenizer=None, *, scale_dtype: torch.dtype = torch.float16,
                    extra_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write a GPTQ or AWQ-GEMM checkpoint of `model` with `artifacts` {linear name: artifact} to out_dir.
+    """Write a GPTQ, AWQ-GEMM or compressed-tensors checkpoint of `model` with `artifacts` {linear name: artifact}.
 
-    scale_dtype: fp16 is what checkpoints and kernels expect; float32 keeps scales bit-exact (GPTQ only, AWQ GEMM
-    scales are always fp16). extra_config: more keys for quantization_config (e.g. damp_percent).
+    scale_dtype: fp16 is what checkpoints and kernels expect; float32 keeps scales bit-exact (GPTQ and
+    compressed-tensors; AWQ GEMM scales are always fp16). extra_config: more keys for quantization_config.
     """
     from safetensors.torch import save_file
 
@@ -122,9 +132,14 @@ def save_quantized(model: nn.Module, artifacts: dict[str, QuantizedWeights], out
     desc_act = _check_artifacts(fmt, artifacts, spec, model)
     tensors = _plain_tensors(model, skip={f"{name}.weight" for name in artifacts})
     for name, art in artifacts.items():
-        packed = pack_gptq(art.to("cpu"), scale_dtype=scale_dtype) if fmt == "gptq" else pack_awq_gemm(art.to("cpu"))
-        for key in _PACKED_KEYS[fmt]:
-            tensors[f"{name}.{key}"] = packed[key].contiguous()
+        art = art.to("cpu")
+        if fmt == "gptq":
+            packed = pack_gptq(art, scale_dtype=scale_dtype)
+        elif fmt == "awq_gemm":
+            packed = pack_awq_gemm(art)
+        else:
+            packed = pack_compressed(art, scale_dtype=scale_dtype)
+        tensors.update({f"{name}.{key}": tensor.contiguous() for key, tensor in packed.items()})
 
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(fmt, spec, desc_act, extra_config)
@@ -142,70 +157,3 @@ def save_quantized(model: nn.Module, artifacts: dict[str, QuantizedWeights], out
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _spec_from_quant_config(qc: dict, path: Path) -> tuple[Format, QuantSpec]:
-    method = qc.get("quant_method")
-    if method == "gptq":
-        group_size = qc["group_size"]
-        return "gptq", QuantSpec(int(qc["bits"]), None if group_size in (-1, None) else int(group_size), bool(qc["sym"]))
-    if method == "awq":
-        if qc.get("version", "gemm").lower() != "gemm":
-            raise ValueError(f"{path}: AWQ version={qc.get('version')!r}; only 'gemm' is supported")
-        group_size = qc.get("group_size", qc.get("q_group_size"))
-        return "awq_gemm", QuantSpec(int(qc["bits"]), int(group_size), not qc.get("zero_point", True))
-    raise ValueError(f"{path}: quantization_config.quant_method={method!r}; allowed values: ['awq', 'gptq']")
-
-
-def load_quantized(path: str | Path):
-    """Read a checkpoint written by save_quantized -> (config without quantization_config, {linear name: artifact}).
-
-    Build the skeleton with `AutoModelForCausalLM.from_config(config)`; `load_quantized_model` does that for you.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    if "quantization_config" not in raw:
-        raise ValueError(f"{path}/config.json has no quantization_config: not a quantized checkpoint")
-    fmt, spec = _spec_from_quant_config(raw["quantization_config"], path)
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    artifacts = {}
-    for name in names:
-        parts = {key: tensors[f"{name}.{key}"] for key in _PACKED_KEYS[fmt] if f"{name}.{key}" in tensors}
-        if fmt == "gptq":
-            art = unpack_gptq(parts, spec.bits, spec.group_size)
-        else:
-            art = unpack_awq_gemm(parts, spec.bits, spec.group_size)
-        art.symmetric = spec.symmetric
-        artifacts[name] = art
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    return config, artifacts
-
-
-@torch.no_grad()
-def load_quantized_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Rebuild the model from a checkpoint with fake-quantized weights -> (model in eval mode, artifacts)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    config, artifacts = load_quantized(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    packed = {f"{n}.{key}" for n in artifacts for key in _PACKED_KEYS["gptq"]}
-    plain = {k: v for k, v in load_file(str(path / WEIGHTS_FILE)).items() if k not in packed}
-    missing, unexpected = model.load_state_dict(plain, strict=False)
-    state = model.state_dict()
-    stored = {(state[k].untyped_storage().data_ptr(), tuple(state[k].shape)) for k in plain if k in state}
-    untied_missing = [k for k in missing if k.removesuffix(".weight") not in artifacts
-                      and (state[k].untyped_storage().data_ptr(), tuple(state[k].shape)) not in stored]
-    if unexpected or untied_missing:
-        raise ValueError(f"{path}: checkpoint does not fit its config: missing {untied_missing}, unexpected {unexpected}")
-    for name, art in artifacts.items():
-        lin = model.get_submodule(name)
-        lin.weight.data = art.dequantize(dtype)
-    return model.to(device).eval(), artifacts

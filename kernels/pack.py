@@ -169,6 +169,44 @@ def unpack_awq_gemm(tensors: dict[str, torch.Tensor], bits: int, group_size: int
                             zeros=zeros.t().to(torch.uint8).contiguous(), bits=bits, group_size=group_size)
 
 
+# ------------------------------------------------------------------------------------ compressed-tensors
+def pack_compressed(art: QuantizedWeights, scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Artifact -> compressed-tensors `pack-quantized` tensors {weight_packed int32 [N, ceil(K*b/32)],
+    weight_scale [N, groups], weight_shape int64 [2], weight_zero_point int32 [ceil(N*b/32), groups] unless
+    symmetric, weight_g_idx int32 [K] under act-order}. compressed-tensors stores each signed code q as
+    q + 2^(b-1) in a dense little-endian bit stream (codes along K, zero points along N): with our unsigned codes
+    and zeros, q = code - 2^(b-1) and zp = zero - 2^(b-1), so both are stored as they are. Symmetric means zp = 0."""
+    _check_bits(art.bits, tuple(range(1, 9)), "pack_compressed")
+    offset = 1 << (art.bits - 1)
+    tensors = {"weight_packed": pack_bit_stream(art.codes.t(), art.bits).t().contiguous(),
+               "weight_scale": art.scales.to(scale_dtype).contiguous(),
+               "weight_shape": torch.tensor([art.out_features, art.in_features], dtype=torch.int64)}
+    if art.symmetric:
+        if not bool((art.zeros == offset).all()):
+            raise ValueError(f"pack_compressed: a symmetric artifact must have zeros {offset} (compressed-tensors "
+                             "stores no zero point then)")
+    else:
+        tensors["weight_zero_point"] = pack_bit_stream(art.zeros, art.bits).contiguous()
+    if art.g_idx is not None:
+        tensors["weight_g_idx"] = art.g_idx.to(torch.int32).contiguous()
+    return tensors
+
+
+def unpack_compressed(tensors: dict[str, torch.Tensor], bits: int, group_size: int | None,
+                      symmetric: bool) -> QuantizedWeights:
+    """compressed-tensors `pack-quantized` tensors (see pack_compressed) -> artifact with fp32 scales."""
+    out, inp = (int(v) for v in tensors["weight_shape"].tolist())
+    codes = unpack_bit_stream(tensors["weight_packed"].t(), bits, inp).t()
+    scales = tensors["weight_scale"].float().reshape(out, -1)
+    if "weight_zero_point" in tensors:
+        zeros = unpack_bit_stream(tensors["weight_zero_point"], bits, out)
+    else:
+        zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int64)
+    g_idx = tensors.get("weight_g_idx")
+    return QuantizedWeights(codes.to(torch.uint8).contiguous(), scales.contiguous(), zeros.to(torch.uint8).contiguous(),
+                            bits, group_size, symmetric=symmetric, g_idx=None if g_idx is None else g_idx.to(torch.int32))
+
+
 # --------------------------------------------------------------------------------------------- Triton
 def triton_group_size(art: QuantizedWeights) -> int | None:
     """The kernel's group size for this artifact (a multiple of 16), or None when the layout cannot express it."""

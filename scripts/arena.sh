@@ -5,6 +5,9 @@
 #
 # Usage: scripts/arena.sh [RESULTS_DIR]      (default results/arena; checkpoints go to $ARENA_CHECKPOINTS,
 #                                             default $QUANT_HARNESS_CACHE/arena or ~/.cache/quant-harness/arena)
+#        ARENA_MODEL_DIR=/models/base scripts/arena.sh results/arena-base     (model=hf on a local directory;
+#                                             its GGUF is written by scripts/produce/gguf_write.py: Llama only)
+#        ARENA_EVAL="eval=ppl eval.max_windows=2" scripts/arena.sh ...          (other eval settings)
 # Needs the reference venvs (each tool in its own): scripts/setup_gptq_reference.sh, setup_awq_reference.sh,
 # setup_llmcompressor_reference.sh, setup_autoround_reference.sh, setup_llamacpp_reference.sh [--tools].
 # A checkpoint whose tool's venv is missing is skipped with a line saying so; a finished checkpoint or run is reused
@@ -25,9 +28,17 @@ ITERS="${ARENA_AUTOROUND_ITERS:-200}"
 EVAL=(${ARENA_EVAL:-eval=quick})   # the default job's windows and documents
 mkdir -p "$CK"
 
-BASE="$("$PY" -c 'from harness.models import convert_packaged, default_cache_dir; print(convert_packaged(default_cache_dir()))')"
-GGUF="$("$PY" -c 'from harness.models import packaged_gguf_path; print(packaged_gguf_path())')"
-echo "base model: $BASE (from $GGUF); checkpoints: $CK; results: $RESULTS"
+if [[ -n "${ARENA_MODEL_DIR:-}" ]]; then  # a local model: its own GGUF, written once
+  BASE="$(cd "$ARENA_MODEL_DIR" && pwd)"
+  MODEL=(model=hf "model.path=$BASE")
+  GGUF="$CK/base-F32.gguf"
+  [[ -e "$GGUF" ]] || "$PY" scripts/produce/gguf_write.py from-hf "$BASE" "$GGUF" --type F32 || GGUF=""
+else  # the packaged model: the llama.cpp file it comes from
+  BASE="$("$PY" -c 'from harness.models import convert_packaged, default_cache_dir; print(convert_packaged(default_cache_dir()))')"
+  MODEL=()
+  GGUF="$("$PY" -c 'from harness.models import packaged_gguf_path; print(packaged_gguf_path())')"
+fi
+echo "base model: $BASE (GGUF: ${GGUF:-none}); checkpoints: $CK; results: $RESULTS"
 
 produce() {  # produce NAME VENV COMMAND...: make $CK/NAME with COMMAND unless it is there or the venv is missing
   local name="$1" venv="$2"; shift 2
@@ -37,17 +48,19 @@ produce() {  # produce NAME VENV COMMAND...: make $CK/NAME with COMMAND unless i
 }
 
 # GGUF: the gguf package's own quantizer, and llama.cpp's (a K-quant mix, without and with an importance matrix)
+if [[ -n "$GGUF" ]]; then
 produce gguf-Q4_0.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-Q4_0.gguf" --type Q4_0
 produce gguf-Q4_K_M.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
   "$GGUF" "$CK/gguf-Q4_K_M.gguf" --type Q4_K_M
 IMATRIX_BIN=/work/venv-llamacpp/llama-build/bin
 if [[ -x "$IMATRIX_BIN/llama-imatrix" && ! -e "$CK/gguf-Q4_K_M-imatrix.gguf" ]]; then
-  "$PY" scripts/produce/calib_text.py "$CK/calib-wiki-128x512.txt"
+  "$PY" scripts/produce/calib_text.py "$CK/calib-wiki-128x512.txt" --model "$BASE"
   [[ -e "$CK/imatrix.gguf" ]] || "$IMATRIX_BIN/llama-imatrix" -m "$GGUF" -f "$CK/calib-wiki-128x512.txt" \
       -o "$CK/imatrix.gguf" -c 512 -t 2
   produce gguf-Q4_K_M-imatrix.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
     "$GGUF" "$CK/gguf-Q4_K_M-imatrix.gguf" --type Q4_K_M --imatrix "$CK/imatrix.gguf" \
     --quantize-bin "$IMATRIX_BIN/llama-quantize"
+fi
 fi
 # GPTQ and AWQ by their reference implementations, llm-compressor's modifiers, AutoRound
 produce gptqmodel-w4g128 /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py \
@@ -62,11 +75,13 @@ produce autoround-w4g128 /work/venv-autoround /work/venv-autoround/bin/python sc
   "$BASE" "$CK/autoround-w4g128" --bits 4 --group-size 128 --iters "$ITERS"
 
 # ours, then every checkpoint that exists, each named by its file or directory
-"$PY" -m harness -m method=fp,rtn,gptq,awq,awq_gptq bits=4,3 group_size=128 "${EVAL[@]}" results_dir="$RESULTS"
+"$PY" -m harness -m "${MODEL[@]}" method=fp,rtn,gptq,awq,awq_gptq bits=4,3 group_size=128 "${EVAL[@]}" \
+  results_dir="$RESULTS"
 for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-*; do
-  [[ -e "$path" && "$path" != *.json ]] || continue
+  [[ -e "$path" && "$path" != *.json && "$path" != */base-F32.gguf ]] || continue
   label="$(basename "$path" .gguf)"
-  "$PY" -m harness method=checkpoint method.path="$path" method.label="$label" "${EVAL[@]}" results_dir="$RESULTS"
+  "$PY" -m harness "${MODEL[@]}" method=checkpoint method.path="$path" method.label="$label" "${EVAL[@]}" \
+    results_dir="$RESULTS"
 done
 "$PY" -m analysis.report "$RESULTS" --out "$RESULTS/report"
 echo "report: $RESULTS/report/report.md"

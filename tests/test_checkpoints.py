@@ -188,7 +188,8 @@ def ppl_and_kld(frame):
     return ppl["ppl"], ppl["kld"]
 
 
-@pytest.mark.parametrize("method,fmt", [("gptq", "gptq"), ("awq", "awq_gemm"), ("rtn", "gptq")])
+@pytest.mark.parametrize("method,fmt", [("gptq", "gptq"), ("awq", "awq_gemm"), ("rtn", "gptq"),
+                                        ("rtn", "compressed-tensors")])
 def test_an_exported_run_evaluated_as_a_checkpoint_gives_the_same_numbers(tiny_model_dir, text_file, tmp_path, method,
                                                                          fmt):
     cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, f"method={method}", "group_size=32",

@@ -1,4 +1,5 @@
-"""Export: GPTQ / AWQ-GEMM checkpoints of tiny models round-trip to the same artifacts and logits."""
+"""Export: GPTQ / AWQ-GEMM / compressed-tensors checkpoints of tiny models round-trip to the same artifacts and
+logits (read back by checkpoints/, the readers of every checkpoint)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,19 @@ import pytest
 import torch
 
 from structure.architectures import apply_artifacts, layout_for
-from kernels.export import load_quantized, load_quantized_model, save_quantized
+import checkpoints  # noqa: F401  (registers the readers)
+from checkpoints.base import load_checkpoint_model
+from kernels.export import save_quantized
 from core.spec import QuantSpec
 from methods.gptq import GPTQ, GPTQConfig
 from core.quant import quantize_weight
 from conftest import tiny_model
+
+
+def load_quantized(path):
+    """(the checkpoint's own config, its artifacts), as checkpoints/ reads it."""
+    model, artifacts = load_checkpoint_model(path)
+    return model.config, artifacts
 
 
 def rtn_artifacts(model, spec):
@@ -41,7 +50,7 @@ def test_gptq_round_trip_exact_with_fp32_scales(tmp_path, family, spec):
     assert_same_artifacts(loaded, arts, atol=0)
 
     apply_artifacts(model, arts)
-    rebuilt, _ = load_quantized_model(out)
+    rebuilt, _ = load_checkpoint_model(out)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
@@ -102,3 +111,16 @@ def test_bad_export_requests(tmp_path, fmt, spec, match):
     with pytest.raises(ValueError, match=match):
         save_quantized(model, arts, tmp_path / "x", fmt, spec)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 32, True), QuantSpec(3, None), QuantSpec(8, 32)])
+def test_compressed_tensors_round_trip_exact_with_fp32_scales(tmp_path, spec):
+    model = tiny_model("llama")
+    arts = rtn_artifacts(model, spec)
+    out = save_quantized(model, arts, tmp_path / "ct", "compressed-tensors", spec, scale_dtype=torch.float32)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert (qc["quant_method"], qc["format"], weights["num_bits"], weights["symmetric"]) == \
+        ("compressed-tensors", "pack-quantized", spec.bits, spec.symmetric)
+    _, loaded = load_quantized(out)
+    assert_same_artifacts(loaded, arts, atol=0)
