@@ -328,3 +328,16 @@ def test_a_damaged_safetensors_file_is_refused(tmp_path, base):
     with pytest.raises(CheckpointError, match="not a readable safetensors file|cannot be read"):
         reader = reader_for(path)
         reader.read(path, base)
+
+
+def test_a_checkpoint_runs_through_the_packed_kernels_and_exports_again(text_file, tmp_path):
+    """Artifacts read from another tool's checkpoint are ordinary artifacts: packed layers (checked against the
+    fake-quantized reference at pack time) give the fake-quant perplexity, and the run exports them again."""
+    path = GOLDEN / "gptqmodel-w4g32-sym"
+    fake = execute(checkpoint_run(text_file, tmp_path, path, "method.label=gm"))
+    packed = execute(checkpoint_run(text_file, tmp_path, path, "method.label=gm", "kernel=reference"))
+    assert ppl_and_kld(packed)[0] == pytest.approx(ppl_and_kld(fake)[0], rel=1e-4)
+    gguf = execute(checkpoint_run(text_file, tmp_path, gguf_file("Q4_0"), "export=gptq", "method.label=q40"))
+    exported = tmp_path / "results" / gguf["run_id"].iloc[0] / "checkpoint-gptq"
+    again = execute(checkpoint_run(text_file, tmp_path, exported, "method.label=q40-as-gptq"))
+    assert ppl_and_kld(again) == ppl_and_kld(gguf)
