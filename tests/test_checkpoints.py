@@ -341,3 +341,16 @@ def test_a_checkpoint_runs_through_the_packed_kernels_and_exports_again(text_fil
     exported = tmp_path / "results" / gguf["run_id"].iloc[0] / "checkpoint-gptq"
     again = execute(checkpoint_run(text_file, tmp_path, exported, "method.label=q40-as-gptq"))
     assert ppl_and_kld(again) == ppl_and_kld(gguf)
+
+
+@pytest.mark.parametrize("name,per_layer", [
+    # 4-bit codes + per group of 32 an fp16 scale and a 4-bit zero
+    ("autoawq-gemm-w4g32", lambda n_out, n_in: 4 + (16 + 4) / 32),
+    ("autoround-w4g32", lambda n_out, n_in: 4 + (16 + 4) / 32),
+    # GEMV pads each row's zeros to 4 int32 words (32 zeros) and its scales to 32 fp16: 640 bits per row
+    ("autoawq-gemv-w4g32", lambda n_out, n_in: 4 + (4 * 32 + 32 * 16) / n_in),
+])
+def test_awq_and_autoround_bits_per_weight_by_hand(base, name, per_layer):
+    path = GOLDEN / name
+    for layer, art in reader_for(path).read(path, base).artifacts.items():
+        assert art.storage_bits_per_weight() == pytest.approx(per_layer(art.out_features, art.in_features)), layer
