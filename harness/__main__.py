@@ -27,10 +27,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import ConfigError, RunConfig, register_configs
 from harness.preflight import to_run_config
+from harness.provenance import git_sha
 from analysis.summary import RUN_FILE, summary_table, versus_baseline
 
 log = logging.getLogger("harness")
 register_configs()
+git_sha()  # the commit of the code this process loads, recorded on every row it writes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,6 +1,7 @@
 """Where a number came from: commit, package versions, device, memory."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import platform
@@ -14,8 +15,11 @@ PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "hydra-core", "panda
 REPO = Path(__file__).resolve().parent.parent
 
 
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str:
-    """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside a git checkout."""
+    """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside a git checkout. Read once per
+    process (harness/__main__.py asks at start-up): a sweep's later jobs run the code loaded at its start, whatever
+    is committed meanwhile."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
