@@ -14,8 +14,12 @@
 # (the harness verifies and resumes), so re-running after an interruption continues where it stopped.
 #
 # Every tool that calibrates gets our calibration draw (wiki, 128 x 512 tokens, seed 0; llama.cpp's imatrix the same
-# windows as text). Settings match ours where the algorithm is the same (w4 g128 asymmetric, damp 0.01, no act-order);
+# windows as text). Settings match ours where the algorithm is the same (w4, asymmetric, damp 0.01, no act-order);
 # AutoRound keeps its own recipe (symmetric) with ARENA_AUTOROUND_ITERS steps per block (default 200, the library's).
+# Group size: AutoAWQ and llm-compressor refuse a group size that does not divide every layer, and SmolLM2's hidden
+# size 576 is not a multiple of 128, so the tools run at ARENA_GROUP (default 64) and ours at both 128 (w4 and w3,
+# the last group of a 576-wide layer short, as the GPTQ reference does) and ARENA_GROUP (w4); GPTQModel, which takes
+# a short last group, also at 128.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +29,7 @@ RESULTS="${1:-results/arena}"
 CACHE="${QUANT_HARNESS_CACHE:-$HOME/.cache/quant-harness}"
 CK="${ARENA_CHECKPOINTS:-$CACHE/arena}"
 ITERS="${ARENA_AUTOROUND_ITERS:-200}"
+G="${ARENA_GROUP:-64}"
 EVAL=(${ARENA_EVAL:-eval=quick})   # the default job's windows and documents
 mkdir -p "$CK"
 
@@ -65,18 +70,21 @@ fi
 # GPTQ and AWQ by their reference implementations, llm-compressor's modifiers, AutoRound
 produce gptqmodel-w4g128 /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py \
   --model "$BASE" --out "$CK/gptqmodel-w4g128" --bits 4 --group-size 128 --no-sym --no-desc-act
-produce autoawq-w4g128 /work/venv-awq /work/venv-awq/bin/python scripts/produce/autoawq.py \
-  --model "$BASE" --out "$CK/autoawq-w4g128" --bits 4 --group-size 128 --zero-point
-produce llmc-gptq-w4g128 /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
-  "$BASE" "$CK/llmc-gptq-w4g128" --modifier gptq --bits 4 --group-size 128 --no-sym --actorder none
-produce llmc-awq-w4g128 /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
-  "$BASE" "$CK/llmc-awq-w4g128" --modifier awq --bits 4 --group-size 128 --no-sym
-produce autoround-w4g128 /work/venv-autoround /work/venv-autoround/bin/python scripts/produce/autoround.py \
-  "$BASE" "$CK/autoround-w4g128" --bits 4 --group-size 128 --iters "$ITERS"
+produce "gptqmodel-w4g$G" /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py \
+  --model "$BASE" --out "$CK/gptqmodel-w4g$G" --bits 4 --group-size "$G" --no-sym --no-desc-act
+produce "autoawq-w4g$G" /work/venv-awq /work/venv-awq/bin/python scripts/produce/autoawq.py \
+  --model "$BASE" --out "$CK/autoawq-w4g$G" --bits 4 --group-size "$G" --zero-point
+produce "llmc-gptq-w4g$G" /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
+  "$BASE" "$CK/llmc-gptq-w4g$G" --modifier gptq --bits 4 --group-size "$G" --no-sym --actorder none
+produce "llmc-awq-w4g$G" /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
+  "$BASE" "$CK/llmc-awq-w4g$G" --modifier awq --bits 4 --group-size "$G" --no-sym
+produce "autoround-w4g$G" /work/venv-autoround /work/venv-autoround/bin/python scripts/produce/autoround.py \
+  "$BASE" "$CK/autoround-w4g$G" --bits 4 --group-size "$G" --iters "$ITERS"
 
 # ours, then every checkpoint that exists, each named by its file or directory
 "$PY" -m harness -m "${MODEL[@]}" method=fp,rtn,gptq,awq,awq_gptq bits=4,3 group_size=128 "${EVAL[@]}" \
   results_dir="$RESULTS"
+"$PY" -m harness -m "${MODEL[@]}" method=rtn,gptq,awq,awq_gptq bits=4 group_size="$G" "${EVAL[@]}" results_dir="$RESULTS"
 for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-*; do
   [[ -e "$path" && "$path" != *.json && "$path" != */base-F32.gguf ]] || continue
   label="$(basename "$path" .gguf)"
