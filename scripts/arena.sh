@@ -13,8 +13,9 @@
 # A checkpoint whose tool's venv is missing is skipped with a line saying so; a finished checkpoint or run is reused
 # (the harness verifies and resumes), so re-running after an interruption continues where it stopped.
 #
-# Every tool that calibrates gets our calibration draw (wiki, 128 x 512 tokens, seed 0; llama.cpp's imatrix the same
-# windows as text). Settings match ours where the algorithm is the same (w4, asymmetric, damp 0.01, no act-order);
+# Every tool that calibrates gets our calibration draw (wiki, ARENA_CALIB_SAMPLES x 512 tokens, seed 0; default 128,
+# the AWQ recipe; llama.cpp's imatrix the same windows as text). On a 2-core CPU, AWQ at 128 x 512 takes about an hour
+# per run (ours and AutoAWQ alike): ARENA_CALIB_SAMPLES=16 gives every method and tool the same 16 windows instead. Settings match ours where the algorithm is the same (w4, asymmetric, damp 0.01, no act-order);
 # AutoRound keeps its own recipe (symmetric) with ARENA_AUTOROUND_ITERS steps per block (default 200, the library's).
 # Group size: AutoAWQ and llm-compressor refuse a group size that does not divide every layer, and SmolLM2's hidden
 # size 576 is not a multiple of 128, so the tools run at ARENA_GROUP (default 64) and ours at both 128 (w4 and w3,
@@ -30,6 +31,7 @@ CACHE="${QUANT_HARNESS_CACHE:-$HOME/.cache/quant-harness}"
 CK="${ARENA_CHECKPOINTS:-$CACHE/arena}"
 ITERS="${ARENA_AUTOROUND_ITERS:-200}"
 G="${ARENA_GROUP:-64}"
+N="${ARENA_CALIB_SAMPLES:-128}"
 EVAL=(${ARENA_EVAL:-eval=quick})   # the default job's windows and documents
 mkdir -p "$CK"
 
@@ -59,8 +61,8 @@ produce gguf-Q4_K_M.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scri
   "$GGUF" "$CK/gguf-Q4_K_M.gguf" --type Q4_K_M
 IMATRIX_BIN=/work/venv-llamacpp/llama-build/bin
 if [[ -x "$IMATRIX_BIN/llama-imatrix" && ! -e "$CK/gguf-Q4_K_M-imatrix.gguf" ]]; then
-  "$PY" scripts/produce/calib_text.py "$CK/calib-wiki-128x512.txt" --model "$BASE"
-  [[ -e "$CK/imatrix.gguf" ]] || "$IMATRIX_BIN/llama-imatrix" -m "$GGUF" -f "$CK/calib-wiki-128x512.txt" \
+  "$PY" scripts/produce/calib_text.py "$CK/calib-wiki-${N}x512.txt" --model "$BASE" --n-samples "$N"
+  [[ -e "$CK/imatrix.gguf" ]] || "$IMATRIX_BIN/llama-imatrix" -m "$GGUF" -f "$CK/calib-wiki-${N}x512.txt" \
       -o "$CK/imatrix.gguf" -c 512 -t 2
   produce gguf-Q4_K_M-imatrix.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
     "$GGUF" "$CK/gguf-Q4_K_M-imatrix.gguf" --type Q4_K_M --imatrix "$CK/imatrix.gguf" \
@@ -68,23 +70,24 @@ if [[ -x "$IMATRIX_BIN/llama-imatrix" && ! -e "$CK/gguf-Q4_K_M-imatrix.gguf" ]];
 fi
 fi
 # GPTQ and AWQ by their reference implementations, llm-compressor's modifiers, AutoRound
-produce gptqmodel-w4g128 /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py \
+produce gptqmodel-w4g128 /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py --n-samples "$N" \
   --model "$BASE" --out "$CK/gptqmodel-w4g128" --bits 4 --group-size 128 --no-sym --no-desc-act
-produce "gptqmodel-w4g$G" /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py \
+produce "gptqmodel-w4g$G" /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py --n-samples "$N" \
   --model "$BASE" --out "$CK/gptqmodel-w4g$G" --bits 4 --group-size "$G" --no-sym --no-desc-act
-produce "autoawq-w4g$G" /work/venv-awq /work/venv-awq/bin/python scripts/produce/autoawq.py \
+produce "autoawq-w4g$G" /work/venv-awq /work/venv-awq/bin/python scripts/produce/autoawq.py --n-samples "$N" \
   --model "$BASE" --out "$CK/autoawq-w4g$G" --bits 4 --group-size "$G" --zero-point
-produce "llmc-gptq-w4g$G" /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
+produce "llmc-gptq-w4g$G" /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py --n-samples "$N" \
   "$BASE" "$CK/llmc-gptq-w4g$G" --modifier gptq --bits 4 --group-size "$G" --no-sym --actorder none
-produce "llmc-awq-w4g$G" /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py \
+produce "llmc-awq-w4g$G" /work/venv-llmc /work/venv-llmc/bin/python scripts/produce/llmcompressor.py --n-samples "$N" \
   "$BASE" "$CK/llmc-awq-w4g$G" --modifier awq --bits 4 --group-size "$G" --no-sym
-produce "autoround-w4g$G" /work/venv-autoround /work/venv-autoround/bin/python scripts/produce/autoround.py \
+produce "autoround-w4g$G" /work/venv-autoround /work/venv-autoround/bin/python scripts/produce/autoround.py --n-samples "$N" \
   "$BASE" "$CK/autoround-w4g$G" --bits 4 --group-size "$G" --iters "$ITERS"
 
 # ours, then every checkpoint that exists, each named by its file or directory
-"$PY" -m harness -m "${MODEL[@]}" method=fp,rtn,gptq,awq,awq_gptq bits=4,3 group_size=128 "${EVAL[@]}" \
+"$PY" -m harness -m "${MODEL[@]}" method=fp,rtn,gptq,awq,awq_gptq bits=4,3 group_size=128 calib.n_samples="$N" \
+  "${EVAL[@]}" results_dir="$RESULTS"
+"$PY" -m harness -m "${MODEL[@]}" method=rtn,gptq,awq,awq_gptq bits=4 group_size="$G" calib.n_samples="$N" "${EVAL[@]}" \
   results_dir="$RESULTS"
-"$PY" -m harness -m "${MODEL[@]}" method=rtn,gptq,awq,awq_gptq bits=4 group_size="$G" "${EVAL[@]}" results_dir="$RESULTS"
 for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-*; do
   [[ -e "$path" && "$path" != *.json && "$path" != */base-F32.gguf ]] || continue
   label="$(basename "$path" .gguf)"
