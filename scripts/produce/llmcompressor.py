@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -41,6 +41,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+# the producers' shared helpers, loaded by path (this directory is off sys.path, see above)
+_spec = importlib.util.spec_from_file_location("_produce_common", HERE / "_common.py")
+common = sys.modules["_produce_common"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 GPTQ_ONLY = ("actorder", "dampening_frac", "block_size")
 
 
@@ -59,11 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128, help="GPTQ block size (library default 128)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype the model is loaded (and saved) in; auto = the checkpoint's")
-    p.add_argument("--calib-tokens", type=Path, help="int64 tensor [n, seqlen] (torch.save); else the harness draw")
-    p.add_argument("--calib-source", default="wiki", help="harness calibration source (default wiki)")
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    common.add_calibration_args(p)  # --calib-tokens, or the harness draw (--calib-source/--n-samples/...)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     if args.sym is None:
@@ -71,27 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.bits == 8 and not args.sym:
         p.error("compressed-tensors has no W8A16_ASYM preset; 8-bit is symmetric only here")
     return args
-
-
-def calibration(args, tokenizer) -> tuple[torch.Tensor, dict]:
-    """The calibration windows [n, seqlen] int64 and a description of where they came from."""
-    if args.calib_tokens is not None:
-        tokens = torch.load(args.calib_tokens, map_location="cpu", weights_only=True)
-        if not (isinstance(tokens, torch.Tensor) and tokens.dtype == torch.int64 and tokens.dim() == 2):
-            raise SystemExit(f"--calib-tokens {args.calib_tokens}: need an int64 tensor [n, seqlen], got "
-                             f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}")
-        digest = hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()
-        return tokens, {"kind": "file", "path": str(args.calib_tokens), "shape": list(tokens.shape),
-                        "sha256": digest, "fingerprint": digest[:16]}
-    from harness.config import TextSourceConfig
-    from harness.data import calibration_tokens
-    from harness.models import default_cache_dir
-
-    ts = calibration_tokens(args.calib_source, TextSourceConfig(kind=args.calib_source), tokenizer,
-                            default_cache_dir(), args.n_samples, args.seqlen, args.seed)
-    return ts.tokens, {"kind": "harness", "source": args.calib_source, "n_samples": args.n_samples,
-                       "seqlen": args.seqlen, "seed": args.seed, "shape": list(ts.tokens.shape),
-                       "fingerprint": ts.fingerprint}
 
 
 def versions() -> dict:
@@ -133,7 +113,8 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
-    tokens, calib = calibration(args, tokenizer)
+    drawn = common.resolve_calibration(args, tokenizer, model.config.vocab_size)
+    tokens, calib = drawn.tokens, drawn.info
     n, seqlen = tokens.shape
     dataset = Dataset.from_dict({"input_ids": tokens.tolist(),
                                  "attention_mask": torch.ones_like(tokens).tolist()})
