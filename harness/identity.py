@@ -59,11 +59,24 @@ def _model_key(cfg: RunConfig) -> dict:
     return key
 
 
+def method_key(method) -> dict:
+    """A method config as a key: its fields, minus those its class lists in SPEED_ONLY (speed and memory knobs that
+    give bit-identical results), recursively into nested method configs (awq_gptq's halves)."""
+    skip = set(getattr(type(method), "SPEED_ONLY", ()))
+    key = {}
+    for f in dataclasses.fields(method):
+        if f.name in skip:
+            continue
+        value = getattr(method, f.name)
+        key[f.name] = method_key(value) if dataclasses.is_dataclass(value) else value
+    return key
+
+
 def result_key(cfg: RunConfig) -> dict:
     """Everything that can change a run's numbers (and nothing else: paths, force, device and streaming are out)."""
     key = {
         "model": _model_key(cfg),
-        "method": dataclasses.asdict(cfg.method),
+        "method": method_key(cfg.method),
         "data": {name: dataclasses.asdict(cfg.data.sources[name]) for name in sorted(used_sources(cfg))},
         "eval": dataclasses.asdict(cfg.eval),
         "seed": cfg.seed,
@@ -118,7 +131,7 @@ def quantization_key(cfg: RunConfig, model_fingerprint: str, calib_fingerprint: 
     """What determines the quantized weights (not the evaluation): the cache key. `code` fingerprints the source
     of the quantization path."""
     key = {"model_fingerprint": model_fingerprint, "model": _model_key(cfg),
-           "method": dataclasses.asdict(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
+           "method": method_key(cfg.method), "spec": dataclasses.asdict(spec_of(cfg)), "seed": cfg.seed,
            "code": code, "device": cfg.device}
     source = source_of(cfg)
     if source is not None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from core.quant import RANGE_RULES, qparams
 from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
-from structure.blockwise import BlockContext
+from structure.blockwise import BlockContext, OutputCache
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,12 @@ class GPTQConfig:
     hessian_dtype: precision of the Hessian, its inverse and the column loop. "float64" (default, a deliberate
         difference from the fp32 reference): results do not move with thread count or CPU kernel family;
         "float32": the reference's precision (faster; see docs/gptq.md for both).
+    output_cache_gb: memory for the outputs of a block's already-quantized linears, which the block's later
+        partial forwards reuse instead of recomputing (structure.blockwise.OutputCache); 0 recomputes them. Speed
+        and memory only: the result is bit-identical for every value, so it is not part of the run's key.
     """
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("output_cache_gb",)
 
     name: str = "gptq"
     damp_percent: float = 0.01
@@ -247,6 +253,7 @@ class GPTQConfig:
     max_damp_retries: int = 10
     batch_size: int = 1
     hessian_dtype: str = "float64"
+    output_cache_gb: float = 2.0
 
     def __post_init__(self) -> None:
         if self.hessian_dtype not in COMPUTE_DTYPES:
@@ -259,6 +266,8 @@ class GPTQConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"method.{key}={value!r} must be a positive integer")
+        if not isinstance(self.output_cache_gb, (int, float)) or not 0 <= self.output_cache_gb < float("inf"):
+            raise ValueError(f"method.output_cache_gb={self.output_cache_gb!r} must be a number >= 0 (0 = no cache)")
         if not isinstance(self.max_damp_retries, int) or self.max_damp_retries < 0:
             raise ValueError(f"method.max_damp_retries={self.max_damp_retries!r} must be a non-negative integer")
         if self.range_rule not in RANGE_RULES:
@@ -275,7 +284,8 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
     """Run the block over its calibration inputs and return {name: Hessian of that linear's inputs}.
 
     Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, and the forward stops as
-    soon as the last linear of the group has its input (later layers of the block are not needed).
+    soon as the last linear of the group has its input, before it runs (later layers of the block are not needed).
+    Linears of earlier groups serve their outputs from ctx.output_cache where it holds them.
     """
     linears = {n: ctx.block.get_submodule(n) for n in names}
     accs: dict[str, HessianAccumulator] = {}
@@ -309,7 +319,8 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
             held.clear()
             seen_names.clear()
             try:
-                ctx.block(ctx.inputs[i:i + ctx.batch_size], **ctx.kwargs)
+                with ctx.calibration_batch(i):
+                    ctx.block(ctx.inputs[i:i + ctx.batch_size], **ctx.kwargs)
             except _GroupDone:
                 pass
             known = len(alias) == len(names)
@@ -334,9 +345,15 @@ class GPTQ(Method):
             raise ValueError("method=gptq needs calibration data; got none (calib is empty)")
         layer_stats: dict[str, dict] = {}
 
+        budget = int(self.config.output_cache_gb * 2**30)
+
         def step(ctx: BlockContext) -> dict[str, QuantizedWeights]:
-            artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, layer_stats)
-            ctx.next_inputs = ctx.forward()  # the next block sees this block quantized
+            ctx.output_cache = OutputCache(ctx.block, budget)
+            try:
+                artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, layer_stats)
+                ctx.next_inputs = ctx.forward()  # the next block sees this block quantized
+            finally:
+                ctx.output_cache = None
             return artifacts
 
         artifacts = pipeline.calibrated_pass(step, calib, "gptq", self.config.batch_size)
@@ -363,4 +380,6 @@ class GPTQ(Method):
                 artifacts[full] = art.to("cpu")
                 layer_stats[full] = {**stats, "n_tokens": hessians[n].n}
             del hessians
+            if ctx.output_cache is not None and group is not groups[-1]:
+                ctx.output_cache.finalize(group)  # later groups' forwards reuse these outputs
         return artifacts

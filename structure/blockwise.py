@@ -4,12 +4,13 @@
 block 0's inputs and every block's keyword arguments (position embeddings, masks), with recorders standing in for
 the blocks, so no block weight is needed. The block pipeline (structure/pipeline.py) then hands the method one
 `BlockContext` at a time; only one block's activations are held at once, so calibration memory does not grow
-with depth.
+with depth. A method that runs one block many times (GPTQ, once per sequential group) gives the context an
+`OutputCache`, so modules whose weights are already final serve their outputs instead of computing them again.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -115,21 +116,30 @@ class BlockContext:
     kwargs: dict
     batch_size: int = 1
     next_inputs: torch.Tensor | None = field(default=None, repr=False)
+    output_cache: OutputCache | None = field(default=None, repr=False)
+
+    def calibration_batch(self, start: int) -> AbstractContextManager:
+        """Wrap one forward of the block over inputs[start:start + batch_size] (serves the output cache, if any)."""
+        return nullcontext() if self.output_cache is None else self.output_cache.batch(start)
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor | None = None, module: nn.Module | None = None) -> torch.Tensor:
         """Run the block (or `module` with the block's kwargs) over inputs [N, L, D] in batches."""
+        own = inputs is None and module is None  # the output cache holds the block's own calibration batches
         inputs = self.inputs if inputs is None else inputs
         module = self.block if module is None else module
-        outs = [block_output(module(inputs[i:i + self.batch_size], **self.kwargs))
-                for i in range(0, inputs.shape[0], self.batch_size)]
+        outs = []
+        for i in range(0, inputs.shape[0], self.batch_size):
+            with self.calibration_batch(i) if own else nullcontext():
+                outs.append(block_output(module(inputs[i:i + self.batch_size], **self.kwargs)))
         return torch.cat(outs)
 
     @contextmanager
     def input_hooks(self, names: list[str], fn: Callable[[str, torch.Tensor], None]):
-        """While active, every forward of the named submodules calls fn(name, input activation)."""
-        handles = [get_submodule(self.block, n).register_forward_hook(
-            lambda m, args, out, n=n: fn(n, args[0].detach())) for n in names]
+        """While active, every call of the named submodules first calls fn(name, input activation), before the
+        submodule runs (so fn may end the forward early without paying for the submodule)."""
+        handles = [get_submodule(self.block, n).register_forward_pre_hook(
+            lambda m, args, n=n: fn(n, args[0].detach())) for n in names]
         try:
             yield
         finally:
@@ -138,3 +148,113 @@ class BlockContext:
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
+
+
+class OutputCache:
+    """Outputs of a block's submodules per calibration batch, for a method that runs partial forwards of one block
+    again and again (GPTQ's true-sequential groups): a submodule whose weights are final and whose inputs have not
+    changed returns the output it produced before instead of computing it again. Final are the linears named in
+    `finalize`, and every submodule all of whose linears are final (the whole attention once q/k/v/o are, which
+    also saves recomputing the attention itself); the method promises that nothing else in the block changes.
+
+    The same computation on the same inputs gives the same bits, so the result is identical with or without the
+    cache; it only saves time. An output is recorded on the first forward after its module became final, as far as
+    `budget_bytes` allows (what does not fit is computed each time). Before an output is served, every tensor
+    input is checked against the recorded one's float64 sum and the output against in-place changes (`_version`);
+    on any mismatch it is computed afresh and recorded again, so a block whose data flow differs from the
+    architecture table's order still gets the right numbers.
+    """
+
+    def __init__(self, block: nn.Module, budget_bytes: int) -> None:
+        self.block = block
+        self.budget = max(0, int(budget_bytes))
+        self.used = 0
+        self.served = 0
+        self.computed = 0
+        self._final_linears: set[str] = set()
+        self._final: list[str] = []
+        self._entries: dict[tuple[str, int], tuple] = {}  # (name, batch) -> (output, output versions, input fingerprint)
+
+    def finalize(self, names) -> None:
+        """The weights of these linears will not change again: record outputs from the next forward on."""
+        self._final_linears.update(names)
+        final = []
+        for name, module in self.block.named_modules():
+            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if name and linears and all((f"{name}.{n}" if n else name) in self._final_linears for n in linears):
+                final.append(name)
+        self._final = final
+
+    @contextmanager
+    def batch(self, index: int):
+        """While active, one calibration batch (`index` = its first sample) runs: final modules serve or record."""
+        if not self._final or self.budget == 0:
+            yield
+            return
+        modules = [get_submodule(self.block, name) for name in self._final]
+        for name, module in zip(self._final, modules):
+            module.forward = self._forward_of(name, module, index)
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.forward
+
+    def _forward_of(self, name: str, module: nn.Module, index: int) -> Callable:
+        compute = type(module).forward.__get__(module)
+
+        def forward(*args, **kwargs):
+            key = (name, index)
+            seen = _fingerprint((args, kwargs))
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                out, versions, recorded = entry
+                if recorded == seen and [t._version for t in _tensors(out)] == versions:
+                    self._entries[key] = entry
+                    self.served += 1
+                    return out
+                self.used -= _nbytes(out)
+            out = compute(*args, **kwargs)
+            self.computed += 1
+            size = _nbytes(out)
+            if self.used + size <= self.budget:
+                self._entries[key] = (out, [t._version for t in _tensors(out)], seen)
+                self.used += size
+            return out
+
+        return forward
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._final_linears.clear()
+        self._final = []
+        self.used = 0
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors inside a module's output or arguments (nested tuples, lists and dicts), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors(value[k])]
+    return []
+
+
+def _nbytes(value) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+def _fingerprint(value):
+    """What identifies a call's inputs: each tensor's shape and float64 sum, and every other argument as itself
+    (an object that is no plain value by its identity, so a different one never matches)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), float(value.sum(dtype=torch.float64)))
+    if isinstance(value, (tuple, list)):
+        return tuple(_fingerprint(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _fingerprint(value[k])) for k in sorted(value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("object", id(value))

@@ -248,3 +248,65 @@ def test_method_layer_matches_core_on_block0(calib_tokens):
     artifacts = GPTQ(GPTQConfig()).quantize(model, layout_for(model), QuantSpec(3, 16), calib_tokens,
                                             torch.device("cpu")).artifacts
     torch.testing.assert_close(artifacts[name].dequantize(), expected.dequantize(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "opt"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_output_cache_gives_identical_artifacts(family, batch_size, calib_tokens):
+    """Reusing already-quantized linears' outputs is a speed-up only: every code, scale and zero is bit-identical
+    to recomputing them, for every architecture family the tests know (each has its own block data flow)."""
+    results = {}
+    for gb in (0.0, 1.0):
+        model = tiny_model(family)
+        results[gb] = GPTQ(GPTQConfig(output_cache_gb=gb, batch_size=batch_size)).quantize(
+            model, layout_for(model), QuantSpec(4, 16), calib_tokens, torch.device("cpu")).artifacts
+    assert results[0.0].keys() == results[1.0].keys()
+    for name, art in results[0.0].items():
+        other = results[1.0][name]
+        assert torch.equal(art.codes, other.codes) and torch.equal(art.scales, other.scales), name
+        assert torch.equal(art.zeros, other.zeros), name
+
+
+def test_output_cache_serves_and_recomputes_a_changed_input(calib_tokens):
+    """The cache serves final modules' outputs on later forwards (a container once all its linears are final), and
+    computes afresh when an input changed or an output was modified in place."""
+    from structure.blockwise import BlockContext, OutputCache
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 4))
+    x = torch.randn(4, 3, 8)
+    ctx = BlockContext(0, block, "b", x, {}, batch_size=2)
+    ctx.output_cache = cache = OutputCache(block, budget_bytes=1 << 20)
+    first = ctx.forward()
+    cache.finalize(["0.0"])  # the container "0" still holds a linear that may change
+    assert torch.equal(ctx.forward(), first) and cache.served == 0  # recorded, not yet served
+    assert torch.equal(ctx.forward(), first) and cache.served == 2  # "0.0", once per batch
+    cache.finalize(["0.1"])  # now "0" is final as a whole
+    assert torch.equal(ctx.forward(), first) and cache.served == 4  # "0.0" inside "0" while "0" records
+    assert torch.equal(ctx.forward(), first) and cache.served == 6  # "0" itself, once per batch
+    ctx.inputs = x + 1  # another input: the recorded outputs are stale
+    assert torch.equal(ctx.forward(), block(x + 1)) and cache.served == 6
+    ctx.inputs = x
+    ctx.forward()
+    served = cache.served
+    computed = cache.computed
+    cache._entries[("0", 0)][0].add_(1)  # an output changed in place after it was recorded (also "0.1"'s: one tensor)
+    assert torch.equal(ctx.forward(), block(x))
+    # batch 0: "0" and "0.1" computed afresh, "0.0" served; batch 2: "0" served
+    assert (cache.served, cache.computed) == (served + 2, computed + 2)
+    tiny = OutputCache(block, budget_bytes=0)  # no budget: nothing is held, everything computed
+    ctx.output_cache = tiny
+    tiny.finalize(["0.0", "0.1"])
+    ctx.forward(), ctx.forward()
+    assert tiny.served == 0 and tiny.used == 0
+
+
+def test_output_cache_budget_is_not_part_of_the_run_key():
+    from harness.identity import method_key
+
+    assert "output_cache_gb" not in method_key(GPTQConfig(output_cache_gb=0.5))
+    assert method_key(GPTQConfig(output_cache_gb=0.5)) == method_key(GPTQConfig())
+    assert method_key(GPTQConfig(desc_act=True)) != method_key(GPTQConfig())
+    with pytest.raises(ValueError, match="output_cache_gb"):
+        GPTQConfig(output_cache_gb=-1)
