@@ -168,6 +168,10 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
         Q1 = torch.empty_like(W1)
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        # Per-column views and the diagonal as Python floats, made once per block: the loop below is
+        # dispatch-bound (one small op per line), so every indexing op it does not do is time saved.
+        w_rows, q_rows, err_rows, h_rows = W1.unbind(0), Q1.unbind(0), Err1.unbind(0), Hinv1.unbind(0)
+        h_diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             c = i1 + i
             if static_params is not None:
@@ -178,11 +182,11 @@ def gptq_quantize_layer(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, bl
                 scale, zero = _qparams(W[:, c:c + gs], spec, range_rule)
                 scales.append(scale)
                 zeros.append(zero)
-            w, code, err = W1[i], Q1[i], Err1[i]
+            w, code, err = w_rows[i], q_rows[i], err_rows[i]
             torch.div(w, scale, out=code).round_().add_(zero).clamp_(0, maxq)
             torch.sub(code, zero, out=q).mul_(scale)  # the dequantized weight s * (code - z)
-            torch.sub(w, q, out=err).div_(Hinv1[i, i])
-            W1[i + 1:].sub_(torch.outer(Hinv1[i, i + 1:], err))
+            torch.sub(w, q, out=err).div_(h_diag[i])
+            W1[i + 1:].sub_(torch.outer(h_rows[i][i + 1:], err))
         codes[:, i1:i2] = Q1.T
         # Each err is already divided by Hinv_ii: the reference's (w - q)^2 / Hinv_ii^2 / 2 is err^2 / 2.
         loss += Err1.square().sum() / 2
