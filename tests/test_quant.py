@@ -114,3 +114,17 @@ def test_an_artifact_is_stored_at_its_bits_per_weight():
     assert torch.equal(back.codes, art.codes) and torch.equal(back.scales, art.scales) and back.bits == 3
     with pytest.raises(ValueError, match="do not fit in 3 bits"):
         pack_codes(torch.tensor([8], dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize("group_size,inp", [(32, 96), (128, 576), (64, 200), (None, 72), (16, 8), (48, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_equals_the_per_column_formula(group_size, inp, dtype):
+    """The in-place, broadcast dequantization gives exactly s[g(i)] * (code - z[g(i)]) per column, short last group
+    and per-channel included."""
+    torch.manual_seed(inp)
+    art = quantize_weight(torch.randn(24, inp) * 3, QuantSpec(4, group_size))
+    g = art.group_index()
+    expected = ((art.codes.float() - art.zeros.float()[:, g]) * art.scales.float()[:, g]).to(dtype)
+    out = art.dequantize(dtype)
+    assert out.dtype == dtype and out.shape == (24, inp) and out.is_contiguous()
+    assert torch.equal(out, expected)
