@@ -38,7 +38,7 @@ from analysis.results import (BLOCKS_FILE, DOCS_FILE, RunCheck, check_run, read_
                              write_run)
 from harness.teacher import teachers
 from kernels.backends import default_backend
-from structure.architectures import apply_block_artifacts, layout_for
+from structure.architectures import BlockArtifacts, layout_for
 from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
 
             with clock("export"):
                 exported = export_files(pipeline.model, artifacts, cfg.export, declared_spec(cfg), tokenizer)
-        prepare = _block_preparer(pipeline.layout, artifacts)
+        prepare = _block_preparer(pipeline, artifacts)
         # 5. pack here when every evaluator is to see the packed layers (kernel=...)
         if plan.pack_at is PackAt.BEFORE_PPL:
             with clock("pack"):
@@ -250,12 +250,12 @@ def _loaded(cfg: RunConfig, plan: RunPlan):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _block_preparer(layout, artifacts):
-    """How layer-wise evaluation of a streamed model writes each block's quantized weights (None: nothing to do,
-    an ordinary model already holds them)."""
+def _block_preparer(pipeline: BlockPipeline, artifacts) -> BlockArtifacts | None:
+    """How layer-wise evaluation of a streamed model writes each block's quantized weights, without reading the
+    unquantized ones (None: nothing to do, an ordinary model already holds them)."""
     if not artifacts:
         return None
-    return lambda i, block: apply_block_artifacts(block, layout.block_prefix(i), layout, artifacts)
+    return BlockArtifacts(pipeline.layout, artifacts, pipeline.device)
 
 
 def _timing(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline, shapes: list[tuple[int, int]]) -> list[dict]:

@@ -134,14 +134,40 @@ def layout_for(model_or_config) -> ModelLayout:
 
 
 @torch.no_grad()
-def apply_artifacts(model: nn.Module, artifacts: dict, dtype: torch.dtype | None = None) -> None:
-    """Fake-quantize: replace each named linear's weight by its artifact's dequantized weight."""
+def apply_artifacts(model: nn.Module, artifacts: dict, dtype: torch.dtype | None = None,
+                    device: torch.device | None = None) -> None:
+    """Fake-quantize: replace each named linear's weight by its artifact's dequantized weight. A weight still on the
+    meta device (a streamed block whose linears were not read, since the artifacts replace them) becomes a new
+    parameter on `device`."""
     for name, art in artifacts.items():
         lin = model.get_submodule(name)
-        lin.weight.data = art.dequantize(dtype or lin.weight.dtype).to(lin.weight.device)
+        weight = art.dequantize(dtype or lin.weight.dtype)
+        if lin.weight.is_meta:
+            if device is None:
+                raise ValueError(f"{name}: its weight was never loaded (meta) and no device was given for it")
+            lin.weight = nn.Parameter(weight.to(device), requires_grad=False)
+        else:
+            lin.weight.data = weight.to(lin.weight.device)
 
 
 @torch.no_grad()
-def apply_block_artifacts(block: nn.Module, prefix: str, layout: ModelLayout, artifacts, dtype=None) -> None:
+def apply_block_artifacts(block: nn.Module, prefix: str, layout: ModelLayout, artifacts, dtype=None,
+                          device: torch.device | None = None) -> None:
     """apply_artifacts for one (materialized) block: `prefix` is its full name, e.g. "model.layers.3"."""
-    apply_artifacts(block, {name: artifacts[f"{prefix}.{name}"] for name in layout.block_linears(block)}, dtype)
+    apply_artifacts(block, {name: artifacts[f"{prefix}.{name}"] for name in layout.block_linears(block)}, dtype, device)
+
+
+class BlockArtifacts:
+    """A walk's `prepare_block` that writes each block's fake-quantized weights (the artifacts, dequantized) as the
+    walk materializes it. `replaces(i)` names the weights it overwrites, so a streamed walk does not read them from
+    the checkpoint: the linears are nearly all of a block's bytes."""
+
+    def __init__(self, layout: ModelLayout, artifacts, device: torch.device | str) -> None:
+        self.layout, self.artifacts, self.device = layout, artifacts, torch.device(device)
+
+    def replaces(self, index: int) -> frozenset[str]:
+        prefix = self.layout.block_prefix(index)
+        return frozenset(f"{prefix}.{name}.weight" for name in self.layout.spec.linears)
+
+    def __call__(self, index: int, block: nn.Module) -> None:
+        apply_block_artifacts(block, self.layout.block_prefix(index), self.layout, self.artifacts, device=self.device)

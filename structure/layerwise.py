@@ -63,9 +63,7 @@ def layerwise_lm_head_inputs(pipeline: BlockPipeline, windows: torch.Tensor,
             state["window"] = j
             run_until_blocks_end(model, row[None].to(device))
     hidden = state["hidden"]
-    for i, _, block in pipeline.walk(desc, writeback=False):
-        if prepare_block is not None:
-            prepare_block(i, block)
+    for i, _, block in pipeline.walk(desc, writeback=False, prepare=prepare_block):
         for j in range(hidden.shape[0]):
             out = block_output(block(hidden[j:j + 1].to(device), **block_kwargs[i]))
             hidden[j] = out[0].to(hidden.device)

@@ -45,13 +45,20 @@ class BlockPipeline:
     def n_blocks(self) -> int:
         return len(self.layout.blocks(self.model))
 
-    def walk(self, desc: str, writeback: bool = True, keep: bool = False,
-             leave: bool = False) -> Iterator[tuple[int, str, nn.Module]]:
+    def walk(self, desc: str, writeback: bool = True, keep: bool = False, leave: bool = False,
+             prepare: Callable[[int, nn.Module], None] | None = None) -> Iterator[tuple[int, str, nn.Module]]:
         """(index, prefix, block) for every decoder block in order, each materialized while the caller holds it:
         the package's one block loop. `writeback`: what the caller changes is kept for later passes; `keep`: the
-        block stays materialized afterwards (the model is being made whole)."""
+        block stays materialized afterwards (the model is being made whole); `prepare(i, block)` runs on each block
+        first (e.g. structure.architectures.BlockArtifacts, whose `replaces(i)` a streamed model then does not
+        read)."""
+        replaces = getattr(prepare, "replaces", None)
         for i in tqdm(range(self.n_blocks), desc=desc, unit="block", leave=leave):
-            with self.residency.block(self.model, self.layout, i, writeback=writeback, keep=keep) as block:
+            skip = replaces(i) if replaces is not None and not writeback else frozenset()
+            with self.residency.block(self.model, self.layout, i, writeback=writeback, keep=keep,
+                                      skip=skip) as block:
+                if prepare is not None:
+                    prepare(i, block)
                 yield i, self.layout.block_prefix(i), block
 
     def map_blocks(self, step: BlockStep, desc: str, writeback: bool = True) -> MutableMapping:
@@ -97,8 +104,7 @@ class BlockPipeline:
     def materialize(self, prepare_block: Callable[[int, nn.Module], None] | None = None) -> None:
         """Make a streamed model whole in memory, block by block, `prepare_block(i, block)` running on each as it
         arrives (packing its linears shrinks it before the next one comes); afterwards it is an ordinary model."""
-        for i, _, block in self.walk("materialize", writeback=False, keep=True):
-            if prepare_block is not None:
-                prepare_block(i, block)
+        for _ in self.walk("materialize", writeback=False, keep=True, prepare=prepare_block):
+            pass
         self.residency.finish_materialize(self.model, self.layout)
         self.residency = RESIDENT

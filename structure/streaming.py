@@ -161,9 +161,10 @@ class Residency:
 
     @contextmanager
     def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True,
-              keep: bool = False) -> Iterator[nn.Module]:
+              keep: bool = False, skip: frozenset[str] = frozenset()) -> Iterator[nn.Module]:
         """Decoder block `index`, materialized while the context lasts (with `keep`, for good); with writeback,
-        what the caller changed in it is kept for later passes."""
+        what the caller changed in it is kept for later passes. Parameters named in `skip` (state_dict names) need
+        not be read: the caller writes them before use (a model in memory has them anyway)."""
         yield layout.blocks(model)[index]
 
     @contextmanager
@@ -312,15 +313,16 @@ class Streamed(Residency):
         """Forget what earlier passes wrote; from now on the model is the checkpoint overlaid by `overlay`."""
         self.overlay, self._written = dict(overlay), {}
 
-    def _onload(self, modules: list[tuple[str, nn.Module]], recurse: bool = True,
-                pooled: bool = False) -> dict[str, torch.Tensor]:
+    def _onload(self, modules: list[tuple[str, nn.Module]], recurse: bool = True, pooled: bool = False,
+                skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Materialize the (prefix, module) pairs' parameters on the device, read in one go (so tied parameters
         share one tensor); returns the values read (CPU, in the model's dtype, as from_pretrained casts them).
-        `pooled`: read into, and cast through, the pool's tensors (a block, released back to the pool)."""
+        `pooled`: read into, and cast through, the pool's tensors (a block, released back to the pool). Parameters
+        named in `skip` stay on the meta device, unread."""
         from accelerate.utils import set_module_tensor_to_device
 
         params = {(prefix, module, n): p for prefix, module in modules
-                  for n, p in module.named_parameters(recurse=recurse)}
+                  for n, p in module.named_parameters(recurse=recurse) if prefix + n not in skip}
         values = self.read_many([prefix + n for prefix, _, n in params], self.pool.take if pooled else None)
         for (prefix, module, n), p in params.items():
             value = values[prefix + n]
@@ -347,13 +349,15 @@ class Streamed(Residency):
 
     @contextmanager
     def block(self, model: nn.Module, layout: ModelLayout, index: int, writeback: bool = True,
-              keep: bool = False) -> Iterator[nn.Module]:
+              keep: bool = False, skip: frozenset[str] = frozenset()) -> Iterator[nn.Module]:
         module, prefix = layout.blocks(model)[index], f"{layout.block_prefix(index)}."
+        if skip and writeback:
+            raise ValueError("a block walked with writeback must read every parameter (skip is for read-only walks)")
         if keep:  # made whole: the block stays, nothing is written back (its memory is its own, not the pool's)
-            self._onload([(prefix, module)])
+            self._onload([(prefix, module)], skip=skip)
             yield module
             return
-        loaded = self._onload([(prefix, module)], pooled=True)
+        loaded = self._onload([(prefix, module)], pooled=True, skip=skip)
         # the parameters may share memory with what was read: keep a copy, so in-place changes are seen too
         loaded = {n: self.pool.take(tuple(t.shape), t.dtype).copy_(t) for n, t in loaded.items()} \
             if writeback else None

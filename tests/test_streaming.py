@@ -263,3 +263,37 @@ def test_a_tensor_of_the_overlay_is_never_reused_for_another_block(tmp_path):
         with residency.block(model, layout, index, writeback=False):
             pass
     assert torch.equal(residency.read(model, name), plain.read(skeleton_model, name) * 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_streamed_quantized_evaluation_reads_no_weight_its_artifacts_replace(family, tmp_path, monkeypatch):
+    """Layer-wise evaluation of a streamed model with its artifacts: the quantized linears' stored weights are never
+    read (the dequantized artifacts replace them), and the lm_head inputs equal the fake-quantized model's in memory."""
+    from harness.perplexity import token_stats
+    from structure.architectures import BlockArtifacts, apply_artifacts
+    from structure.layerwise import layerwise_lm_head_inputs
+
+    directory = sharded_checkpoint(family, tmp_path / "ckpt")
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    in_memory = tiny_model(family, seed=3)
+    layout = layout_for(in_memory)
+    artifacts = build_method(RTNConfig()).quantize(in_memory, layout, QuantSpec(4, 32), None, CPU).artifacts
+    apply_artifacts(in_memory, artifacts)
+    expected = token_stats(in_memory, windows, CPU)["nll"]
+
+    model, residency = load_streamed(directory, torch.float32, CPU, tmp_path / "scratch")
+    pipeline = BlockPipeline(model, layout, CPU, residency)
+    read: list[str] = []
+    original = Checkpoint.read
+
+    def counting_read(self, names, allocate=None):
+        read.extend(names)
+        return original(self, names, allocate)
+
+    monkeypatch.setattr(Checkpoint, "read", counting_read)
+    inputs = layerwise_lm_head_inputs(pipeline, windows, BlockArtifacts(layout, artifacts, CPU))
+    replaced = {f"{name}.weight" for name in artifacts}
+    assert read and not replaced & set(read)  # the norms, biases and embeddings were read; no replaced weight was
+    with pipeline.outside_blocks():
+        got = token_stats(model, windows, CPU, hidden_of=lambda i, ids: inputs[i])["nll"]
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
