@@ -335,7 +335,8 @@ class Streamed(Residency):
             set_module_tensor_to_device(module, n, self.device, value=value)
         return values
 
-    def _release(self, module: nn.Module, recurse: bool = True, pooled: bool = False) -> None:
+    def _release(self, module: nn.Module, recurse: bool = True, pooled: bool = False,
+                 unpooled: set[str] = frozenset()) -> None:
         """Back to the meta device; with `pooled` the CPU tensors go to the pool for the next block (a tensor of the
         overlay, held by the residency itself, never does)."""
         from accelerate.utils import set_module_tensor_to_device
@@ -343,7 +344,7 @@ class Streamed(Residency):
         # by storage, not by object: the parameter wraps the overlay's tensor in an object of its own
         held = {t.untyped_storage().data_ptr() for t in self.overlay.values()}
         for n, p in list(module.named_parameters(recurse=recurse)):
-            if pooled and p.device.type == "cpu" and p.untyped_storage().data_ptr() not in held:
+            if pooled and p.device.type == "cpu" and p.untyped_storage().data_ptr() not in held and n not in unpooled:
                 self.pool.give(p.data)
             set_module_tensor_to_device(module, n, "meta")
 
@@ -366,7 +367,8 @@ class Streamed(Residency):
             if writeback:
                 self._write_changes(prefix, module, loaded)
         finally:
-            self._release(module, pooled=True)
+            # the skipped parameters' memory is the caller's (fresh each block): pooled, it would pile up unused
+            self._release(module, pooled=True, unpooled={n[len(prefix):] for n in skip})
             for copy in (loaded or {}).values():
                 self.pool.give(copy)
             loaded = None
