@@ -20,6 +20,7 @@ from core.quant import RANGE_RULES, qparams
 from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
 from structure.blockwise import BlockContext, OutputCache
+from structure.streaming import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,9 @@ class GPTQConfig:
         difference from the fp32 reference): results do not move with thread count or CPU kernel family;
         "float32": the reference's precision (faster; see docs/gptq.md for both).
     output_cache_gb: memory for the outputs of a block's already-quantized linears, which the block's later
-        partial forwards reuse instead of recomputing (structure.blockwise.OutputCache); 0 recomputes them. Speed
-        and memory only: the result is bit-identical for every value, so it is not part of the run's key.
+        partial forwards reuse instead of recomputing (structure.blockwise.OutputCache); at most a quarter of the
+        memory free when the block starts; 0 recomputes them. Speed and memory only: the result is bit-identical for
+        every value, so it is not part of the run's key.
     """
 
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("output_cache_gb",)
@@ -352,7 +354,9 @@ class GPTQ(Method):
         budget = int(self.config.output_cache_gb * 2**30)
 
         def step(ctx: BlockContext) -> dict[str, QuantizedWeights]:
-            ctx.output_cache = OutputCache(ctx.block, budget)
+            # never more than a quarter of what is free now: a streamed model is run where memory is short
+            free = available_memory(pipeline.device) // 4 if budget else 0
+            ctx.output_cache = OutputCache(ctx.block, min(budget, free))
             try:
                 artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, layer_stats)
                 ctx.next_inputs = ctx.forward()  # the next block sees this block quantized
