@@ -6,21 +6,12 @@ expensive work and before anything is written.
 """
 from __future__ import annotations
 
-import os
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
 
-# Large CPU tensors (a streamed block's weights and their quantization temporaries, logits chunks) on transparent
-# huge pages where the kernel offers them on request (THP "madvise"): torch then faults in 2 MiB at a time instead of
-# 4 KiB: ~99% fewer page faults when 280 MB tensors are allocated and freed (benchmarks/bench_huge_pages.py), 94% fewer
-# and 14% less wall time on a streamed 13B run (docs/memory.md). torch reads this once, at its first allocation, so it
-# is set before torch is imported; THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import logging  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import NoReturn  # noqa: E402
-
-import hydra  # noqa: E402
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException

@@ -359,3 +359,20 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     with run_lock(out, stale_s=60, poll_s=0.05) as waited:
         assert waited is False and time.time() - start < 5  # taken over at once, not waited for
     assert not (out / LOCK_DIR).exists()
+
+
+def test_huge_pages_are_asked_for_streamed_runs_only(monkeypatch):
+    """torch's THP_MEM_ALLOC_ENABLE: set for a streamed run (block-sized temporaries, churned per block), left alone
+    for a model in memory (huge pages only add compaction stalls there), and a value the user set always wins."""
+    import os
+
+    from harness.plan import huge_pages_for
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    huge_pages_for(False)
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    huge_pages_for(True)
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    huge_pages_for(True)
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
