@@ -70,7 +70,8 @@ def _truncate(model, layout, max_blocks: int | None) -> None:
         del layout.blocks(model)[max_blocks:]
 
 
-def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | None, out_path: str) -> None:
+def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | None, out_path: str,
+                batch_size: int = 8) -> None:
     """Quantize with methods/awq.py; write fake-quant block weights, scales, clips, wall time and memory."""
     torch.set_num_threads(threads)
     from structure.architectures import apply_artifacts, layout_for
@@ -82,7 +83,10 @@ def worker_ours(tag: str, calib: torch.Tensor, threads: int, max_blocks: int | N
     _truncate(model, layout, max_blocks)
     rss0 = rss_mb()
     reset_peak_rss()
-    method = AWQ(AWQConfig(batch_size=calib.shape[0]))  # AutoAWQ runs all samples in one forward
+    # batch_size: ours runs at its default (8 samples per forward) unless --batch-size says otherwise; AutoAWQ runs
+    # all samples in one forward (--batch-size N mirrors it: the same GEMM shapes, but 100 MB temporaries per forward
+    # at 32 x 512, which cost ours 23% in page faults on this machine)
+    method = AWQ(AWQConfig(batch_size=batch_size))
     t0, c0 = time.perf_counter(), cpu_seconds()
     result = method.quantize(model, layout, spec, calib, torch.device("cpu"))
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
@@ -165,9 +169,9 @@ def worker_theirs(tag: str, calib: torch.Tensor, threads: int, max_blocks: int |
                 "wall_s": wall, "cpu_s": cpu, "rss_base_mb": rss0, "rss_peak_mb": peak}, out_path)
 
 
-def run_worker(fn, tag, calib, threads, max_blocks, tmp_dir) -> dict:
+def run_worker(fn, tag, calib, threads, max_blocks, tmp_dir, *extra) -> dict:
     out_path = os.path.join(tmp_dir, f"{fn.__name__}-{tag}.pt")
-    proc = mp.get_context("spawn").Process(target=fn, args=(tag, calib, threads, max_blocks, out_path))
+    proc = mp.get_context("spawn").Process(target=fn, args=(tag, calib, threads, max_blocks, out_path, *extra))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -257,6 +261,8 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="ours: calibration samples per forward (our default 8; AutoAWQ always runs all at once)")
     parser.add_argument("--max-blocks", type=int, default=None,
                         help="quantize only the first K decoder blocks (the rest stay fp) to fit a CPU budget")
     parser.add_argument("--seed", type=int, default=0)
@@ -288,7 +294,7 @@ def main() -> None:
                for name in ("wiki", "code", "prose")}
     budget = (f"CPU budget: calibration {args.calib_samples} x {args.calib_seqlen} tokens ({args.calib_source}, "
               f"seed {args.seed}); eval {args.eval_windows} windows x {args.eval_seqlen} tokens per set; "
-              f"{args.threads} thread(s) per process; quantized blocks: "
+              f"{args.threads} thread(s) per process; ours {args.batch_size} samples per forward; quantized blocks: "
               f"{'all' if args.max_blocks is None else f'first {args.max_blocks} (rest fp)'}. "
               f"Model: SmolLM2-135M-Instruct, {PACKAGED_NOTE}.")
     print(budget)
@@ -311,7 +317,7 @@ def main() -> None:
             rtn_ppl = evaluate(model, layout, {**fp_state, **{k[len(layout.spec.blocks) + 1:] + ".weight":
                                                                 a.dequantize() for k, a in rtn.items()}},
                                windows, device)
-            ours = run_worker(worker_ours, tag, calib, args.threads, args.max_blocks, tmp)
+            ours = run_worker(worker_ours, tag, calib, args.threads, args.max_blocks, tmp, args.batch_size)
             ours_ppl = evaluate(model, layout, {**fp_state, **ours["state"]}, windows, device)
             theirs = run_worker(worker_theirs, tag, calib, args.threads, args.max_blocks, tmp) if autoawq_ok else None
             theirs_ppl = (evaluate(model, layout, {**fp_state, **theirs["state"]}, windows, device)
