@@ -20,7 +20,6 @@ from core.quant import RANGE_RULES, qparams
 from core.spec import QuantizedWeights, QuantSpec
 from methods.base import Method, QuantizationResult, register_method
 from structure.blockwise import BlockContext, OutputCache
-from structure.streaming import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -354,9 +353,7 @@ class GPTQ(Method):
         budget = int(self.config.output_cache_gb * 2**30)
 
         def step(ctx: BlockContext) -> dict[str, QuantizedWeights]:
-            # never more than a quarter of what is free now: a streamed model is run where memory is short
-            free = available_memory(pipeline.device) // 4 if budget else 0
-            ctx.output_cache = OutputCache(ctx.block, min(budget, free))
+            ctx.output_cache = OutputCache(ctx.block, budget)
             try:
                 artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, layer_stats)
                 ctx.next_inputs = ctx.forward()  # the next block sees this block quantized

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from structure.architectures import ModelLayout, get_submodule
-from structure.streaming import RESIDENT, Residency
+from structure.streaming import RESIDENT, Residency, available_memory
 
 
 class _StopForward(Exception):
@@ -159,7 +159,8 @@ class OutputCache:
 
     The same computation on the same inputs gives the same bits, so the result is identical with or without the
     cache; it only saves time. An output is recorded on the first forward after its module became final, as far as
-    `budget_bytes` allows (what does not fit is computed each time). Before an output is served, every tensor
+    `budget_bytes` allows, and never beyond a quarter of the memory free on the block's device when the cache is
+    made (a streamed model runs where memory is short); what does not fit is computed each time. Before an output is served, every tensor
     input is checked against the recorded one's float64 sum and the output against in-place changes (`_version`);
     on any mismatch it is computed afresh and recorded again, so a block whose data flow differs from the
     architecture table's order still gets the right numbers.
@@ -168,6 +169,9 @@ class OutputCache:
     def __init__(self, block: nn.Module, budget_bytes: int) -> None:
         self.block = block
         self.budget = max(0, int(budget_bytes))
+        if self.budget:
+            device = next((p.device for p in block.parameters() if not p.is_meta), torch.device("cpu"))
+            self.budget = min(self.budget, available_memory(device) // 4)
         self.used = 0
         self.served = 0
         self.computed = 0
