@@ -1,6 +1,7 @@
-"""What transparent huge pages for torch's large CPU tensors (THP_MEM_ALLOC_ENABLE, which `python -m harness` sets for streamed runs)
-do to allocating and filling a large tensor again and again, as a streamed block's temporaries are: minor page faults
-and wall time, with the setting off and on, each in its own process (torch reads it once, at its first allocation).
+"""What transparent huge pages for torch's large CPU tensors (THP_MEM_ALLOC_ENABLE, which `python -m harness` sets
+for streamed runs) do to allocating and filling a large tensor again and again, as a streamed block's temporaries
+are: minor page faults and wall time, with the setting off and on, each in its own process (torch reads it once,
+at its first allocation).
 
     python benchmarks/bench_huge_pages.py --elements 70000000 --cycles 20 --repeats 2
 

@@ -160,10 +160,10 @@ class OutputCache:
     The same computation on the same inputs gives the same bits, so the result is identical with or without the
     cache; it only saves time. An output is recorded on the first forward after its module became final, as far as
     `budget_bytes` allows, and never beyond a quarter of the memory free on the block's device when the cache is
-    made (a streamed model runs where memory is short); what does not fit is computed each time. Before an output is served, every tensor
-    input is checked against the recorded one's float64 sum and the output against in-place changes (`_version`);
-    on any mismatch it is computed afresh and recorded again, so a block whose data flow differs from the
-    architecture table's order still gets the right numbers.
+    made (a streamed model runs where memory is short); what does not fit is computed each time. Before an output
+    is served, every tensor input is checked against the recorded one's float64 sum and the output against
+    in-place changes (`_version`); on any mismatch it is computed afresh and recorded again, so a block whose data
+    flow differs from the architecture table's order still gets the right numbers.
     """
 
     def __init__(self, block: nn.Module, budget_bytes: int) -> None:
@@ -176,18 +176,18 @@ class OutputCache:
         self.served = 0
         self.computed = 0
         self._final_linears: set[str] = set()
-        self._final: list[str] = []
-        self._entries: dict[tuple[str, int], tuple] = {}  # (name, batch) -> (output, output versions, input fingerprint)
+        self._final: dict[str, nn.Module] = {}  # name -> module, the linears and containers that serve or record
+        # (name, batch) -> (output, its tensors' versions, input fingerprint)
+        self._entries: dict[tuple[str, int], tuple] = {}
 
     def finalize(self, names) -> None:
         """The weights of these linears will not change again: record outputs from the next forward on."""
         self._final_linears.update(names)
-        final = []
+        self._final = {}
         for name, module in self.block.named_modules():
             linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
             if name and linears and all((f"{name}.{n}" if n else name) in self._final_linears for n in linears):
-                final.append(name)
-        self._final = final
+                self._final[name] = module
 
     @contextmanager
     def batch(self, index: int):
@@ -195,13 +195,12 @@ class OutputCache:
         if not self._final or self.budget == 0:
             yield
             return
-        modules = [get_submodule(self.block, name) for name in self._final]
-        for name, module in zip(self._final, modules):
+        for name, module in self._final.items():
             module.forward = self._forward_of(name, module, index)
         try:
             yield
         finally:
-            for module in modules:
+            for module in self._final.values():
                 del module.forward
 
     def _forward_of(self, name: str, module: nn.Module, index: int) -> Callable:
@@ -227,12 +226,6 @@ class OutputCache:
             return out
 
         return forward
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._final_linears.clear()
-        self._final = []
-        self.used = 0
 
 
 def _tensors(value) -> list[torch.Tensor]:
