@@ -74,7 +74,8 @@ def huge_pages_for(streamed: bool) -> None:
     A streamed run allocates and frees block-sized tensors (casts, quantization temporaries) again and again; on
     huge pages they fault in 2 MiB at a time (a streamed 13B run: 94% fewer page faults, 14% less wall time,
     docs/memory.md). A model in memory reuses heap memory instead, where huge pages only add the kernel's
-    compaction stalls (THP defrag "madvise"): AWQ on the packaged model ran 17% slower with them, GPTQ the same.
+    compaction stalls (THP defrag "madvise"): AWQ on the packaged model ran 15% slower with them, GPTQ the same
+    (benchmarks/profile_quantize.py).
     torch reads the variable once, at the process's first allocation of 2 MiB or more, so the first run of a
     process decides (a sweep's first job); a THP_MEM_ALLOC_ENABLE set in the environment always wins."""
     if streamed:
