@@ -11,11 +11,16 @@ blocks goes through its one loop, `walk`:
 The pipeline loads each block, collects what the step returns into an artifact store (a dict in memory, files on
 disk for a streamed model), writes back what the step changed and unloads the block. A method is per-block maths
 plus its config: it never walks blocks, never asks where weights live, and never imports streaming.
+
+A mixture of experts is handed to a method's step with its fused experts linearized (structure/experts.py): every
+expert is an nn.Linear fed the tokens its router chose (`moe_routing="all"`: every token, for statistics), and what
+the step writes into them goes back into the fused parameters when the block leaves. The routing of each block's
+calibration tokens is measured on the way and returned with the artifacts.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -24,7 +29,10 @@ from tqdm.auto import tqdm
 from core.spec import QuantizedWeights
 from structure.architectures import ModelLayout
 from structure.blockwise import BlockContext, capture_block_inputs
+from structure.experts import linearized, routing_histogram
 from structure.streaming import RESIDENT, Residency
+
+MOE_ROUTING = ("routed", "all")
 
 BlockStep = Callable[[str, nn.Module], dict[str, QuantizedWeights]]  # (block prefix, block) -> artifacts
 CalibratedStep = Callable[[BlockContext], dict[str, QuantizedWeights]]  # sets ctx.next_inputs
@@ -34,8 +42,11 @@ class BlockPipeline:
     """A model, its layout and device, and where its weights live; every walk over its blocks."""
 
     def __init__(self, model: nn.Module, layout: ModelLayout, device: torch.device | str,
-                 residency: Residency = RESIDENT) -> None:
+                 residency: Residency = RESIDENT, moe_routing: str = "routed") -> None:
+        if moe_routing not in MOE_ROUTING:
+            raise ValueError(f"calib.moe_routing={moe_routing!r}; allowed values: {list(MOE_ROUTING)}")
         self.model, self.layout, self.device, self.residency = model, layout, torch.device(device), residency
+        self.moe_routing = moe_routing
 
     @property
     def streamed(self) -> bool:
@@ -62,28 +73,45 @@ class BlockPipeline:
                 yield i, self.layout.block_prefix(i), block
 
     def map_blocks(self, step: BlockStep, desc: str, writeback: bool = True) -> MutableMapping:
-        """Run `step(prefix, block)` on every block; returns a fresh store of the artifacts the steps returned."""
+        """Run `step(prefix, block)` on every block (its experts linearized); returns a fresh store of the artifacts
+        the steps returned."""
         store = self.residency.artifact_store()
         for _, prefix, block in self.walk(desc, writeback=writeback):
-            store.update(step(prefix, block))
+            with self._linearized(block):
+                store.update(step(prefix, block))
         return store
 
     def calibrated_pass(self, step: CalibratedStep, calib: torch.Tensor, desc: str,
-                        batch_size: int = 1) -> MutableMapping:
+                        batch_size: int = 1) -> tuple[MutableMapping, dict[str, list[int]]]:
         """Capture block 0's inputs on `calib` [N, L], then run `step(ctx)` on every block with its calibration
-        inputs; the step sets `ctx.next_inputs`, which feed the next block. Returns a fresh store of the artifacts
-        the steps returned."""
+        inputs (its experts linearized); the step sets `ctx.next_inputs`, which feed the next block. Returns (a fresh
+        store of the artifacts the steps returned, {block prefix: tokens the router sent each expert} for the blocks
+        with experts, from the first pass of the step's forwards that reached them with every calibration
+        token)."""
         inputs, block_kwargs = capture_block_inputs(self.model, self.layout, calib, self.device, self.residency)
         store = self.residency.artifact_store()
+        routing: dict[str, list[int]] = {}
+        tokens = calib.shape[0] * calib.shape[1]
         for i, prefix, block in self.walk(desc, leave=True):
-            ctx = BlockContext(i, block, prefix, inputs, block_kwargs[i], batch_size)
-            store.update(step(ctx))
+            with self._linearized(block, route_all=self.moe_routing == "all") as linear:
+                ctx = BlockContext(i, block, prefix, inputs, block_kwargs[i], batch_size)
+                store.update(step(ctx))
+            if linear is not None:
+                histogram = routing_histogram(linear.routed_calls, tokens)
+                if histogram is not None:
+                    routing[prefix] = histogram.tolist()
             if ctx.next_inputs is None:
                 raise RuntimeError(f"{desc}: block {i} did not set next_inputs")
             if not torch.isfinite(ctx.next_inputs).all():
                 raise ValueError(f"{desc}: non-finite (NaN/Inf) activations after block {prefix}")
             inputs = ctx.next_inputs
-        return store
+        return store, routing
+
+    def _linearized(self, block: nn.Module, route_all: bool = False) -> AbstractContextManager:
+        """The block's fused experts as linears while the context lasts (structure.experts.linearized); yields the
+        LinearizedExperts, or None for a block without experts."""
+        moe = self.layout.parts(block).moe
+        return nullcontext() if moe is None else linearized(block, moe.experts, route_all)
 
     def outside_blocks(self, head: bool = True) -> AbstractContextManager:
         """Everything outside the decoder blocks, materialized while the context lasts."""

@@ -262,13 +262,16 @@ class Streamed(Residency):
         self.overlay = dict(overlay or {})
         self._written: dict[str, Path] = {}  # name -> scratch file holding its latest value
         self._aliases: dict[str, str] = {}
+        self._composite: dict[str, list[list[str]]] = {}  # fused parameter -> per expert, the stored tensors of it
         self._files = 0
         self.pool = TensorPool()  # a block's tensors, reused by the next block
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Make `model` (a skeleton) stream through this residency: map every parameter to the stored tensor it
-        reads (tied parameters, lm_head = embeddings, share one checkpoint entry), fail on any the checkpoint lacks,
-        and move the buffers to the device. The model itself carries nothing: whoever walks it holds the residency."""
+        reads (tied parameters, lm_head = embeddings, share one checkpoint entry; a fused expert parameter that the
+        checkpoint stores one expert at a time, as transformers saves mixtures, reads those tensors and stacks them),
+        fail on any the checkpoint lacks, and move the buffers to the device. The model itself carries nothing:
+        whoever walks it holds the residency."""
         groups: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
@@ -277,6 +280,12 @@ class Streamed(Residency):
             for n in names:
                 self._aliases[n] = stored[0] if stored else n
         missing = sorted(n for n, a in self._aliases.items() if a not in self.checkpoint)
+        if missing:
+            stacked, renamed = _stored_sources(model)
+            self._composite = {n: stacked[n] for n in missing
+                               if n in stacked and all(t in self.checkpoint for g in stacked[n] for t in g)}
+            self._aliases.update({n: renamed[n] for n in missing if renamed.get(n) in self.checkpoint})
+            missing = [n for n in missing if n not in self._composite and self._aliases[n] not in self.checkpoint]
         if missing:
             raise CheckpointFormatError(f"{self.checkpoint.directory}: the checkpoint lacks {len(missing)} tensors "
                                         f"of the model (e.g. {missing[:3]})")
@@ -299,9 +308,15 @@ class Streamed(Residency):
                 from_checkpoint.append(n)
         for path, group in from_scratch.items():
             out.update(read_safetensors(path, group, allocate))
+        stacked = [n for n in from_checkpoint if n in self._composite]
+        from_checkpoint = [n for n in from_checkpoint if n not in self._composite]
         if from_checkpoint:
             stored = self.checkpoint.read(sorted({self._aliases.get(n, n) for n in from_checkpoint}), allocate)
             out.update({n: stored[self._aliases.get(n, n)] for n in from_checkpoint})
+        for n in stacked:  # experts stored one by one: [E, ...] from each expert's tensors, as from_pretrained fuses
+            parts = self._composite[n]
+            stored = self.checkpoint.read(sorted({t for group in parts for t in group}))
+            out[n] = torch.stack([torch.cat([stored[t] for t in group]) for group in parts])
         return out
 
     def read(self, model: nn.Module, name: str) -> torch.Tensor:
@@ -414,6 +429,23 @@ class Streamed(Residency):
     def close(self) -> None:
         self.pool.clear()
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _stored_sources(model: nn.Module) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
+    """Where checkpoints name a model's tensors differently (ModelLayout.stored_sources over every block): (fused
+    expert parameters stored one expert at a time, renamed tensors); empty for a family the table does not know."""
+    from structure.architectures import layout_for
+
+    try:
+        layout = layout_for(model)
+    except ValueError:
+        return {}, {}
+    stacked, renamed = {}, {}
+    for i, block in enumerate(layout.blocks(model)):
+        more_stacked, more_renamed = layout.stored_sources(block, layout.block_prefix(i))
+        stacked.update(more_stacked)
+        renamed.update(more_renamed)
+    return stacked, renamed
 
 
 def _outside_modules(model: nn.Module, layout: ModelLayout, head: bool = True) -> list[tuple[str, nn.Module]]:

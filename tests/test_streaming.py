@@ -291,7 +291,7 @@ def test_a_streamed_quantized_evaluation_reads_no_weight_its_artifacts_replace(f
         return original(self, names, allocate)
 
     monkeypatch.setattr(Checkpoint, "read", counting_read)
-    inputs = layerwise_lm_head_inputs(pipeline, windows, BlockArtifacts(layout, artifacts, CPU))
+    inputs = layerwise_lm_head_inputs(pipeline, windows, BlockArtifacts(layout, artifacts, CPU, pipeline.model))
     replaced = {f"{name}.weight" for name in artifacts}
     assert read and not replaced & set(read)  # the norms, biases and embeddings were read; no replaced weight was
     # the dequantized weights are freed with their block, not pooled for reads that never come (they would pile up)
