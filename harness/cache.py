@@ -95,7 +95,8 @@ def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) ->
     Artifacts held in memory go into one sealed file (its sha256 in its header). Artifacts a streamed run kept on
     disk (an ArtifactStore) move into a directory entry with a manifest of checksums, so that no step ever holds
     them all in memory."""
-    body = {"key": key, "modified": result.modified, "stats": result.stats, "extras": result.extras, "meta": meta}
+    body = {"key": key, "modified": result.modified, "stats": result.stats, "extras": result.extras,
+            "routing": result.routing, "meta": meta}
     if not isinstance(result.artifacts, ArtifactStore):
         buffer = io.BytesIO()
         torch.save({**body, "artifacts": result.artifacts}, buffer)
@@ -114,7 +115,8 @@ def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) ->
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return QuantizationResult(ArtifactStore(target / "artifacts"), result.modified, result.stats, result.extras)
+    return QuantizationResult(ArtifactStore(target / "artifacts"), result.modified, result.stats, result.extras,
+                              result.routing)
 
 
 def load_entry(path: Path, key: dict) -> tuple[QuantizationResult, dict] | None:
@@ -130,7 +132,8 @@ def load_entry(path: Path, key: dict) -> tuple[QuantizationResult, dict] | None:
     if stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
         log.warning("%s holds another key (a hash collision or a foreign file): not reused", where)
         return None
-    result = QuantizationResult(entry["artifacts"], entry["modified"], entry["stats"], entry["extras"])
+    result = QuantizationResult(entry["artifacts"], entry["modified"], entry["stats"], entry["extras"],
+                                entry.get("routing", {}))
     return result, entry["meta"]
 
 

@@ -6,6 +6,7 @@ kernels never need to know which method produced the weights.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,12 +28,15 @@ class QuantizationResult:
         folded into norms and biases); applying them to a fresh model reproduces the method's model.
     stats: {linear name: {statistic: number}} (GPTQ: damping used and retries, loss, dead inputs, tokens).
     extras: {file name: torch-saveable object} written beside the run's rows (AWQ: awq_search.pt).
+    routing: {block prefix: calibration tokens the router sent each expert} of every block with experts (what the
+        pipeline's calibrated pass measured; empty for dense models and methods without calibration).
     """
 
     artifacts: dict[str, QuantizedWeights]
     modified: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,27 @@ class Method(ABC):
                  device: torch.device | str) -> QuantizationResult:
         """quantize_blocks for a model held whole in memory."""
         return self.quantize_blocks(BlockPipeline(model, layout, device), spec, calib)
+
+
+DEFAULT_MIN_TOKENS = "0.5%"  # GPTQModel's default fallback threshold
+
+
+def min_tokens(value: str | None, calibration_tokens: int) -> int:
+    """The fewest calibration tokens a matrix's statistics may rest on (`method.moe_min_tokens`): a share of the
+    calibration tokens ("0.5%", the default for None), or a count ("64"). A matrix that saw fewer (a routed expert
+    the router starved) is rounded to nearest instead."""
+    text = str(DEFAULT_MIN_TOKENS if value is None else value).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100
+            if 0 <= share <= 1:
+                return math.ceil(share * calibration_tokens)
+        elif float(text) >= 0 and float(text) == int(float(text)):
+            return int(float(text))
+    except ValueError:
+        pass
+    raise ValueError(f"method.moe_min_tokens={value!r}; allowed values: a share of the calibration tokens such as "
+                     "'0.5%' (0-100%), or a whole number of tokens such as '64'")
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
-from core.quant import RANGE_RULES, qparams
+from core.quant import RANGE_RULES, qparams, quantize_weight
 from core.spec import QuantizedWeights, QuantSpec
-from methods.base import Method, QuantizationResult, register_method
+from methods.base import Method, QuantizationResult, min_tokens, register_method
 from structure.blockwise import BlockContext, OutputCache
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,9 @@ class GPTQConfig:
         partial forwards reuse instead of recomputing (structure.blockwise.OutputCache); at most a quarter of the
         memory free when the block starts; 0 recomputes them. Speed and memory only: the result is bit-identical for
         every value, so it is not part of the run's key.
+    moe_min_tokens: a routed expert whose Hessian rests on fewer calibration tokens than this ("0.5%" of them, or a
+        count such as "64"; null: "0.5%") is rounded to nearest (`range_rule`) instead, as GPTQModel's default fallback does;
+        counted in the rows (`stat_fallback`, `experts_fallback`) and warned about. Dense linears see every token.
     """
 
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("output_cache_gb",)
@@ -259,6 +262,7 @@ class GPTQConfig:
     batch_size: int = 1
     hessian_dtype: str = "float64"
     output_cache_gb: float = 2.0
+    moe_min_tokens: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.hessian_dtype not in COMPUTE_DTYPES:
@@ -277,6 +281,7 @@ class GPTQConfig:
             raise ValueError(f"method.max_damp_retries={self.max_damp_retries!r} must be a non-negative integer")
         if self.range_rule not in RANGE_RULES:
             raise ValueError(f"method.range_rule={self.range_rule!r}; allowed values: {list(RANGE_RULES)}")
+        min_tokens(self.moe_min_tokens, 1)  # the value parses
 
 
 class _GroupDone(Exception):
@@ -285,18 +290,29 @@ class _GroupDone(Exception):
 
 @torch.no_grad()
 def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.device,
-                     dtype: torch.dtype = torch.float64) -> dict[str, HessianAccumulator]:
+                     dtype: torch.dtype = torch.float64, routed: frozenset[str] = frozenset(),
+                     experts: str | None = None) -> dict[str, HessianAccumulator]:
     """Run the block over its calibration inputs and return {name: Hessian of that linear's inputs}.
 
-    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator, and the forward stops as
-    soon as the last linear of the group has its input, before it runs (later layers of the block are not needed).
-    Linears of earlier groups serve their outputs from ctx.output_cache where it holds them.
+    Linears fed the very same tensor (q/k/v, gate/up; every expert when every token goes through every expert) share
+    one accumulator, and the forward stops as soon as the group is complete, before anything after it runs (later
+    layers of the block are not needed): when the last linear of the group has its input, and, if the group holds
+    routed experts (`routed`: their names; `experts`: the experts module), once that module has run. A routed expert
+    the router never chose gets an empty accumulator (n = 0); any other linear without input is an error. Linears of
+    earlier groups serve their outputs from ctx.output_cache where it holds them.
     """
     linears = {n: ctx.block.get_submodule(n) for n in names}
+    dense = [n for n in names if n not in routed]
     accs: dict[str, HessianAccumulator] = {}
     alias: dict[str, str] = {}  # linear -> linear whose accumulator it shares
     seen: dict[tuple, str] = {}
     held: list[torch.Tensor] = []  # keep this batch's inputs alive so an address is never reused within it
+    state = {"experts_done": not routed}
+
+    def complete() -> bool:
+        # after the first batch, a linear that shares its input with one already seen has it too (up_proj with
+        # gate_proj): the forward stops before computing gate_proj
+        return state["experts_done"] and all(n in seen_names or (known and alias[n] in seen_names) for n in dense)
 
     def on_input(name: str, x: torch.Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
@@ -311,27 +327,40 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...], device: torch.de
         if alias.setdefault(name, owner) != owner:
             raise RuntimeError(f"{ctx.full_name(name)}: shared-input pattern changed between calibration batches")
         seen_names.add(name)
-        # done once every linear has its input; after the first batch, a linear that shares its input with one
-        # already seen has it too (up_proj with gate_proj): the forward stops before computing gate_proj
-        if all(n in seen_names or (known and alias[n] in seen_names) for n in names):
+        if complete():
+            raise _GroupDone
+
+    def on_experts_done(*_) -> None:
+        state["experts_done"] = True
+        if complete():
             raise _GroupDone
 
     seen_names: set[str] = set()
     known = False  # whether the first batch has shown which linears share an input
-    with ctx.input_hooks(list(names), on_input):
-        for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
-            seen.clear()
-            held.clear()
-            seen_names.clear()
-            try:
-                with ctx.calibration_batch(i):
-                    ctx.block(ctx.inputs[i:i + ctx.batch_size], **ctx.kwargs)
-            except _GroupDone:
-                pass
-            known = len(alias) == len(names)
-    missing = [n for n in names if n not in alias]
+    done_hook = ctx.block.get_submodule(experts).register_forward_hook(on_experts_done) if routed else None
+    try:
+        with ctx.input_hooks(list(names), on_input):
+            for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
+                seen.clear()
+                held.clear()
+                seen_names.clear()
+                state["experts_done"] = not routed
+                try:
+                    with ctx.calibration_batch(i):
+                        ctx.block(ctx.inputs[i:i + ctx.batch_size], **ctx.kwargs)
+                except _GroupDone:
+                    pass
+                known = all(n in alias for n in dense)
+    finally:
+        if done_hook is not None:
+            done_hook.remove()
+    missing = [n for n in dense if n not in alias]
     if missing:
         raise ValueError(f"{ctx.prefix}: no calibration activations reached {missing}")
+    for n in routed:  # experts the router never chose: nothing to build a Hessian from
+        if n not in alias:
+            alias[n] = n
+            accs[n] = HessianAccumulator(linears[n].in_features, device, name=ctx.full_name(n), dtype=dtype)
     return {n: accs[alias[n]] for n in names}
 
 
@@ -361,26 +390,40 @@ class GPTQ(Method):
                 ctx.output_cache = None
             return artifacts
 
-        artifacts = pipeline.calibrated_pass(step, calib, "gptq", self.config.batch_size)
-        return QuantizationResult(artifacts, stats=layer_stats)
+        artifacts, routing = pipeline.calibrated_pass(step, calib, "gptq", self.config.batch_size)
+        fallbacks = [name for name, s in layer_stats.items() if s.get("fallback")]
+        if fallbacks:
+            log.warning("gptq: %d routed expert matrices saw fewer than %s of the calibration tokens and were rounded "
+                        "to nearest instead (e.g. %s: %d tokens)", len(fallbacks), self.config.moe_min_tokens,
+                        fallbacks[0], layer_stats[fallbacks[0]]["n_tokens"])
+        return QuantizationResult(artifacts, stats=layer_stats, routing=routing)
 
     def quantize_block(self, ctx: BlockContext, layout, spec: QuantSpec, device: torch.device,
                        layer_stats: dict[str, dict]) -> dict[str, QuantizedWeights]:
         """GPTQ one block, its sequential groups in turn: {full name: artifact (CPU)}; each linear's weight becomes
         its dequantized artifact, and its statistics go into layer_stats."""
         cfg, artifacts = self.config, {}
+        parts = layout.parts(ctx.block)
         linears = layout.block_linears(ctx.block)
-        groups = layout.spec.sequential if cfg.true_sequential else (tuple(linears),)
+        groups = parts.sequential if cfg.true_sequential else (tuple(linears),)
+        fewest = min_tokens(cfg.moe_min_tokens, ctx.inputs.shape[0] * ctx.inputs.shape[1])
         for group in groups:
             dtype = COMPUTE_DTYPES[cfg.hessian_dtype]
-            hessians = collect_hessians(ctx, group, device, dtype)
+            routed = frozenset(n for n in group if parts.is_expert(n))
+            hessians = collect_hessians(ctx, group, device, dtype, routed,
+                                        parts.moe.experts.path if routed else None)
             for n in group:
                 lin, full = linears[n], ctx.full_name(n)
-                art, stats = gptq_quantize_layer(
-                    lin.weight.data.to(device), hessians[n].H, spec, block_size=cfg.block_size,
-                    damp_percent=cfg.damp_percent, desc_act=cfg.desc_act, static_groups=cfg.static_groups,
-                    range_rule=cfg.range_rule, max_damp_retries=cfg.max_damp_retries,
-                    damp_increment=cfg.damp_increment, dtype=dtype, name=full)
+                if hessians[n].n < fewest:  # a starved expert: round to nearest (GPTQModel's fallback)
+                    art = quantize_weight(lin.weight.data.to(device), spec, cfg.range_rule)
+                    stats = {"fallback": 1}
+                else:
+                    art, stats = gptq_quantize_layer(
+                        lin.weight.data.to(device), hessians[n].H, spec, block_size=cfg.block_size,
+                        damp_percent=cfg.damp_percent, desc_act=cfg.desc_act, static_groups=cfg.static_groups,
+                        range_rule=cfg.range_rule, max_damp_retries=cfg.max_damp_retries,
+                        damp_increment=cfg.damp_increment, dtype=dtype, name=full)
+                    stats["fallback"] = 0
                 lin.weight.data = art.dequantize(lin.weight.dtype).to(lin.weight.device)
                 artifacts[full] = art.to("cpu")
                 layer_stats[full] = {**stats, "n_tokens": hessians[n].n}

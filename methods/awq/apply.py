@@ -15,15 +15,22 @@ from structure.pipeline import BlockPipeline
 
 @torch.no_grad()
 def apply_scales(block: nn.Module, scales: list[GroupScale], norm_weight_offset: float) -> None:
-    """Fold each group's scale into the block in place: prev op's output /= s, the layers' input columns *= s."""
+    """Fold each group's scale into the block in place: prev op's output /= s, the layers' input columns *= s (and
+    those of the unquantized modules fed the same input, a router)."""
     for g in scales:
         prev = get_submodule(block, g.prev)
         s = g.s.to(prev.weight.device)
         if isinstance(prev, nn.Linear):
-            # The rows of prev produce exactly the channels the layers consume (shapes checked when searched).
-            prev.weight.data = prev.weight.data / s.to(prev.weight.dtype)[:, None]
+            # The rows of prev produce exactly the channels the layers consume (shapes checked when searched); with
+            # prev_rows="last", its last s.numel() rows do (phi3's gate_up_proj: the up half).
+            rows = slice(None) if g.prev_rows == "all" else slice(prev.out_features - s.numel(), None)
+            weight = prev.weight.data.clone()
+            weight[rows] /= s.to(weight.dtype)[:, None]
+            prev.weight.data = weight
             if prev.bias is not None:
-                prev.bias.data = prev.bias.data / s.to(prev.bias.dtype)
+                bias = prev.bias.data.clone()
+                bias[rows] /= s.to(bias.dtype)
+                prev.bias.data = bias
         else:
             bias = getattr(prev, "bias", None)
             weight, new_bias = fold_scale_into_norm(prev.weight.data, None if bias is None else bias.data, s,
@@ -31,7 +38,7 @@ def apply_scales(block: nn.Module, scales: list[GroupScale], norm_weight_offset:
             prev.weight.data = weight
             if bias is not None:
                 bias.data = new_bias
-        for name in g.layers:
+        for name in (*g.layers, *g.also_scaled):
             lin = get_submodule(block, name)
             lin.weight.data = lin.weight.data * s.to(lin.weight.dtype)[None, :]
 
@@ -58,16 +65,24 @@ def apply_search(pipeline: BlockPipeline, search: AWQSearch, on_block=None) -> d
     return pipeline.map_blocks(step, "awq: apply search")
 
 
-def folded_names(block: nn.Module, scales: list[GroupScale]) -> list[str]:
+def folded_names(block: nn.Module, scales: list[GroupScale], matrices: dict) -> list[str]:
     """Names (relative to the block) of what apply_scales changes that no artifact covers: a norm's weight and
-    bias, a previous linear's bias (every linear weight of a block is quantized, so its artifact covers it)."""
+    bias, a previous linear's bias, a router's weight (every quantized matrix of a block, `matrices`, has an
+    artifact that covers it)."""
     names = []
     for g in scales:
-        prev = get_submodule(block, g.prev)
-        if not isinstance(prev, nn.Linear):
+        if g.prev in matrices:
+            if not isinstance(matrices[g.prev], nn.Linear):
+                if getattr(matrices[g.prev], "bias", None) is not None:
+                    raise ValueError(f"{g.prev}: folding a scale into an expert with biases is not supported")
+                continue
+            prev = matrices[g.prev]
+        else:
+            prev = get_submodule(block, g.prev)
             names.append(f"{g.prev}.weight")
         if getattr(prev, "bias", None) is not None:
             names.append(f"{g.prev}.bias")
+        names += [f"{name}.weight" for name in g.also_scaled]
     return names
 
 
@@ -75,6 +90,7 @@ def folded_tensors(pipeline: BlockPipeline, search: AWQSearch) -> dict[str, torc
     """{state_dict key: CPU copy} of every tensor a (searched or re-applied) AWQ search folded its scales into."""
     found = {}
     for prefix, b in search.blocks.items():
-        for name in folded_names(pipeline.model.get_submodule(prefix), b.scales):  # names only: meta answers too
+        block = pipeline.model.get_submodule(prefix)  # names and shapes only: a meta block answers too
+        for name in folded_names(block, b.scales, pipeline.layout.matrices(block)):
             found[f"{prefix}.{name}"] = pipeline.read(f"{prefix}.{name}").clone()
     return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from methods.base import min_tokens
 from methods.gptq import GPTQConfig
 
 
@@ -18,6 +19,12 @@ class AWQConfig:
     clip_n_tokens: tokens subsampled (evenly strided) for the clip loss; None = all calibration tokens.
     batch_size: calibration samples per forward inside the searches (memory knob; results do not depend on it).
     load_search: path of a saved awq_search.pt to re-apply instead of searching (calibration data is then unused).
+    moe_min_tokens: a routed expert whose inputs hold fewer calibration tokens than this ("0.5%" of them, or a count
+        such as "64"; null: "0.5%") gets no scale or clip search of its own and is rounded to nearest after the experts' shared
+        gate/up scale (counted in the rows, warned about).
+    scale_router: fold the experts' shared gate/up scale into the router's input columns too, so the routing of the
+        folded model is the original's (null or true, the default). False reproduces AutoAWQ's Mixtral, which leaves the router
+        unscaled: it then sees x / s and routes differently (docs/awq.md).
     """
 
     name: str = "awq"
@@ -30,6 +37,8 @@ class AWQConfig:
     clip_n_tokens: Optional[int] = 512
     batch_size: int = 8
     load_search: Optional[str] = None
+    moe_min_tokens: Optional[str] = None
+    scale_router: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for key in ("n_grid", "clip_grid", "batch_size"):
@@ -42,6 +51,7 @@ class AWQConfig:
         if self.clip_n_tokens is not None and (not isinstance(self.clip_n_tokens, int) or self.clip_n_tokens < 1):
             raise ValueError(f"method.clip_n_tokens={self.clip_n_tokens!r} must be an integer >= 1 "
                              "or None (all tokens)")
+        min_tokens(self.moe_min_tokens, 1)  # the value parses
         if self.load_search is not None and not str(self.load_search).strip():
             raise ValueError("method.load_search is an empty string; give a path to awq_search.pt or leave it None")
 

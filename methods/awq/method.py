@@ -28,14 +28,16 @@ class AWQ(Method):
 
     def quantize_blocks(self, pipeline, spec, calib) -> QuantizationResult:
         layout = pipeline.layout
+        stats, routing = {}, {}
         if self.config.load_search is not None:
             search, artifacts = load_search(self.config.load_search, pipeline, spec, on_block=lambda block, prefix:
                                             quantize_block(block, prefix, layout, spec, device=pipeline.device))
         else:
-            search, artifacts = run_awq_search(pipeline, spec, calib, self.config, on_block=lambda ctx:
-                                               quantize_block(ctx.block, ctx.prefix, layout, spec))
-        return QuantizationResult(artifacts, modified=folded_tensors(pipeline, search),
-                                  extras={SEARCH_FILE: search.to_state()})
+            search, artifacts, stats, routing = run_awq_search(
+                pipeline, spec, calib, self.config,
+                on_block=lambda ctx: quantize_block(ctx.block, ctx.prefix, layout, spec))
+        return QuantizationResult(artifacts, modified=folded_tensors(pipeline, search), stats=stats,
+                                  extras={SEARCH_FILE: search.to_state()}, routing=routing)
 
 
 @register_method("awq_gptq", AWQGPTQConfig)
@@ -50,11 +52,11 @@ class AWQGPTQ(Method):
         if awq_config.load_search is not None:
             search, _ = load_search(awq_config.load_search, pipeline, spec)
         else:
-            search, _ = run_awq_search(pipeline, spec, calib, awq_config, desc="awq_gptq: awq")
+            search = run_awq_search(pipeline, spec, calib, awq_config, desc="awq_gptq: awq")[0]
         modified = folded_tensors(pipeline, search)  # GPTQ below changes linear weights only, which artifacts cover
         gptq = GPTQ(self.config.gptq).quantize_blocks(pipeline, spec, calib)
         return QuantizationResult(gptq.artifacts, modified=modified, stats=gptq.stats,
-                                  extras={SEARCH_FILE: search.to_state()})
+                                  extras={SEARCH_FILE: search.to_state()}, routing=gptq.routing)
 
 
 def load_search(path: str, pipeline, spec, on_block=None) -> tuple[AWQSearch, dict]:

@@ -3,6 +3,8 @@ group's scale on the unscaled block, fold them, then search the clips on the sca
 from __future__ import annotations
 
 import inspect
+import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,9 +15,12 @@ from methods.awq.apply import apply_clips, apply_scales
 from methods.awq.config import AWQConfig
 from methods.awq.maths import act_mean, awq_scale, sample_tokens, search_clip, weight_mean
 from methods.awq.state import AWQSearch, BlockSearch, GroupScale
+from methods.base import min_tokens
 from structure.architectures import ModelLayout, ScaleGroup, get_submodule
 from structure.blockwise import BlockContext
 from structure.pipeline import BlockPipeline
+
+log = logging.getLogger(__name__)
 
 
 def _accepted_kwargs(module: nn.Module, kwargs: dict) -> dict:
@@ -28,12 +33,17 @@ def _accepted_kwargs(module: nn.Module, kwargs: dict) -> dict:
 
 @torch.no_grad()
 def _run(module: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
-    """module over x [N, L, D] in batches of samples -> [N, L, D_out] (first element of tuple outputs)."""
+    """module over x [N, L, D] in batches of samples -> [N, L, D_out] (first element of tuple outputs); x [T, D] (one
+    expert's routed tokens) in chunks of tokens."""
     outs = []
-    for i in range(0, x.shape[0], batch_size):
-        out = module(x[i:i + batch_size], **kwargs)
+    step = batch_size if x.dim() > 2 else TOKEN_CHUNK
+    for i in range(0, x.shape[0], step):
+        out = module(x[i:i + step], **kwargs)
         outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return torch.cat(outs)
+
+
+TOKEN_CHUNK = 4096  # tokens per forward when a module's inputs are a bag of routed tokens, not [N, L] windows
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,37 +56,73 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return total / a.numel()
 
 
-def feature_keys(layout: ModelLayout) -> dict[str, str]:
-    """{linear name: name of the linear whose input it shares}: layers of one scaling group read the same input."""
-    keys = {}
-    for g in layout.spec.scale_groups:
-        for name in g.layers:
-            keys[name] = g.layers[0]
-    return {name: keys.get(name, name) for name in layout.spec.linears}
-
-
 def _group_applies(block: nn.Module, group: ScaleGroup) -> bool:
-    """A linear prev op can only be folded when its outputs are the layers' inputs (not under grouped-query v->o)."""
+    """A linear prev op can only be folded when its outputs (its last rows, prev_rows="last") are the layers' inputs
+    (not under grouped-query v->o)."""
     prev = get_submodule(block, group.prev)
     if not isinstance(prev, nn.Linear):
         return True
-    return all(prev.out_features == get_submodule(block, n).in_features for n in group.layers)
+    widths = {get_submodule(block, n).in_features for n in group.layers}
+    if group.prev_rows == "last":
+        return len(widths) == 1 and widths.pop() <= prev.out_features
+    return widths == {prev.out_features}
+
+
+@dataclass
+class Features:
+    """What one full-precision forward of a block recorded: each linear's input (linears fed the same tensor share
+    one entry), the inputs of the scaling groups' input modules, and the block's output."""
+
+    inputs: dict[str, torch.Tensor]  # key -> [N, L, in], or [T, in] for a routed expert
+    keys: dict[str, str]  # module name -> key of its input in `inputs` (absent: never called, a starved expert)
+    output: torch.Tensor
+
+    def of(self, name: str) -> torch.Tensor | None:
+        key = self.keys.get(name)
+        return None if key is None else self.inputs[key]
+
+    def tokens(self, name: str) -> int:
+        x = self.of(name)
+        return 0 if x is None else x.reshape(-1, x.shape[-1]).shape[0]
+
+    def rescale(self, names, s: torch.Tensor) -> None:
+        """The modules named now see x / s (their scale was folded into the op before them)."""
+        for key in {self.keys[n] for n in names if n in self.keys}:
+            self.inputs[key] = self.inputs[key] / s.to(self.inputs[key].device, self.inputs[key].dtype)
 
 
 @torch.no_grad()
-def capture_features(ctx: BlockContext, layout: ModelLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run the unmodified block once -> ({feature key: linear input [N, L, in]}, fp block output [N, L, D])."""
-    keys = sorted(set(feature_keys(layout).values()))
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    with ctx.input_hooks(keys, lambda name, x: chunks[name].append(x)):
-        out = ctx.forward()
-    return {k: torch.cat(v) for k, v in chunks.items()}, out
+def capture_features(ctx: BlockContext, layout: ModelLayout) -> Features:
+    """Run the unmodified block once, recording the inputs of every linear and of every scaling group's input
+    module. Modules that receive the very same tensor in a batch share one record (q/k/v; an expert's gate and up;
+    every expert when every token goes through every expert)."""
+    parts = layout.parts(ctx.block)
+    names = list(dict.fromkeys([*parts.names, *(g.input_module for g in parts.scale_groups)]))
+    chunks: dict[str, list[torch.Tensor]] = {}
+    keys: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        tensor_key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
+        owner = seen.setdefault(tensor_key, name)
+        if owner == name:
+            chunks.setdefault(name, []).append(x)
+        if keys.setdefault(name, owner) != owner:
+            raise RuntimeError(f"{ctx.full_name(name)}: shared-input pattern changed between calibration batches")
+
+    outs = []
+    with ctx.input_hooks(names, record):
+        for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
+            seen.clear()
+            outs.append(ctx.forward(ctx.inputs[i:i + ctx.batch_size]))
+    return Features({k: torch.cat(v) for k, v in chunks.items()}, keys, torch.cat(outs))
 
 
 @torch.no_grad()
 def search_group_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, kwargs: dict, spec: QuantSpec,
                        config: AWQConfig) -> GroupScale:
-    """Grid-search one scaling group's s on inputs x [N, L, in]; the block's weights are left as they were."""
+    """Grid-search one scaling group's s on the group's inputs x; the block's weights are left as they were. Modules
+    the group scales without quantizing (a router) keep their weights during the search: their input is unchanged."""
     layers = [get_submodule(block, n) for n in group.layers]
     module = get_submodule(block, group.inspect)
     kwargs = _accepted_kwargs(module, kwargs)
@@ -85,7 +131,8 @@ def search_group_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, kwa
               if config.duo_scaling else None)
     fp_out = _run(module, x, kwargs, config.batch_size)
     originals = [lin.weight.data for lin in layers]
-    best = GroupScale(group.prev, group.layers, torch.ones_like(x_mean), None, float("inf"))
+    also = group.also_scaled if config.scale_router is not False else ()
+    best = GroupScale(group.prev, group.layers, torch.ones_like(x_mean), None, float("inf"), also, group.prev_rows)
     try:
         for i in range(config.n_grid):
             alpha = i / config.n_grid
@@ -98,7 +145,7 @@ def search_group_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, kwa
                 raise ValueError(f"AWQ scale search: NaN loss for {group.prev} -> {list(group.layers)} "
                                  f"at alpha={alpha}")
             if loss < best.loss:
-                best = GroupScale(group.prev, group.layers, s.cpu(), alpha, loss)
+                best = GroupScale(group.prev, group.layers, s.cpu(), alpha, loss, also, group.prev_rows)
     finally:
         for lin, w in zip(layers, originals):
             lin.weight.data = w
@@ -107,40 +154,55 @@ def search_group_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, kwa
 
 @torch.no_grad()
 def search_block(ctx: BlockContext, layout: ModelLayout, spec: QuantSpec, config: AWQConfig,
-                 features: dict[str, torch.Tensor]) -> BlockSearch:
-    """Search (and apply, because clipping is searched on the scaled weights) one block's scales and clips."""
+                 features: Features) -> tuple[BlockSearch, dict[str, dict]]:
+    """Search (and apply, because clipping is searched on the scaled weights) one block's scales and clips ->
+    (the search, per-linear stats: calibration tokens seen and whether it fell back to plain rounding).
+
+    A routed expert that saw fewer than `method.moe_min_tokens` tokens gets no scale of its own (up -> down) and no
+    clip search: it is rounded to nearest after the shared gate/up scale (the reference fallback, counted)."""
     result = BlockSearch()
-    keys = feature_keys(layout)
+    parts = layout.parts(ctx.block)
+    fewest = min_tokens(config.moe_min_tokens, ctx.inputs.shape[0] * ctx.inputs.shape[1])
+    starved = {n for n in parts.names if parts.is_expert(n) and features.tokens(n) < fewest}
+    stats = {ctx.full_name(n): {"n_tokens": features.tokens(n), "fallback": int(n in starved)} for n in parts.names}
     if config.auto_scale:
-        groups = [g for g in layout.spec.scale_groups if _group_applies(ctx.block, g)]
-        result.scales = [search_group_scale(ctx.block, g, features[keys[g.layers[0]]], ctx.kwargs, spec, config)
+        groups = [g for g in parts.scale_groups if _group_applies(ctx.block, g)
+                  and not set(g.layers) <= starved and g.prev not in starved]
+        result.scales = [search_group_scale(ctx.block, g, features.of(g.input_module), ctx.kwargs, spec, config)
                          for g in groups]
         apply_scales(ctx.block, result.scales, layout.spec.norm_weight_offset)
-        for g in result.scales:  # the layers now see x / s
-            key = keys[g.layers[0]]
-            features[key] = features[key] / g.s.to(features[key].device, features[key].dtype)
+        for group, found in zip(groups, result.scales):  # the layers (and the group's input module) now see x / s
+            features.rescale((*group.layers, group.input_module), found.s)
     if config.auto_clip:
         for name, lin in layout.block_linears(ctx.block).items():
-            if name in layout.spec.no_clip:  # q/k (the table says which; the references match names)
+            if name in layout.spec.no_clip or name in starved:  # q/k (the table says which); starved experts
                 continue
-            x = sample_tokens(features[keys[name]], config.clip_n_tokens)
+            x = sample_tokens(features.of(name), config.clip_n_tokens)
             result.clips[name] = search_clip(lin.weight.data, x, spec, config.clip_grid, config.clip_max_shrink)
         apply_clips(ctx.block, result.clips, spec.group_size)
-    return result
+    return result, stats
 
 
 def run_awq_search(pipeline: BlockPipeline, spec: QuantSpec, calib: torch.Tensor, config: AWQConfig,
-                   desc: str = "awq", on_block=None) -> tuple[AWQSearch, dict]:
+                   desc: str = "awq", on_block=None) -> tuple[AWQSearch, dict, dict, dict]:
     """Search and apply AWQ over all blocks (the model changed in place): (the search, the artifacts that
-    `on_block(ctx)` returned for each block after its search, e.g. the block quantized)."""
+    `on_block(ctx)` returned for each block after its search, e.g. the block quantized, per-linear stats, the
+    routing of the calibration tokens per block with experts)."""
     search = AWQSearch(spec.bits, spec.group_size, spec.symmetric)
     layout = pipeline.layout
+    stats: dict[str, dict] = {}
 
     def step(ctx: BlockContext) -> dict:
-        features, fp_out = capture_features(ctx, layout)
-        ctx.next_inputs = fp_out  # the reference feeds the next block the full-precision output
-        search.blocks[ctx.prefix] = search_block(ctx, layout, spec, config, features)
+        features = capture_features(ctx, layout)
+        ctx.next_inputs = features.output  # the reference feeds the next block the full-precision output
+        search.blocks[ctx.prefix], block_stats = search_block(ctx, layout, spec, config, features)
+        stats.update(block_stats)
         return {} if on_block is None else on_block(ctx)
 
-    artifacts = pipeline.calibrated_pass(step, calib, desc, config.batch_size)
-    return search, artifacts
+    artifacts, routing = pipeline.calibrated_pass(step, calib, desc, config.batch_size)
+    fallbacks = [name for name, s in stats.items() if s["fallback"]]
+    if fallbacks:
+        log.warning("%s: %d routed expert matrices saw fewer than %s of the calibration tokens and were rounded to "
+                    "nearest without a search of their own (e.g. %s: %d tokens)", desc, len(fallbacks),
+                    config.moe_min_tokens, fallbacks[0], stats[fallbacks[0]]["n_tokens"])
+    return search, artifacts, stats, routing

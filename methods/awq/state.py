@@ -25,6 +25,8 @@ class GroupScale:
     s: torch.Tensor  # [in_features of layers], fp32 (fp64 for an fp64 model)
     alpha: Optional[float] = None
     loss: Optional[float] = None
+    also_scaled: tuple[str, ...] = ()  # unquantized modules fed the same input (a router): their columns *= s too
+    prev_rows: str = "all"  # "last": only prev's last s.numel() rows feed the layers (phi3's gate_up_proj)
 
 
 @dataclass
@@ -48,7 +50,8 @@ class AWQSearch:
         """Plain dict of tensors/str/numbers (loads with torch.load(weights_only=True))."""
         return {"format": SEARCH_FORMAT, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
                 "blocks": {prefix: {"scales": [{"prev": g.prev, "layers": list(g.layers), "s": g.s.detach().cpu(),
-                                                "alpha": g.alpha, "loss": g.loss} for g in b.scales],
+                                                "alpha": g.alpha, "loss": g.loss, "also_scaled": list(g.also_scaled),
+                                                "prev_rows": g.prev_rows} for g in b.scales],
                                     "clips": {n: v.detach().cpu() for n, v in b.clips.items()}}
                            for prefix, b in self.blocks.items()}}
 
@@ -56,7 +59,8 @@ class AWQSearch:
     def from_state(cls, state: dict) -> "AWQSearch":
         if not isinstance(state, dict) or state.get("format") != SEARCH_FORMAT:
             raise ValueError(f"not an AWQ search file: expected format {SEARCH_FORMAT!r}")
-        blocks = {prefix: BlockSearch([GroupScale(g["prev"], tuple(g["layers"]), g["s"], g["alpha"], g["loss"])
+        blocks = {prefix: BlockSearch([GroupScale(g["prev"], tuple(g["layers"]), g["s"], g["alpha"], g["loss"],
+                                                  tuple(g.get("also_scaled", ())), g.get("prev_rows", "all"))
                                        for g in b["scales"]], dict(b["clips"]))
                   for prefix, b in state["blocks"].items()}
         return cls(state["bits"], state["group_size"], state["symmetric"], blocks)
@@ -86,17 +90,19 @@ class AWQSearch:
                              f"({sorted(self.blocks)[:2]}...), the model has {len(prefixes)} ({prefixes[:2]}...)")
         for prefix, b in self.blocks.items():
             block = model.get_submodule(prefix)
+            matrices = layout.matrices(block)  # experts' slices of fused parameters too
+            find = lambda name: matrices[name] if name in matrices else _find(block, prefix, name)  # noqa: E731
             for g in b.scales:
-                layers = [_find(block, prefix, n) for n in g.layers]
-                prev = _find(block, prefix, g.prev)
+                layers = [find(n) for n in g.layers]
+                prev = find(g.prev)
                 expected = {lin.in_features for lin in layers}
-                prev_width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
+                prev_width = prev.weight.shape[0] if g.prev_rows == "all" else g.s.numel()
                 if expected != {g.s.numel()} or prev_width != g.s.numel():
                     raise ValueError(f"method.load_search: scale of {prefix}.{g.prev} -> {list(g.layers)} has "
                                      f"{g.s.numel()} channels; the model's layers have {sorted(expected)} inputs "
                                      f"and the prev op {prev_width} outputs")
             for name, max_val in b.clips.items():
-                lin = _find(block, prefix, name)
+                lin = find(name)
                 want = (lin.out_features, spec.n_groups(lin.in_features))
                 if tuple(max_val.shape) != want:
                     raise ValueError(f"method.load_search: clip of {prefix}.{name} has shape {tuple(max_val.shape)}, "
