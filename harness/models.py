@@ -105,7 +105,14 @@ def convert_packaged(cache_dir: Path) -> Path:
 
 
 def model_location(cfg: ModelConfig, cache_dir: Path) -> str:
-    return str(convert_packaged(cache_dir)) if cfg.source == "packaged" else cfg.path
+    if cfg.source != "packaged":
+        return cfg.path
+    dense = convert_packaged(cache_dir)
+    if cfg.upcycle is None:
+        return str(dense)
+    from harness.upcycle import build_upcycled
+
+    return str(build_upcycled(cache_dir, dense, cfg.upcycle))
 
 
 def _looks_local(path: str) -> bool:
@@ -281,6 +288,10 @@ def weights_stamp(cfg: ModelConfig) -> str | None:
     if files is None:
         return None
     h = hashlib.sha256()
+    if cfg.upcycle is not None:  # the upcycled model derives from the packaged file and the builder's recipe
+        from harness.upcycle import recipe
+
+        h.update(json.dumps({"upcycle": cfg.upcycle, **recipe()}, sort_keys=True).encode())
     for path in files:
         st = path.stat()
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -299,8 +310,12 @@ def local_model_directory(cfg: ModelConfig, cache_dir: Path) -> Path | None:
     """The directory on this machine holding the model's config.json, None while there is none yet: a local
     model.path, a hub id's snapshot in the local Hugging Face cache, the packaged model's converted copy (made by
     the first run)."""
-    if cfg.source == "packaged":  # where convert_packaged puts it
+    if cfg.source == "packaged":  # where convert_packaged (and the upcycling builder) put it
         directory = converted_directory(cache_dir)
+        if cfg.upcycle is not None:
+            from harness.upcycle import upcycled_directory
+
+            directory = upcycled_directory(cache_dir, directory, cfg.upcycle)
     else:
         directory = _hf_directory(cfg)
     return directory if directory is not None and (directory / "config.json").is_file() else None

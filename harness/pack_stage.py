@@ -44,25 +44,42 @@ def pack_in_memory(pipeline: BlockPipeline, artifacts: dict, backend: str,
     label, window = probe
     model = pipeline.model
     reference = perplexity(pipeline, window, desc="probe: fake-quant")["nll"]
-    used = pack_model(model, artifacts, backend, pipeline.layout.shared_input_groups(model))
+    experts = expert_matrices(pipeline, artifacts)
+    dense = {n: artifacts[n] for n in artifacts if n not in experts}
+    used = {**pack_model(model, dense, backend, pipeline.layout.shared_input_groups(model)), **experts}
     packed = perplexity(pipeline, window, desc="probe: packed")["nll"]
     check_agreement(f"kernel={backend}, {label}", packed, reference)
     return _pack_rows(used, backend, label, packed, reference)
 
 
+FAKE_QUANT = "fake-quant"  # what a routed expert runs as: its dequantized weights inside the fused parameters
+
+
+def expert_matrices(pipeline: BlockPipeline, names) -> dict[str, str]:
+    """{expert matrix: "fake-quant"} among `names`: the packed layouts have no grouped-experts form, so a mixture's
+    experts stay fake-quantized in their fused parameters (the weights fake-quant evaluation uses); the rows count
+    them among the layers the kernel did not run."""
+    return {n: FAKE_QUANT for n in names if pipeline.layout.is_expert_matrix(n)}
+
+
 def _pack_rows(used: dict[str, str], backend: str, label: str, packed: float, reference: float,
                **detail) -> list[dict]:
-    """The pack stage's rows: which layers fell back to another backend, and the probe's ppl ratio packed /
-    fake-quantized."""
-    fallbacks = sorted(name for name, b in used.items() if b != backend)
+    """The pack stage's rows: which layers fell back to another backend (or stayed fake-quantized: experts), and the
+    probe's ppl ratio packed / fake-quantized."""
+    fallbacks = sorted(name for name, b in used.items() if b not in (backend, FAKE_QUANT))
     if fallbacks:
         log.warning("kernel=%s: %d layers fell back to another backend: %s", backend, len(fallbacks), fallbacks[:5])
+    experts = sorted(name for name, b in used.items() if b == FAKE_QUANT)
+    if experts:
+        log.warning("kernel=%s has no layout for fused experts: %d expert matrices stay fake-quantized (only the "
+                    "attention and dense linears run packed)", backend, len(experts))
+        detail["fake_quant_experts"] = len(experts)
     detail = {"kernel": backend, **detail, **({"fallbacks": {n: used[n] for n in fallbacks}} if fallbacks else {})}
     if backend == "cpu_int4":
         from kernels.cpu_int4 import DENSE_FROM_M, dense_dtype
 
         detail["dense_from_m"], detail["dense_dtype"] = DENSE_FROM_M, str(dense_dtype()).removeprefix("torch.")
-    return [quant_row("kernel_fallback_layers", len(fallbacks), detail),
+    return [quant_row("kernel_fallback_layers", len(fallbacks) + len(experts), detail),
             quant_row("packed_ppl_ratio", float(torch.tensor(packed - reference).exp()), {"probe": label})]
 
 
@@ -97,8 +114,13 @@ def pack_streamed(pipeline: BlockPipeline, artifacts: dict, backend: str, probe:
 
     def pack_block(i, block):
         prefix = f"{layout.block_prefix(i)}."
-        names = {n: artifacts[n] for n in artifacts if n.startswith(prefix)}
+        if prepare_block is not None:  # the experts' fake-quantized weights, which stay in the fused parameters
+            prepare_block(i, block)
+        mine = [n for n in artifacts if n.startswith(prefix)]
+        experts = expert_matrices(pipeline, mine)
+        names = {n: artifacts[n] for n in mine if n not in experts}
         used.update(pack_model(model, names, backend, [g for g in groups if g[0].startswith(prefix)]))
+        used.update(experts)
 
     pipeline.materialize(pack_block)
     packed = perplexity(pipeline, window, desc="probe: packed")["nll"]

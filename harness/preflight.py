@@ -59,6 +59,7 @@ def preflight(cfg: RunConfig, cache: Path, device: torch.device | None) -> None:
     check_lm_eval_tasks(cfg)
     check_seqlens(cfg, model_config)
     check_token_budgets(cfg, cache, directory, model_config)
+    check_architecture(cfg, directory, model_config)
     check_checkpoint(cfg, directory)
     check_export(cfg)
 
@@ -126,6 +127,32 @@ def check_checkpoint(cfg: RunConfig, directory: Path | None) -> None:
         raise ConfigError(f"method.path={cfg.method.path!r}: {err}") from None
 
 
+def check_architecture(cfg: RunConfig, directory: Path | None, model_config: dict | None) -> None:
+    """The model's family is in the architecture table, and the table describes it completely (every linear and
+    fused expert of every block named), checked on a weightless skeleton before anything loads. A model not on this
+    machine yet is checked by the run once it has its config."""
+    from structure.architectures import ARCHITECTURES, unknown_architecture
+
+    if model_config is None or directory is None:
+        return
+    model_type = model_config.get("model_type")
+    try:
+        skeleton = _model_skeleton(str(directory), cfg.model.trust_remote_code)
+    except Exception as err:  # noqa: BLE001  (transformers raises many kinds for a config it cannot build)
+        if model_type in ARCHITECTURES:
+            raise ConfigError(f"model.path: transformers cannot build the {model_type!r} model of {directory} "
+                              f"({' '.join(str(err).split())[:200]})") from None
+        raise ConfigError(f"model.path: {unknown_architecture(model_type)}") from None
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(f"model.path: {unknown_architecture(model_type, skeleton)}")
+    from structure.architectures import layout_for
+
+    try:
+        layout_for(skeleton).quantizable_linears(skeleton)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.path: {err}") from None
+
+
 def check_export(cfg: RunConfig) -> None:
     """export=...: the format can hold the run's weights, and the model is held whole (a streamed run has one block
     in memory at a time; streaming=auto is checked when the run plans)."""
@@ -144,13 +171,21 @@ def check_export(cfg: RunConfig) -> None:
 @functools.lru_cache(maxsize=4)
 def _skeleton(directory: str, trust_remote_code: bool):
     """(the model on the meta device: names and shapes, no weights; its tokenizer) from a model directory."""
+    from transformers import AutoTokenizer
+
+    return (_model_skeleton(directory, trust_remote_code),
+            AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code))
+
+
+@functools.lru_cache(maxsize=4)
+def _model_skeleton(directory: str, trust_remote_code: bool):
+    """The model of a directory's config.json on the meta device (names and shapes, no weights, no tokenizer)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return model, AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def check_writable(key: str, path: str | Path) -> None:

@@ -79,8 +79,42 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
     if not pipeline.streamed:  # a streamed model gets its artifacts block by block, as evaluation loads it
         apply_artifacts(model, result.artifacts)
     rows = [quant_row("quant_wall_s", meta["quant_wall_s"], {"cached": cached is not None}),
-            *artifact_rows(result, short), *stat_rows(result.stats)]
+            *artifact_rows(result, short), *stat_rows(result.stats),
+            *expert_rows(result, layout, None if calib is None else calib.numel())]
     return QuantStage(result, rows, calib_print)
+
+
+def expert_rows(result: QuantizationResult, layout: ModelLayout, calib_tokens: int | None) -> list[dict]:
+    """For a mixture of experts: `experts_fallback` (experts with a matrix rounded to nearest because the router sent
+    it too few calibration tokens; quantized expert matrices in the detail) and, per expert of every block, a
+    `suite=routing` row of the tokens the router sent it (`routed_tokens`, n = calibration tokens) and of those its
+    statistics rested on (`stat_tokens`: the same when routed, every token with calib.moe_routing=all)."""
+    moe = layout.spec.moe
+    if moe is None:
+        return []
+    path = moe.experts.path
+    experts = {name.rpartition(".")[0] for name in result.artifacts if f".{path}." in name}
+    if not experts:
+        return []
+    fell_back = {name.rpartition(".")[0] for name, stat in result.stats.items()
+                 if stat.get("fallback") and name.rpartition(".")[0] in experts}
+    rows = [quant_row("experts_fallback", len(fell_back),
+                      {"experts": len(experts), "expert_matrices": sum(f".{path}." in n for n in result.artifacts),
+                       "fell_back": sorted(fell_back)[:20]})]
+    for prefix, counts in sorted(result.routing.items(), key=lambda kv: _block_order(kv[0])):
+        for e, count in enumerate(counts):
+            expert = f"{prefix}.{path}.{e}"
+            rows.append({"suite": "routing", "task": expert, "metric": "routed_tokens", "value": count,
+                         "n": calib_tokens})
+            stat = result.stats.get(f"{expert}.gate_proj", {}).get("n_tokens")
+            if stat is not None:
+                rows.append({"suite": "routing", "task": expert, "metric": "stat_tokens", "value": stat})
+    return rows
+
+
+def _block_order(prefix: str) -> tuple:
+    head, _, index = prefix.rpartition(".")
+    return (head, int(index)) if index.isdigit() else (prefix, -1)
 
 
 def artifact_rows(result: QuantizationResult, short: dict[str, int]) -> list[dict]:

@@ -239,15 +239,19 @@ def _loaded(cfg: RunConfig, plan: RunPlan):
     when the run ends."""
     if not plan.streamed:
         model, tokenizer = load_model(cfg.model, plan.device, plan.cache)
-        yield BlockPipeline(model, layout_for(model), plan.device), tokenizer
+        yield BlockPipeline(model, layout_for(model), plan.device, moe_routing=_routing(cfg)), tokenizer
         return
     plan.cache.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=plan.cache, prefix=".streaming-"))  # in the cache: artifacts move by rename
     try:
         model, tokenizer, residency = load_streamed_model(cfg.model, plan.device, plan.cache, scratch)
-        yield BlockPipeline(model, layout_for(model), plan.device, residency), tokenizer
+        yield BlockPipeline(model, layout_for(model), plan.device, residency, _routing(cfg)), tokenizer
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _routing(cfg: RunConfig) -> str:
+    return cfg.calib.moe_routing or "routed"
 
 
 def _block_preparer(pipeline: BlockPipeline, artifacts) -> BlockArtifacts | None:
@@ -255,7 +259,7 @@ def _block_preparer(pipeline: BlockPipeline, artifacts) -> BlockArtifacts | None
     unquantized ones (None: nothing to do, an ordinary model already holds them)."""
     if not artifacts:
         return None
-    return BlockArtifacts(pipeline.layout, artifacts, pipeline.device)
+    return BlockArtifacts(pipeline.layout, artifacts, pipeline.device, pipeline.model)
 
 
 def _timing(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline, shapes: list[tuple[int, int]]) -> list[dict]:

@@ -88,3 +88,42 @@ def text_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(random_text(6000))
     return path
+
+
+# Mixtures of experts (transformers 5 fuses the experts into 3-D parameters) and Phi-3's fused projections: 2 blocks,
+# 4 experts, top-2; DeepSeek-V3's first block is dense (first_k_dense_replace=1), as in the real model.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+_MOE_CONFIGS = {
+    "mixtral": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, tie_word_embeddings=True),
+    "qwen2_moe": dict(intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                      num_experts=4, num_experts_per_tok=2, head_dim=16),
+    "olmoe": dict(intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                  num_experts_per_tok=2, eos_token_id=2, pad_token_id=0),
+    "deepseek_v3": dict(intermediate_size=96, moe_intermediate_size=48, num_attention_heads=4, num_key_value_heads=4,
+                        n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+    "gpt_oss": dict(intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                    sliding_window=64, eos_token_id=2, pad_token_id=0),
+    "phi3": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+}
+
+
+def tiny_moe_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, max_position_embeddings=512)
+    return AutoConfig.for_model(family, **{**common, **_MOE_CONFIGS[family], **overrides})
+
+
+def tiny_moe_model(family: str = "mixtral", seed: int = 0, **overrides):
+    """A tiny random model of a MoE family (or phi3), every parameter initialised (the fused experts too)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(family, **overrides), dtype=torch.float32)
+    return model.eval()
