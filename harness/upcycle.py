@@ -188,3 +188,26 @@ def build_upcycled(cache_dir: Path, dense_dir: Path, layout: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m harness.upcycle [--layout mixtral|qwen2_moe|all] [--cache-dir DIR]: build the upcycled MoE(s) into
+    the cache now (a run of model=smollm2_moe otherwise builds it the first time it needs it)."""
+    import argparse
+
+    from harness.models import convert_packaged, default_cache_dir
+
+    parser = argparse.ArgumentParser(prog="python -m harness.upcycle", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--layout", default="mixtral", choices=[*LAYOUTS, "all"])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $QUANT_HARNESS_CACHE or "
+                        "~/.cache/quant-harness")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cache = args.cache_dir or default_cache_dir()
+    dense = convert_packaged(cache)
+    for layout in LAYOUTS if args.layout == "all" else (args.layout,):
+        print(build_upcycled(cache, dense, layout))
+
+
+if __name__ == "__main__":
+    main()

