@@ -4,6 +4,10 @@ GPTQ (v1 and GPTQModel's v2 zero convention, act-order g_idx), AutoAWQ GEMM and 
 layouts are kernels.pack's (the same code our export writes with). scripts/produce/README.md describes each layout
 as its library writes it, and scripts/produce/check_layout.py checks those claims against the libraries.
 
+Before anything is unpacked, every packed tensor's shape (and int32 dtype) is checked against what the layer's out
+and in features, bits and group size imply in the format's layout: a tensor of another width is refused by name,
+never unpacked into other values.
+
 Stored bits per weight are counted from the tensors themselves: every byte of a layer's qweight, qzeros, scales
 and g_idx over its out x in weights, so a format's overhead is what the file holds, not a formula.
 """
@@ -19,7 +23,8 @@ from torch import nn
 from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Description, Header,
                               register_reader)
 from core.spec import QuantizedWeights
-from kernels.pack import unpack_awq_gemm, unpack_bit_stream, unpack_compressed, unpack_gptq
+from kernels.pack import (aligned_words, stream_words, unpack_awq_gemm, unpack_bit_stream, unpack_compressed,
+                          unpack_gptq)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,10 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.where[name].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype name ("I32", "F16", ...), from the header."""
+        return self.where[name].get_slice(name).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
         try:
             return self.where[name].get_tensor(name)
@@ -68,10 +77,15 @@ class SafetensorsCheckpoint:
 
 class PackedLinearCheckpoint(CheckpointReader):
     """A directory whose quantized linears are stored as `<name>.<part>` tensors; subclasses say which parts, how
-    to unpack them and what the quantization_config means."""
+    to unpack them, what shape each has and what the quantization_config means.
+
+    Every part's shape (and the int32 dtype of the packed ones) is checked against what the layer's out and in
+    features, bits and group size imply before anything is unpacked: a tensor of another width would otherwise be
+    unpacked into garbage without an error (compressed-tensors' older 3-bit packing read as the dense one)."""
 
     quant_methods: tuple[str, ...]  # the quantization_config.quant_method values it reads
     parts: tuple[str, ...]  # the tensors of one quantized linear, `<name>.<part>`; the first is always there
+    packed: tuple[str, ...] = ()  # the parts holding int32 words of packed integers
 
     @classmethod
     def detects(cls, path: Path) -> bool:
@@ -104,33 +118,84 @@ class PackedLinearCheckpoint(CheckpointReader):
         suffix = f".{self.parts[0]}"
         return sorted(n.removesuffix(suffix) for n in tensors.names() if n.endswith(suffix))
 
+    def variants(self, config: dict) -> tuple:
+        """The layouts files of this format may be in, told apart by their tensors' shapes (most formats: one)."""
+        return (None,)
+
+    def describe_variant(self, variant) -> str:
+        return f"the {self.name} layout"
+
+    def expected_shapes(self, out: int, inp: int, config: dict, variant) -> dict[str, tuple[int, ...] | None]:
+        """{part: the shape it must have} for a quantized linear [out, in]; parts not listed may be absent, a shape
+        of None is not checked."""
+        raise NotImplementedError
+
+    def layout_of(self, path: Path, tensors: SafetensorsCheckpoint, config: dict,
+                  model: nn.Module) -> tuple[dict[str, tuple[int, int]], object]:
+        """({layer: (out, in)}, the file's layout variant), every part of every layer checked against the shapes its
+        out, in, bits and group size imply (CheckpointError naming the first tensor that has another)."""
+        hints = _linear_shapes(model)
+        linears = {name: self.layer_shape(tensors, name, config, hints.get(name)) for name in self.layers(tensors)}
+        variants = self.variants(config)
+        problems = {variant: list(self._mismatches(tensors, config, linears, variant)) for variant in variants}
+        fitting = [variant for variant in variants if not problems[variant]]
+        if not fitting:  # named in the layout most of the file fits
+            raise CheckpointError(f"{path}: {min(problems.values(), key=len)[0]}")
+        if len(fitting) > 1:
+            self.check_unambiguous(linears, config, fitting)
+        return linears, fitting[0]
+
+    def check_unambiguous(self, linears: dict[str, tuple[int, int]], config: dict, fitting: list) -> None:
+        """Several layouts fit every tensor's shape: fine only when they read the same values."""
+        raise CheckpointError(f"every tensor fits {' and '.join(self.describe_variant(v) for v in fitting)}: "
+                              "this reader cannot tell which one the file uses")
+
+    def _mismatches(self, tensors: SafetensorsCheckpoint, config: dict, linears: dict[str, tuple[int, int]],
+                    variant):
+        """What is wrong with each layer whose parts do not have the shapes `variant` implies (one line per layer)."""
+        for name, (out, inp) in linears.items():
+            problem = self._layer_mismatch(tensors, config, name, out, inp, variant)
+            if problem is not None:
+                yield problem
+
+    def _layer_mismatch(self, tensors: SafetensorsCheckpoint, config: dict, name: str, out: int, inp: int,
+                        variant) -> str | None:
+        bits, group, _ = self.spec(config)
+        where = f"a {out} x {inp} linear at bits={bits}, group_size={group} in {self.describe_variant(variant)}"
+        expected = self.expected_shapes(out, inp, config, variant)
+        for part, want in expected.items():
+            key = f"{name}.{part}"
+            if key not in tensors.where:
+                return f"{key} is missing: {where} stores {', '.join(expected)}"
+            have = tensors.shape(key)
+            if want is not None and have != want:
+                return (f"{key} has shape {list(have)}, expected {list(want)} for {where}: the checkpoint is damaged or "
+                        "not what its quantization_config says")
+            if part in self.packed and tensors.dtype(key) != "I32":
+                return f"{key} is {tensors.dtype(key)}, expected I32 (int32 words of packed integers) for {where}"
+        return None
+
     def header(self, path: Path, model: nn.Module) -> Header:
         from transformers import AutoConfig
 
         config, tensors = self.config(path), SafetensorsCheckpoint(path)
-        layers = self.layers(tensors)
-        packed = {f"{name}.{part}" for name in layers for part in self.parts}
-        linears = {name: self.layer_shape(tensors, name, config) for name in layers}
-        bits, group, _ = self.spec(config)
-        for name, (_, inp) in linears.items():
-            stored, needed = self.scale_groups(tensors, name), 1 if group is None else -(-inp // group)
-            if stored is not None and stored != needed:
-                raise CheckpointError(f"group_size={group} does not fit {name}: its {inp} inputs need {needed} "
-                                      f"groups, its scales hold {stored}")
+        linears, _ = self.layout_of(path, tensors, config, model)
+        packed = {f"{name}.{part}" for name in linears for part in self.parts}
         others = {name: tensors.shape(name) for name in tensors.names() if name not in packed}
         model_type = AutoConfig.from_pretrained(path).model_type
         return Header(self.describe(path), model_type, _vocab(path), linears, others)
 
     def read(self, path: Path, model: nn.Module) -> Contents:
         config, tensors = self.config(path), SafetensorsCheckpoint(path)
+        linears, variant = self.layout_of(path, tensors, config, model)
         contents = Contents({})
         packed = set()
-        for name in self.layers(tensors):
+        for name in linears:
             parts = {part: tensors.get(f"{name}.{part}") for part in self.parts if f"{name}.{part}" in tensors.where}
             packed |= {f"{name}.{part}" for part in parts}
             try:
-                art = self.unpack(parts, config)
-            except (ValueError, RuntimeError, IndexError) as err:  # shapes that contradict the config
+                art = self.unpack(parts, config, variant, linears[name])
+            except (ValueError, RuntimeError, IndexError) as err:  # values that contradict the config
                 raise CheckpointError(f"{name} cannot be unpacked as {self.name} ({err}): the checkpoint is damaged "
                                       "or not what its quantization_config says") from None
             stored = sum(t.numel() * t.element_size() for t in parts.values()) * 8
@@ -145,16 +210,27 @@ class PackedLinearCheckpoint(CheckpointReader):
                 contents.other_bits += tensor.numel() * tensor.element_size() * 8
         return contents
 
-    def layer_shape(self, tensors: SafetensorsCheckpoint, name: str, config: dict) -> tuple[int, int]:
-        """(out, in) of a quantized linear, from its tensors' shapes."""
+    def layer_shape(self, tensors: SafetensorsCheckpoint, name: str, config: dict,
+                    hint: tuple[int, int] | None) -> tuple[int, int]:
+        """(out, in) of a quantized linear, from its tensors' shapes; `hint` is the base model's (out, in) of that
+        linear, taken where the tensors leave `in` open (a packed width rounds it up) and agree with it."""
         raise NotImplementedError
 
-    def scale_groups(self, tensors: SafetensorsCheckpoint, name: str) -> int | None:
-        """How many groups a layer's scales hold along the input (None: the layout pads them; not checked)."""
-        return tensors.shape(f"{name}.scales")[0]
-
-    def unpack(self, parts: dict[str, torch.Tensor], config: dict) -> QuantizedWeights:
+    def unpack(self, parts: dict[str, torch.Tensor], config: dict, variant,
+               shape: tuple[int, int]) -> QuantizedWeights:
+        """One layer's artifact from its parts (checked against `shape`, its (out, in), already)."""
         raise NotImplementedError
+
+
+def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{name: (out, in)} of the base model's quantizable linears (a skeleton is enough)."""
+    from structure.architectures import layout_for
+
+    return {name: (lin.out_features, lin.in_features) for name, lin in layout_for(model).quantizable_linears(model).items()}
+
+
+def _groups(inp: int, group: int | None) -> int:
+    return 1 if group is None else -(-inp // group)
 
 
 @register_reader("gptq")
@@ -164,6 +240,7 @@ class GPTQCheckpoint(PackedLinearCheckpoint):
 
     quant_methods = ("gptq",)
     parts = ("qweight", "qzeros", "scales", "g_idx")
+    packed = ("qweight", "qzeros")
 
     def describe(self, path: Path) -> Description:
         config = self.config(path)
@@ -171,15 +248,25 @@ class GPTQCheckpoint(PackedLinearCheckpoint):
         v2 = _checkpoint_format(config) == "gptq_v2"
         return Description("gptq", "gptq-v2" if v2 else "gptq", bits, group, sym, packable=True)
 
-    def layer_shape(self, tensors, name, config):
+    def layer_shape(self, tensors, name, config, hint):
+        out = tensors.shape(f"{name}.scales")[-1]
         if f"{name}.g_idx" in tensors.where:
-            return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.g_idx")[0]
-        return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.qweight")[0] * 32 // self.spec(config)[0]
+            return out, tensors.shape(f"{name}.g_idx")[0]
+        words, bits = tensors.shape(f"{name}.qweight")[0], self.spec(config)[0]
+        if hint is not None and stream_words(hint[1], bits) == words:
+            return out, hint[1]
+        return out, words * 32 // bits
 
-    def unpack(self, parts, config):
+    def expected_shapes(self, out, inp, config, variant):
+        bits, group, _ = self.spec(config)
+        groups = _groups(inp, group)
+        return {"qweight": (stream_words(inp, bits), out), "qzeros": (groups, stream_words(out, bits)),
+                "scales": (groups, out)}
+
+    def unpack(self, parts, config, variant, shape):
         bits, group, sym = self.spec(config)
         if "g_idx" not in parts:  # some writers (AutoRound) leave out the contiguous g_idx
-            K = parts["qweight"].shape[0] * 32 // bits
+            K = shape[1]
             parts = {**parts, "g_idx": torch.arange(K, dtype=torch.int32) // (group or K)}
         v1 = _checkpoint_format(config) != "gptq_v2"
         art = unpack_gptq(parts, bits, group, zeros_minus_one=v1)
@@ -199,6 +286,7 @@ class AWQGemmCheckpoint(PackedLinearCheckpoint):
 
     quant_methods = ("awq",)
     parts = ("qweight", "qzeros", "scales")
+    packed = ("qweight", "qzeros")
     version = "gemm"
 
     @classmethod
@@ -213,14 +301,27 @@ class AWQGemmCheckpoint(PackedLinearCheckpoint):
         bits, group, _ = self.spec(config)
         return Description(self.name, f"awq-{self.version}", bits, group, not config.get("zero_point", True))
 
-    def layer_shape(self, tensors, name, config):
-        return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.qweight")[0]
+    def layer_shape(self, tensors, name, config, hint):
+        return tensors.shape(f"{name}.scales")[-1], tensors.shape(f"{name}.qweight")[0]
 
-    def unpack(self, parts, config):
+    def expected_shapes(self, out, inp, config, variant):
+        return awq_gemm_shapes(out, inp, *self.spec(config)[:2])
+
+    def unpack(self, parts, config, variant, shape):
         bits, group, _ = self.spec(config)
         art = unpack_awq_gemm(parts, bits, group)
         art.symmetric = not config.get("zero_point", True)
         return art
+
+
+def awq_gemm_shapes(out: int, inp: int, bits: int, group: int | None) -> dict[str, tuple[int, int]]:
+    """AutoAWQ GEMM: qweight [K, N*bits/32], qzeros [K/G, N*bits/32], scales [K/G, N] (G must divide K; AutoAWQ
+    asserts it)."""
+    if group is None or inp % group:
+        raise CheckpointError(f"AWQ GEMM with group_size={group} on a linear of {inp} inputs: AutoAWQ's layout needs a "
+                              "group size dividing the inputs")
+    return {"qweight": (inp, stream_words(out, bits)), "qzeros": (inp // group, stream_words(out, bits)),
+            "scales": (inp // group, out)}
 
 
 @register_reader("awq_gemv")
@@ -230,14 +331,18 @@ class AWQGemvCheckpoint(AWQGemmCheckpoint):
 
     version = "gemv"
 
-    def layer_shape(self, tensors, name, config):
+    def layer_shape(self, tensors, name, config, hint):
         N, words = tensors.shape(f"{name}.qweight")
         return N, words * 8
 
-    def scale_groups(self, tensors, name):
-        return None
+    def expected_shapes(self, out, inp, config, variant):
+        bits, group, _ = self.spec(config)
+        if bits != 4 or group is None:
+            raise CheckpointError(f"AWQ GEMV with bits={bits}, group_size={group}: only 4-bit grouped is defined")
+        width = gemv_zeros_width(inp, group)
+        return {"qweight": (out, inp // 8), "qzeros": (out, width), "scales": (out, 8 * width)}
 
-    def unpack(self, parts, config):
+    def unpack(self, parts, config, variant, shape):
         bits, group, _ = self.spec(config)
         if bits != 4 or group is None:
             raise CheckpointError(f"AWQ GEMV with bits={bits}, group_size={group}: only 4-bit grouped is defined")
@@ -247,6 +352,16 @@ class AWQGemvCheckpoint(AWQGemmCheckpoint):
         return QuantizedWeights(codes.to(torch.uint8).contiguous(), parts["scales"].float()[:, :n_groups].contiguous(),
                                 zeros.to(torch.uint8).contiguous(), 4, group,
                                 symmetric=not config.get("zero_point", True))
+
+
+def gemv_zeros_width(inp: int, group: int) -> int:
+    """int32 words of zeros per output row in AutoAWQ's GEMV layout (its calculate_zeros_width): ceil(groups / 8),
+    rounded up to a multiple of 4, 2 or 1 for group sizes 32, 64, >= 128; other group sizes are not defined."""
+    multiple = 4 if group == 32 else 2 if group == 64 else 1 if group >= 128 else None
+    if multiple is None:
+        raise CheckpointError(f"AWQ GEMV with group_size={group}: AutoAWQ defines group sizes 32, 64 and >= 128")
+    words = -(-(inp // group) // 8)
+    return -(-words // multiple) * multiple
 
 
 @register_reader("auto_round")
@@ -274,18 +389,23 @@ class AutoRoundCheckpoint(GPTQCheckpoint):
         bits, group, sym = self.spec(config)
         return Description("auto_round", "autoround-awq" if self.is_awq(config) else "autoround", bits, group, sym)
 
-    def layer_shape(self, tensors, name, config):
+    def layer_shape(self, tensors, name, config, hint):
         if self.is_awq(config):  # qweight [K, N/8]
-            return tensors.shape(f"{name}.scales")[1], tensors.shape(f"{name}.qweight")[0]
-        return super().layer_shape(tensors, name, config)
+            return tensors.shape(f"{name}.scales")[-1], tensors.shape(f"{name}.qweight")[0]
+        return super().layer_shape(tensors, name, config, hint)
 
-    def unpack(self, parts, config):
+    def expected_shapes(self, out, inp, config, variant):
+        if self.is_awq(config):
+            return awq_gemm_shapes(out, inp, *self.spec(config)[:2])
+        return super().expected_shapes(out, inp, config, variant)
+
+    def unpack(self, parts, config, variant, shape):
         if self.is_awq(config):
             bits, group, sym = self.spec(config)
             art = unpack_awq_gemm(parts, bits, group)
             art.symmetric = sym
             return art
-        return super().unpack(parts, config)  # GPTQ v1: no checkpoint_format key, zero - 1 stored
+        return super().unpack(parts, config, variant, shape)  # GPTQ v1: no checkpoint_format key, zero - 1 stored
 
 
 def _checkpoint_format(config: dict) -> str:
@@ -307,10 +427,13 @@ class CompressedTensorsCheckpoint(PackedLinearCheckpoint):
     """compressed-tensors `pack-quantized` (what llm-compressor writes for W4A16): weight_packed int32 [out, in*b/32]
     a dense little-endian bit stream along the input with each signed code stored + 2^(b-1), weight_scale
     [out, groups], weight_zero_point int32 packed the same way along the output (absent when symmetric: zero 0),
-    weight_shape [2], weight_g_idx [in] under group act-order."""
+    weight_shape [2], weight_g_idx [in] under group act-order. Files of compressed-tensors up to 0.17 pack 32 // b
+    whole values per word instead ([out, ceil(in / (32 // b))]); at 3, 5, 6 and 7 bits the widths tell the two
+    apart, and a file whose widths fit both (no realistic layer) is refused unless both read the same values."""
 
     quant_methods = ("compressed-tensors",)
     parts = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+    packed = ("weight_packed", "weight_zero_point")
 
     @classmethod
     def weights_specs(cls, config: dict) -> list[dict]:
@@ -337,12 +460,39 @@ class CompressedTensorsCheckpoint(PackedLinearCheckpoint):
         bits, group, sym = self.spec(self.config(path))
         return Description(self.name, "compressed-tensors", bits, group, sym)
 
-    def layer_shape(self, tensors, name, config):
-        out, inp = (int(v) for v in tensors.get(f"{name}.weight_shape").tolist())
+    def layer_shape(self, tensors, name, config, hint):
+        key = f"{name}.weight_shape"
+        if key not in tensors.where or tensors.shape(key) != (2,):
+            have = list(tensors.shape(key)) if key in tensors.where else "missing"
+            raise CheckpointError(f"{key} is {have}, expected [2] (the linear's out and in features)")
+        out, inp = (int(v) for v in tensors.get(key).tolist())
         return out, inp
 
-    def scale_groups(self, tensors, name):
-        return tensors.shape(f"{name}.weight_scale")[1]
+    def variants(self, config):
+        """Up to 0.17 compressed-tensors packed 32 // bits whole values per word (aligned=True), from 0.18 densely:
+        different widths (and bytes) at 3, 5, 6 and 7 bits, the same bytes at 2, 4 and 8."""
+        return (False,) if 32 % self.spec(config)[0] == 0 else (False, True)
 
-    def unpack(self, parts, config):
-        return unpack_compressed(parts, *self.spec(config))
+    def describe_variant(self, aligned):
+        return ("compressed-tensors' word-aligned packing (32 // bits values per int32, up to version 0.17)" if aligned
+                else "compressed-tensors' dense packing (version 0.18 on)")
+
+    def expected_shapes(self, out, inp, config, aligned):
+        bits, group, sym = self.spec(config)
+        words = aligned_words if aligned else stream_words
+        shapes = {"weight_packed": (out, words(inp, bits)), "weight_scale": (out, _groups(inp, group)),
+                  "weight_shape": (2,)}
+        if not sym:
+            shapes["weight_zero_point"] = (words(out, bits), _groups(inp, group))
+        return shapes
+
+    def check_unambiguous(self, linears, config, fitting):
+        """Both packings fit every width: they read the same values only when no packed run of values exceeds one
+        word (32 // bits values)."""
+        per_word = 32 // self.spec(config)[0]
+        longest = max(n for shape in linears.values() for n in shape)
+        if longest > per_word:
+            super().check_unambiguous(linears, config, fitting)
+
+    def unpack(self, parts, config, aligned, shape):
+        return unpack_compressed(parts, *self.spec(config), aligned=aligned)

@@ -15,6 +15,9 @@ Layouts (all words are int32 holding unsigned bit patterns; K = in_features, N =
 - Triton W4A16 (kernels/triton_w4a16.py): the GPTQ 4-bit stream along K, with K zero-padded up to
   Kp = a multiple of the kernel group size; scales and zeros fp16 [Kp/G, N] (zeros as fp16 integers, exact).
 - CPU int4 (torch's aten._weight_int4pack_mm_for_cpu): see `pack_cpu_int4`.
+- compressed-tensors `pack-quantized`: see `pack_compressed`. Its 0.18+ dense stream is the GPTQ one (along K per
+  output row, along N for the zero points); up to 0.17 it packed 32 // bits whole values per word instead
+  (`unpack_aligned`): the same bytes at 2, 4 and 8 bits, another layout (and width) at 3, 5, 6 and 7.
 
 Padding K never changes the result: padded codes sit at input columns >= K, which the kernels either mask
 (Triton) or multiply by zero-padded activations (CPU int4).
@@ -72,6 +75,28 @@ def unpack_bit_stream(words: torch.Tensor, bits: int, n_values: int) -> torch.Te
     word, shift = offset // 32, offset % 32
     both = w[word] | (w[word + 1] << 32)  # 64 bits starting at the value's word: covers boundary crossers
     return (both >> shift[:, None]) & (2**bits - 1)
+
+
+def stream_words(n_values: int, bits: int) -> int:
+    """int32 words of a dense bit stream of n_values values of `bits` bits (pack_bit_stream's length)."""
+    return -(-n_values * bits // 32)
+
+
+def aligned_words(n_values: int, bits: int) -> int:
+    """int32 words when each word holds 32 // bits whole values and none crosses a word (unpack_aligned's layout)."""
+    return -(-n_values // (32 // bits))
+
+
+def unpack_aligned(words: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
+    """Word-aligned packing (compressed-tensors up to 0.17): int32 [W, C], value i of a column in word i // (32 // bits)
+    at bit (i % (32 // bits)) * bits, the top 32 % bits bits unused -> int64 [n_values, C]. For 2, 4 and 8 bits it is
+    the dense stream itself."""
+    per_word = 32 // bits
+    if words.shape[0] * per_word < n_values:
+        raise ValueError(f"{words.shape[0]} words cannot hold {n_values} values of {bits} bits, {per_word} per word")
+    index = torch.arange(n_values, device=words.device)
+    shift = (index % per_word) * bits
+    return (_to_uint32(words)[index // per_word] >> shift[:, None]) & (2**bits - 1)
 
 
 def contiguous_g_idx(in_features: int, group_size: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -193,13 +218,16 @@ def pack_compressed(art: QuantizedWeights, scale_dtype: torch.dtype = torch.floa
 
 
 def unpack_compressed(tensors: dict[str, torch.Tensor], bits: int, group_size: int | None,
-                      symmetric: bool) -> QuantizedWeights:
-    """compressed-tensors `pack-quantized` tensors (see pack_compressed) -> artifact with fp32 scales."""
+                      symmetric: bool, aligned: bool = False) -> QuantizedWeights:
+    """compressed-tensors `pack-quantized` tensors (see pack_compressed) -> artifact with fp32 scales.
+    aligned: the words hold 32 // bits whole values each (compressed-tensors up to 0.17, unpack_aligned), not the
+    dense stream (0.18 on, and pack_compressed)."""
     out, inp = (int(v) for v in tensors["weight_shape"].tolist())
-    codes = unpack_bit_stream(tensors["weight_packed"].t(), bits, inp).t()
+    unpack = unpack_aligned if aligned else unpack_bit_stream
+    codes = unpack(tensors["weight_packed"].t(), bits, inp).t()
     scales = tensors["weight_scale"].float().reshape(out, -1)
     if "weight_zero_point" in tensors:
-        zeros = unpack_bit_stream(tensors["weight_zero_point"], bits, out)
+        zeros = unpack(tensors["weight_zero_point"], bits, out)
     else:
         zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int64)
     g_idx = tensors.get("weight_g_idx")

@@ -264,6 +264,9 @@ HF_GOLDENS = {
     "autoround-w4g32-asym": ("auto_round", "autoround-awq", 4, 32, False),
     "autoround-w4g32-gptq": ("gptq", "gptq", 4, 32, True),
     "autoround-w4g32-llmc": ("compressed_tensors", "compressed-tensors", 4, 32, True),
+    # compressed-tensors alone (scripts/produce/compressed_tensors_pack.py), before and after its 3-bit packing changed
+    "ct017-w3g32-asym": ("compressed_tensors", "compressed-tensors", 3, 32, False),
+    "ct019-w3g32-asym": ("compressed_tensors", "compressed-tensors", 3, 32, False),
 }
 # AutoAWQ cannot dequantize GEMV on a CPU: the GEMV golden holds the very codes of its GEMM sibling (same search)
 REFERENCE_OF = {"autoawq-gemv-w4g32": "autoawq-gemm-w4g32"}
@@ -316,7 +319,8 @@ def test_a_group_size_that_does_not_fit_the_layers_is_refused(tmp_path, base):
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"]["group_size"] = 64
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="group_size=64 does not fit .*down_proj: its 160 inputs need 3 groups, its scales hold 5"):
+    with pytest.raises(CheckpointError, match=r"down_proj.qzeros has shape \[5, 8\], expected \[3, 8\] for a 64 x 160 "
+                                              r"linear at bits=4, group_size=64"):
         reader_for(path).header(path, base)
 
 
@@ -354,3 +358,86 @@ def test_awq_and_autoround_bits_per_weight_by_hand(base, name, per_layer):
     path = GOLDEN / name
     for layer, art in reader_for(path).read(path, base).artifacts.items():
         assert art.storage_bits_per_weight() == pytest.approx(per_layer(art.out_features, art.in_features)), layer
+
+
+# --- issue 30, finding 1: packed widths are checked, and compressed-tensors' older 3-bit packing is read -------------
+
+def test_finding1_compressed_tensors_word_aligned_3bit_reads_as_the_library_does(base):
+    """compressed-tensors up to 0.17 packed 32 // bits values per int32 (3 bits: 10 per word, rows of
+    ceil(in / 10) words); 0.18 on packs densely (ceil(in * 3 / 32)). Both goldens are written by the library itself
+    from the same weights; each must read as that version's own decompress reads it (the word-aligned one was
+    unpacked as a dense stream before: max |W difference| 0.17, ppl 3.7e8 on SmolLM2)."""
+    from safetensors import safe_open
+
+    old, new = GOLDEN / "ct017-w3g32-asym", GOLDEN / "ct019-w3g32-asym"
+    with safe_open(str(old / "model.safetensors"), "pt") as f_old, \
+            safe_open(str(new / "model.safetensors"), "pt") as f_new:
+        name = "model.layers.0.mlp.down_proj.weight_packed"  # 160 inputs: 16 words word-aligned, 15 dense
+        assert f_old.get_slice(name).get_shape() == [64, 16] and f_new.get_slice(name).get_shape() == [64, 15]
+    for path in (old, new):
+        contents = reader_for(path).read(path, base)
+        reference = library_reference(path.name)
+        for linear, art in contents.artifacts.items():
+            assert torch.equal(art.dequantize(), reference[f"{linear}.weight"]), (path.name, linear)
+    read_old = reader_for(old).read(old, base).artifacts
+    read_new = reader_for(new).read(new, base).artifacts
+    for linear, art in read_new.items():  # the same weights, whichever packing held them
+        assert torch.equal(art.codes, read_old[linear].codes) and torch.equal(art.zeros, read_old[linear].zeros)
+
+
+def _resave(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["gptqmodel-w4g32-sym", "gptqmodel-w3g32-asym", "gptqmodel-w4g32-asym-actorder",
+                                  "autoawq-gemm-w4g32", "autoawq-gemv-w4g32", "llmc-gptq-w4g32",
+                                  "llmc-gptq-w4g32-asym", "ct017-w3g32-asym", "autoround-w4g32",
+                                  "autoround-w4g32-asym"])
+def test_finding1_every_reader_refuses_a_packed_tensor_of_another_width(tmp_path, base, name):
+    """One int32 word too many in one layer's packed zero points (or packed codes where no zero point is stored) is a
+    CheckpointError naming the tensor, its shape and the shape out, in, bits and group size imply; before, the extra
+    word was ignored or read as values."""
+    path = tmp_path / name
+    shutil.copytree(GOLDEN / name, path)
+    layer = "model.layers.1.mlp.down_proj"
+    reader = reader_for(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        part = next(p for p in reversed(reader.packed) if f"{layer}.{p}" in f.keys())
+        before = list(f.get_slice(f"{layer}.{part}").get_shape())
+
+    words = 0 if part == "weight_zero_point" else -1  # compressed-tensors packs zero points along the outputs
+
+    def widen(tensors):
+        t = tensors[f"{layer}.{part}"]
+        tensors[f"{layer}.{part}"] = torch.cat([t, torch.zeros_like(t.narrow(words, 0, 1))], dim=words)
+
+    _resave(path, widen)
+    after = list(before)
+    after[words] += 1
+    with pytest.raises(CheckpointError, match=rf"{layer}\.{part} has shape \[{after[0]}, {after[1]}\], expected "
+                                              rf"\[{before[0]}, {before[1]}\]"):
+        reader_for(path).read(path, base)
+    with pytest.raises(CheckpointError, match=rf"{layer}\.{part} has shape"):
+        reader_for(path).header(path, base)
+
+
+def test_finding1_a_packed_tensor_of_another_dtype_is_refused(tmp_path, base):
+    """compressed-tensors before 0.9.4 stored an asymmetric zero point unpacked (int8 [out, groups]); that is not the
+    packed int32 layout this reader takes, and is refused by name rather than read as words."""
+    path = tmp_path / "ct"
+    shutil.copytree(GOLDEN / "llmc-gptq-w4g32-asym", path)
+    layer = "model.layers.0.mlp.down_proj"
+
+    def unpacked_zero_point(tensors):
+        groups = tensors[f"{layer}.weight_scale"].shape[1]
+        tensors[f"{layer}.weight_zero_point"] = torch.zeros(64, groups, dtype=torch.int8)
+
+    _resave(path, unpacked_zero_point)
+    with pytest.raises(CheckpointError, match=rf"{layer}\.weight_zero_point has shape \[64, 5\], expected \[8, 5\]"):
+        reader_for(path).header(path, base)
