@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -53,9 +54,12 @@ class Header:
     """What a checkpoint holds, read from its metadata and tensor headers only, named as in the base model.
 
     model_type: the architecture as transformers names it.
-    vocab: the tokens in id order, or None when the checkpoint carries no tokenizer.
+    vocab: the tokens in id order as the checkpoint spells them, or None when it carries no tokenizer.
     linears: {base-model linear name: (out, in)} of every quantized linear.
     tensors: {base-model state-dict name: shape} of every other tensor the checkpoint stores.
+    vocab_as_loaded: the tokens as transformers spells them in a tokenizer it builds from the checkpoint, when that
+        can differ from `vocab` (a GGUF file: its loader respells whitespace and byte tokens); a function, since it
+        costs a tokenizer build and is asked only when `vocab` differs from the base model's.
     """
 
     description: Description
@@ -63,6 +67,7 @@ class Header:
     vocab: tuple[str, ...] | None
     linears: dict[str, tuple[int, int]]
     tensors: dict[str, tuple[int, ...]]
+    vocab_as_loaded: Callable[[], tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -178,14 +183,33 @@ def check_belongs(header: Header, model: nn.Module, layout: ModelLayout, tokeniz
         raise CheckpointError(f"the checkpoint has no weight for {len(absent)} of the base model's linears "
                               f"(e.g. {absent[0]}): not a checkpoint of this model")
     if header.vocab is not None and tokenizer is not None:
-        ours = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        if len(ours) != len(header.vocab):
-            raise CheckpointError(f"the checkpoint's tokenizer has {len(header.vocab)} tokens, the base model's "
-                                  f"{len(ours)}: not the same vocabulary")
-        bad = next((i for i, (a, b) in enumerate(zip(header.vocab, ours)) if a != b), None)
-        if bad is not None:
-            raise CheckpointError(f"token {bad} is {header.vocab[bad]!r} in the checkpoint's tokenizer and "
-                                  f"{ours[bad]!r} in the base model's: not the same vocabulary")
+        check_vocabulary(header, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+
+
+def check_vocabulary(header: Header, ours: list[str]) -> None:
+    """Refuse a checkpoint whose tokens differ from the base model's `ours`, as the checkpoint spells them and as
+    transformers spells them when it loads the checkpoint (the base model may have been made from it that way).
+    Tokens are quoted with repr: a token of two spaces must not read as one."""
+    theirs, spelled = header.vocab, ""
+    if _first_difference(theirs, ours) is not None and header.vocab_as_loaded is not None:
+        try:
+            theirs, spelled = header.vocab_as_loaded(), " as transformers' loader spells it"
+        except CheckpointError:  # transformers cannot load it: nobody made the base model from it that way
+            pass
+    if len(ours) != len(theirs):
+        raise CheckpointError(f"the checkpoint's tokenizer has {len(theirs)} tokens, the base model's "
+                              f"{len(ours)}: not the same vocabulary")
+    bad = _first_difference(theirs, ours)
+    if bad is not None:
+        raw = f" (stored as {header.vocab[bad]!r})" if spelled and header.vocab[bad] != theirs[bad] else ""
+        raise CheckpointError(f"token {bad} is {theirs[bad]!r}{raw} in the checkpoint's tokenizer{spelled} and "
+                              f"{ours[bad]!r} in the base model's: not the same vocabulary")
+
+
+def _first_difference(theirs, ours) -> int | None:
+    if len(theirs) != len(ours):
+        return min(len(theirs), len(ours))
+    return next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
 
 
 @torch.no_grad()

@@ -145,7 +145,9 @@ class GGUFReader(CheckpointReader):
                 linears[hf.removesuffix(".weight")] = shape
             else:
                 tensors[hf] = shape
-        return Header(self.describe(path), model.config.model_type, _vocab(reader), linears, tensors)
+        stat = path.stat()
+        return Header(self.describe(path), model.config.model_type, _vocab(reader), linears, tensors,
+                      functools.partial(_vocab_as_loaded, str(path), (stat.st_size, stat.st_mtime_ns)))
 
     def read(self, path: Path, model: nn.Module) -> Contents:
         from gguf.quants import dequantize
@@ -190,6 +192,23 @@ def _file_type(reader, main: str) -> str:
 def _vocab(reader) -> tuple[str, ...] | None:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     return tuple(tokens) if tokens else None
+
+
+@lru_cache(maxsize=4)
+def _vocab_as_loaded(path: str, stamp: tuple[int, int]) -> tuple[str, ...]:
+    """The file's tokens in id order as transformers spells them when it builds a tokenizer from the file (what
+    `AutoTokenizer.from_pretrained(..., gguf_file=...)` runs): its builder for the file's tokenizer type and
+    architecture respells some tokens (Gemma's runs of spaces become '▁'s, byte-level tokens outside the byte
+    alphabet are spelled from their UTF-8 bytes)."""
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    try:
+        architecture, tokenizer_dict, _ = get_gguf_tokenizer(path)
+        backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    except Exception as err:  # transformers raises KeyError, ValueError, ... for a vocabulary it cannot build
+        raise CheckpointError(f"transformers cannot build a tokenizer from {path} ({type(err).__name__}: {err}), so "
+                              "its vocabulary can only be compared as the file spells it") from None
+    return tuple(backend.id_to_token(i) for i in range(len(tokenizer_dict["tokens"])))
 
 
 def _row_order(processor, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import ConfigError, RunConfig, register_configs
+from harness.config import ConfigError, RunConfig, one_line, register_configs
 from harness.preflight import to_run_config
 from harness.provenance import git_sha
 from analysis.summary import RUN_FILE, summary_table, versus_baseline
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def _config_error(err: Exception) -> NoReturn:
-    log.error("config error: %s", " ".join(str(err).split()))  # one line, whatever the message
+    log.error("config error: %s", one_line(err))
     sys.exit(2)
 
 

@@ -31,6 +31,12 @@ class ConfigError(ValueError):
     """A bad configuration value, raised before any expensive work; the message names key and allowed values."""
 
 
+def one_line(text: str) -> str:
+    """A message on one line: its lines joined by single spaces. Spaces inside a line are kept, so a quoted token of
+    two spaces ('  ') still reads as two."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid; allowed values: {allowed}")

@@ -70,13 +70,29 @@ def converted_directory(cache_dir: Path) -> Path:
 
 def convert_packaged(cache_dir: Path) -> Path:
     """Convert the packaged GGUF to an fp32 safetensors directory once; return its path (atomic)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     gguf = packaged_gguf_path()
     target = converted_directory(cache_dir)
     if target.exists() and read_or_quarantine(target, lambda: verify_manifest(target)):
         return target
     log.info("converting %s to fp32 safetensors in %s (one time, ~10 s)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        save_gguf_as_hf(gguf, tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf.name, "note": PACKAGED_NOTE}, indent=2))
+        write_manifest(tmp)  # verified at every reuse: a damaged conversion is moved aside and redone
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def save_gguf_as_hf(gguf: Path, out: Path) -> None:
+    """The model and tokenizer transformers' GGUF loader makes of `gguf` (weights dequantized to fp32), saved with
+    save_pretrained into the directory `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     with gguf_parsed_once():
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -90,18 +106,8 @@ def convert_packaged(cache_dir: Path) -> Path:
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": gguf.name, "note": PACKAGED_NOTE}, indent=2))
-        write_manifest(tmp)  # verified at every reuse: a damaged conversion is moved aside and redone
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def model_location(cfg: ModelConfig, cache_dir: Path) -> str:

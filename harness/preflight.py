@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from harness import data as datasets_
-from harness.config import ConfigError, RunConfig
+from harness.config import ConfigError, RunConfig, one_line
 from harness.identity import calibrates, declared_spec, used_sources
 from harness.models import (PACKAGED_MAX_POSITIONS, cache_dir_of, check_model_location, local_model_directory,
                             resolve_device)
@@ -452,6 +452,6 @@ def job_error(config: DictConfig, job: list[str], check_device: bool) -> str | N
             del job_config["hydra"]  # what the task function receives
         preflight_config(to_run_config(job_config), check_device=check_device)
     except (HydraException, OmegaConfBaseException, ValueError) as err:  # ConfigError is a ValueError
-        return " ".join(str(err).split())  # one line
+        return one_line(err)
     return None
 

@@ -441,3 +441,92 @@ def test_finding1_a_packed_tensor_of_another_dtype_is_refused(tmp_path, base):
     _resave(path, unpacked_zero_point)
     with pytest.raises(CheckpointError, match=rf"{layer}\.weight_zero_point has shape \[64, 5\], expected \[8, 5\]"):
         reader_for(path).header(path, base)
+
+
+# --- issue 30, finding 2: a GGUF judged against the HF model made from it -------------------------------------------
+
+def write_tiny_gemma_gguf(out: Path) -> Path:
+    """A tiny Gemma 3 GGUF (Q8_0 linears) with a sentencepiece vocabulary that stores runs of spaces as real spaces,
+    as llama.cpp's Gemma files do ('  ', which transformers' loader spells '▁▁'), written with the `gguf` package:
+    tensor names from its name table, norms stored + 1 as llama.cpp stores Gemma's."""
+    import gguf
+    import numpy as np
+
+    from tests.conftest import WORDS
+
+    model = tiny_model("gemma3_text")
+    cfg = model.config
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\n", "  ", "   ", "▁", "."]
+    tokens += [f"▁{w}" for w in dict.fromkeys(WORDS)] + sorted(set("".join(WORDS)))
+    tokens += [f"▁filler{i}" for i in range(cfg.vocab_size - len(tokens))]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out), "gemma3")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3, 2, 3] + [1] * (len(tokens) - 5))  # control, unknown, normal
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for hf, tensor in model.state_dict().items():
+        if hf == "lm_head.weight":  # tied to the embeddings
+            continue
+        base, suffix = hf.rsplit(".", 1)
+        values = tensor.numpy().astype(np.float32) + (1 if "norm" in base else 0)
+        name = f"{names.get_name(base)}.{suffix}"
+        if values.ndim == 2 and ".layers." in hf:
+            writer.add_tensor(name, gguf.quants.quantize(values, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_finding2_a_gguf_is_judged_against_the_hf_model_transformers_made_from_it(text_file, tmp_path):
+    """transformers' GGUF loader spells the file's '  ' as '▁▁': the vocabulary check compared the two spellings and
+    refused the pair. Compared as the loader converts it, the pair is accepted and the checkpoint is the base model
+    itself: KLD exactly 0 and ppl equal to the baseline's."""
+    from harness.models import save_gguf_as_hf
+
+    path = write_tiny_gemma_gguf(tmp_path / "tiny-gemma3-Q8_0.gguf")
+    base_dir = tmp_path / "from-gguf"
+    save_gguf_as_hf(path, base_dir)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(base_dir).convert_ids_to_tokens([6, 7]) == ["▁▁", "▁▁▁"]
+    frame = execute(make_config(*tiny_run_overrides(base_dir, text_file, tmp_path, "method=checkpoint",
+                                                    f"method.path={path}", "method.label=gemma-q8")))
+    ppl = frame[frame.suite == "ppl"].set_index("metric")["value"]
+    assert ppl["kld"] == 0.0 and ppl["ppl"] == ppl["base_ppl"]
+
+
+def test_finding2_a_vocabulary_refusal_quotes_tokens_with_repr_on_one_line(tmp_path):
+    """Another vocabulary is still refused, and the one-line message keeps the token's spaces ('  ' stays two)."""
+    from checkpoints.base import check_vocabulary
+    from harness.config import one_line
+
+    path = write_tiny_gemma_gguf(tmp_path / "tiny-gemma3-Q8_0.gguf")
+    model = tiny_model("gemma3_text")
+    header = reader_for(path).header(path, model)
+    ours = list(header.vocab_as_loaded())
+    ours[6] = "▁▁▁▁"
+    with pytest.raises(CheckpointError) as refused:
+        check_vocabulary(header, ours)
+    line = one_line(f"method.path={str(path)!r}: {refused.value}")
+    assert "token 6 is '▁▁' (stored as '  ') in the checkpoint's tokenizer as transformers' loader spells it and " \
+           "'▁▁▁▁' in the base model's" in line
