@@ -5,6 +5,7 @@ regression checks read results/ only and never run a model.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -142,6 +143,8 @@ def set_aside(run_dir: Path, reason: str) -> Path:
         if not entry.name.startswith("."):
             os.replace(entry, aside / (f"{DONE_FILE}.corrupt" if entry.name == DONE_FILE else entry.name))
     log.warning("%s is damaged (%s): its files moved aside to %s; re-running it", run_dir, reason, aside)
+    with contextlib.suppress(OSError):  # left empty: no directory that looks like a run until the re-run writes one
+        run_dir.rmdir()
     return aside
 
 

@@ -39,6 +39,7 @@ class Description:
     bits, group_size, symmetric: the nominal spec (a mixed GGUF: that of most of its quantized weights).
     packable: whether every quantized layer has a codes/scales/zeros form (none is carried dequantized), so packed
     kernels can run it.
+    mixed: whether its quantized layers differ in type (a GGUF mix such as Q4_0 with Q8_0): no one spec holds them.
     """
 
     format: str
@@ -47,6 +48,7 @@ class Description:
     group_size: int | None
     symmetric: bool | None
     packable: bool = True
+    mixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def check_belongs(header: Header, model: nn.Module, layout: ModelLayout, tokeniz
         raise CheckpointError(f"the checkpoint is a {header.model_type!r} model, the base model a {base_type!r}: "
                               "a checkpoint is judged against the model it was made from")
     state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    linears = {name: (lin.out_features, lin.in_features) for name, lin in layout.quantizable_linears(model).items()}
+    linears = layout.linear_shapes(model)
     for name, shape in header.linears.items():
         if linears.get(name, state.get(f"{name}.weight")) != tuple(shape):
             have = linears.get(name, state.get(f"{name}.weight"))

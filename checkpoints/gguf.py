@@ -128,7 +128,8 @@ class GGUFReader(CheckpointReader):
             raise CheckpointError(f"method.path={str(path)!r}: the GGUF file quantizes no block weight: nothing to judge")
         main = weights_by_type.most_common(1)[0][0]
         return Description("gguf", f"gguf-{_file_type(reader, main)}", NOMINAL_BITS.get(main, 0),
-                           GROUP_SIZE.get(main), main in EXACT_OFFSETS, set(weights_by_type) <= set(EXACT_OFFSETS))
+                           GROUP_SIZE.get(main), main in EXACT_OFFSETS, set(weights_by_type) <= set(EXACT_OFFSETS),
+                           mixed=len(weights_by_type) > 1)
 
     def header(self, path: Path, model: nn.Module) -> Header:
         reader = open_gguf(path)

@@ -25,6 +25,7 @@ from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Descr
 from core.spec import QuantizedWeights
 from kernels.pack import (aligned_words, stream_words, unpack_awq_gemm, unpack_bit_stream, unpack_compressed,
                           unpack_gptq)
+from structure.architectures import layout_for
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class PackedLinearCheckpoint(CheckpointReader):
                   model: nn.Module) -> tuple[dict[str, tuple[int, int]], object]:
         """({layer: (out, in)}, the file's layout variant), every part of every layer checked against the shapes its
         out, in, bits and group size imply (CheckpointError naming the first tensor that has another)."""
-        hints = _linear_shapes(model)
+        hints = layout_for(model).linear_shapes(model)
         linears = {name: self.layer_shape(tensors, name, config, hints.get(name)) for name in self.layers(tensors)}
         variants = self.variants(config)
         problems = {variant: list(self._mismatches(tensors, config, linears, variant)) for variant in variants}
@@ -220,13 +221,6 @@ class PackedLinearCheckpoint(CheckpointReader):
                shape: tuple[int, int]) -> QuantizedWeights:
         """One layer's artifact from its parts (checked against `shape`, its (out, in), already)."""
         raise NotImplementedError
-
-
-def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{name: (out, in)} of the base model's quantizable linears (a skeleton is enough)."""
-    from structure.architectures import layout_for
-
-    return {name: (lin.out_features, lin.in_features) for name, lin in layout_for(model).quantizable_linears(model).items()}
 
 
 def _groups(inp: int, group: int | None) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from checkpoints.base import CheckpointError, check_belongs, digest, reader_for
+from checkpoints.base import CheckpointError, Description, check_belongs, digest, reader_for
 from methods.base import ArtifactSource, Method, QuantizationResult, register_method
 from structure.architectures import layout_for
 
@@ -51,8 +51,12 @@ class FromCheckpoint(Method):
     def path(self) -> Path:
         return Path(self.config.path).expanduser()
 
+    def describe(self) -> Description:
+        """What the checkpoint is, from its metadata."""
+        return reader_for(self.path, self.config.format).describe(self.path)
+
     def artifact_source(self) -> ArtifactSource:
-        about = reader_for(self.path, self.config.format).describe(self.path)
+        about = self.describe()
         sha = digest(self.path)
         return ArtifactSource(f"ckpt:{self.config.label or f'{about.label}-{sha[:8]}'}", about.bits, about.group_size,
                               about.symmetric, sha, about.packable)

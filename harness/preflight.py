@@ -61,7 +61,7 @@ def preflight(cfg: RunConfig, cache: Path, device: torch.device | None) -> None:
     check_token_budgets(cfg, cache, directory, model_config)
     check_architecture(cfg, directory, model_config)
     check_checkpoint(cfg, directory)
-    check_export(cfg)
+    check_export(cfg, directory)
 
 
 def preflight_config(cfg: RunConfig, check_device: bool = True) -> None:
@@ -121,6 +121,9 @@ def check_checkpoint(cfg: RunConfig, directory: Path | None) -> None:
             raise ValueError(f"{source.label} stores some layers in a form with no codes/scales/zeros (carried "
                              f"dequantized), which packed kernels cannot run; set {'=null '.join(packs)}=null to "
                              "evaluate it fake-quantized")
+        if cfg.export is not None and method.describe().mixed:
+            raise ValueError(f"{source.label} mixes quantization types across its layers and an export holds one "
+                             "spec; set export=null")
         if directory is not None:
             method.check_model(*_skeleton(str(directory), cfg.model.trust_remote_code))
     except ValueError as err:
@@ -153,19 +156,40 @@ def check_architecture(cfg: RunConfig, directory: Path | None, model_config: dic
         raise ConfigError(f"model.path: {err}") from None
 
 
-def check_export(cfg: RunConfig) -> None:
-    """export=...: the format can hold the run's weights, and the model is held whole (a streamed run has one block
-    in memory at a time; streaming=auto is checked when the run plans)."""
+def check_export(cfg: RunConfig, directory: Path | None) -> None:
+    """export=...: the format can hold the run's weights (its spec, act-order, and the shapes of the model's linears,
+    read from a weightless skeleton when the model is on this machine; otherwise the run checks them as soon as the
+    model has loaded, before quantizing), and the model is held whole (a streamed run has one block in memory at a
+    time; streaming=auto is checked when the run plans)."""
     if cfg.export is None:
         return
-    from kernels.export import refusal
+    shapes = None
+    if directory is not None:
+        from structure.architectures import layout_for
 
-    why = refusal(cfg.export, declared_spec(cfg))
+        skeleton = _skeleton(str(directory), cfg.model.trust_remote_code)[0]
+        shapes = layout_for(skeleton).linear_shapes(skeleton)
+    why = export_refusal(cfg, shapes)
     if why is not None:
         raise ConfigError(f"export={cfg.export}: {why}")
     if cfg.model.streaming == "true":
         raise ConfigError(f"export={cfg.export} needs the model whole in memory; set model.streaming=false or "
                           "export=null")
+
+
+def export_refusal(cfg: RunConfig, shapes: dict[str, tuple[int, int]] | None) -> str | None:
+    """Why the run's export format cannot hold its weights (None: it can), given the linears' {name: (out, in)}."""
+    from kernels.export import refusal
+
+    return refusal(cfg.export, declared_spec(cfg), shapes, act_order=_records_act_order(cfg.method))
+
+
+def _records_act_order(method_cfg) -> bool:
+    """Whether a method config asks for act-order (GPTQ's desc_act, also inside a composite method's config)."""
+    if not dataclasses.is_dataclass(method_cfg):
+        return False
+    return bool(getattr(method_cfg, "desc_act", False)) or any(
+        _records_act_order(getattr(method_cfg, f.name)) for f in dataclasses.fields(method_cfg))
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,7 +29,7 @@ from harness.models import (PACKAGED_NOTE, cache_dir_of, load_model, load_stream
                             resolve_device, weights_stamp)
 from harness.pack_stage import pack, probe_window
 from harness.plan import PackAt, Resume, RunPlan, plan_run
-from harness.preflight import preflight
+from harness.preflight import export_refusal, preflight
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
@@ -93,8 +93,10 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
         # 1. a streamed run that needs the model whole must fit it packed: refused before any weight is read
         if plan.streamed and plan.whole_model:
             check_packed_fits(cfg, plan, pipeline)
-        # 1b. a checkpoint made elsewhere must belong to this model (the preflight checked it if the model was here)
+        # 1b. a checkpoint made elsewhere must belong to this model, an export must fit its shapes (the preflight
+        # checked both if the model was on this machine)
         check_model_fits_method(cfg, pipeline, tokenizer)
+        check_export_fits(cfg, pipeline)
         # 2. what the run measures: the weights' fingerprint (the same weights behind touched files: result stands)
         with clock("fingerprint"):
             fingerprint = model_fingerprint(pipeline.model, pipeline.read)
@@ -217,6 +219,16 @@ def check_model_fits_method(cfg: RunConfig, pipeline: BlockPipeline, tokenizer) 
         build_method(cfg.method).check_model(pipeline.model, tokenizer)
     except ValueError as err:
         raise ConfigError(f"method={cfg.method.name}: {err}") from None
+
+
+def check_export_fits(cfg: RunConfig, pipeline: BlockPipeline) -> None:
+    """export=...: the format can hold this model's linears (a group size dividing each one's inputs, ...), checked
+    on the loaded model before anything is quantized."""
+    if cfg.export is None:
+        return
+    why = export_refusal(cfg, pipeline.layout.linear_shapes(pipeline.model))
+    if why is not None:
+        raise ConfigError(f"export={cfg.export}: {why}")
 
 
 def _confirmed(plan: RunPlan, fingerprint: str) -> pd.DataFrame:

@@ -1,6 +1,8 @@
 """A run-directory lock that also holds on cluster network filesystems, where flock may not be honoured.
 
-The lock is a directory created with mkdir (atomic on local and network filesystems alike), holding an owner file
+The lock is a directory beside the run directory, `.<run>.lock.d`, so a run that dies leaves no run directory
+behind (an empty one would look like a run): only a hidden lock, which the next run takes over. It is created with
+mkdir (atomic on local and network filesystems alike), holding an owner file
 and a heartbeat file that the holder touches every `heartbeat_s` seconds from a background thread. A waiter polls;
 a lock whose heartbeat is older than `stale_s` (its holder was killed, or its machine died) is taken over by
 renaming it aside (atomic: of several waiters exactly one wins) and creating a fresh one. A holder on this host
@@ -21,7 +23,7 @@ import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-LOCK_DIR = ".lock.d"
+LOCK_SUFFIX = ".lock.d"
 HEARTBEAT = "heartbeat"
 HEARTBEAT_S = 10.0
 STALE_S = 120.0  # no heartbeat for this long: the holder is gone
@@ -75,11 +77,17 @@ def _take_over(lock: Path, why: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def lock_path(out_dir: Path) -> Path:
+    """The lock of a run directory: a hidden sibling, `<results>/.<run>.lock.d`."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{LOCK_SUFFIX}"
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S, poll_s: float = 0.5):
     """Hold the run directory's lock; yields True if another process held it first (and we waited for it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock, waited = out_dir / LOCK_DIR, False
+    lock, waited = lock_path(out_dir), False
+    lock.parent.mkdir(parents=True, exist_ok=True)
     while not _try_create(lock):
         if (dead := _dead_local_holder(lock)) is not None:
             _take_over(lock, f"its holder, pid {dead} on this host, no longer exists")

@@ -11,6 +11,7 @@ renamed into place at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kernels.pack import pack_awq_gemm, pack_compressed, pack_gptq
+from kernels.pack import GPTQ_BITS, pack_awq_gemm, pack_compressed, pack_gptq
 from core.spec import QuantizedWeights, QuantSpec
 
 Format = Literal["gptq", "awq_gemm", "compressed-tensors"]
@@ -36,12 +37,35 @@ def as_stored(art: QuantizedWeights, fmt: Format) -> QuantizedWeights:
                             art.symmetric, art.g_idx)
 
 
-def refusal(fmt: Format, spec: QuantSpec) -> str | None:
-    """Why a `fmt` checkpoint cannot hold weights of `spec` (None: it can)."""
+def refusal(fmt: Format, spec: QuantSpec, shapes: dict[str, tuple[int, int]] | None = None,
+            act_order: bool = False) -> str | None:
+    """Why a `fmt` checkpoint cannot hold weights of `spec` (None: it can), from what is known before quantizing:
+    the spec, the quantized linears' {name: (out, in)} when given, and whether the method records act-order g_idx.
+    These are the conditions the packers check (kernels.pack), asked before the run spends its time."""
     if fmt not in FORMATS:
         return f"export format {fmt!r} is unknown; allowed values: {list(FORMATS)}"
-    if fmt == "awq_gemm" and (spec.bits != 4 or spec.symmetric or spec.group_size is None):
-        return (f"awq_gemm stores 4-bit asymmetric grouped weights only, not {spec.tag()} (use export=gptq)")
+    if fmt == "gptq" and spec.bits not in GPTQ_BITS:
+        return f"gptq stores bits {list(GPTQ_BITS)}, not {spec.bits} (use export=compressed-tensors)"
+    if fmt != "awq_gemm":
+        return None
+    if spec.bits != 4 or spec.symmetric or spec.group_size is None:
+        return f"awq_gemm stores 4-bit asymmetric grouped weights only, not {spec.tag()} (use export=gptq)"
+    if act_order:
+        return "awq_gemm stores contiguous groups only, not act-order g_idx (use export=gptq or compressed-tensors)"
+    shapes = shapes or {}
+    uneven = {name: inp for name, (_, inp) in shapes.items() if inp % spec.group_size}
+    if uneven:
+        name, inp = next(iter(uneven.items()))
+        divisor = math.gcd(*(inp for _, inp in shapes.values()))
+        fits = [g for g in (256, 128, 64, 32, 16) if divisor % g == 0]
+        return (f"awq_gemm needs group_size to divide every quantized layer's input features (AutoAWQ's layout); "
+                f"group_size={spec.group_size} does not divide {len(uneven)} of them (e.g. {name}: {inp}); allowed "
+                f"values here: group_size in {fits} (or export=gptq / compressed-tensors, which take a shorter last "
+                "group)")
+    narrow = {name: out for name, (out, _) in shapes.items() if out % 8}
+    if narrow:
+        name, out = next(iter(narrow.items()))
+        return f"awq_gemm needs every quantized layer's output features to be a multiple of 8 ({name}: {out})"
     return None
 
 

@@ -410,6 +410,11 @@ def _find_module(root: nn.Module, dotted: str) -> nn.Module | None:
     except AttributeError:
         return None
 
+    def linear_shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """{fully qualified name: (out_features, in_features)} of quantizable_linears (a weightless skeleton is
+        enough)."""
+        return {name: (lin.out_features, lin.in_features) for name, lin in self.quantizable_linears(model).items()}
+
 
 def layout_for(model_or_config) -> ModelLayout:
     """The layout of a model (or its config); a clear error names the supported families (and, given a model, those

@@ -291,3 +291,43 @@ def test_packaged_model_once_converted_checks_text_with_its_tokenizer(tiny_model
         check(*args, "eval.seqlen=256")
     with pytest.raises(ConfigError, match=r"max_position_embeddings=512 \(config.json\)"):  # read from the copy
         check(*args, "eval.seqlen=1024")
+
+
+# -- issue 30, finding 5: an export the model's shapes cannot hold is refused before quantizing -----------------------
+
+
+def test_finding5_awq_gemm_at_a_group_size_not_dividing_a_layer_is_refused_in_the_preflight(tiny_model_dir, text_file,
+                                                                                           tmp_path):
+    """The tiny Llama's down_proj has 160 inputs: AutoAWQ's layout cannot hold group 64 there. Before, the preflight
+    passed, the run quantized, then pack_awq_gemm raised a ValueError traceback (rc 1) and left an empty run
+    directory."""
+    args = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "group_size=64", "export=awq_gemm")
+    line = one_config_error(_cli(*args, f"hydra.run.dir={tmp_path / 'out'}"))
+    assert "export=awq_gemm: awq_gemm needs group_size to divide every quantized layer's input features" in line
+    assert "group_size=64 does not divide 2 of them (e.g. model.layers.0.mlp.down_proj: 160)" in line
+    assert "allowed values here: group_size in [32, 16]" in line
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("method=gptq", "method.desc_act=true", "group_size=32", "export=awq_gemm"), "not act-order g_idx"),
+    (("method=rtn", "group_size=32", "bits=8", "export=awq_gemm"), "4-bit asymmetric grouped weights only"),
+])
+def test_finding5_every_export_constraint_is_a_preflight_refusal(tiny_model_dir, text_file, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        check(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, *extra))
+
+
+def test_finding5_a_model_not_yet_on_the_machine_is_checked_as_soon_as_it_loads(tiny_model_dir, text_file, tmp_path,
+                                                                               monkeypatch):
+    """When the preflight cannot see the model's shapes (the packaged model before its first conversion), the run
+    refuses right after loading, before the baseline or any quantization."""
+    import harness.run as run
+
+    monkeypatch.setattr(run, "preflight", lambda *a, **k: None)
+    monkeypatch.setattr(run, "quantize_stage", lambda *a, **k: pytest.fail("quantized before the export check"))
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "group_size=64",
+                                          "export=awq_gemm"))
+    with pytest.raises(ConfigError, match="group_size=64 does not divide"):
+        run.execute(cfg)
+

@@ -326,6 +326,7 @@ with run_lock(out, heartbeat_s=0.2, stale_s=5, poll_s=0.05) as waited:
         with open(log, "a") as f:
             f.write("computed" + chr(10))
         time.sleep(1.0)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "DONE").write_text("x")
 """
 
@@ -342,7 +343,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     import os
     import time
 
-    from harness.runlock import HEARTBEAT, LOCK_DIR, run_lock
+    from harness.runlock import HEARTBEAT, lock_path, run_lock
 
     out, log = tmp_path / "run", tmp_path / "log.txt"
     holder = subprocess.Popen([sys.executable, "-c", _RACER.replace("time.sleep(1.0)", "time.sleep(600)"),
@@ -352,13 +353,13 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
         time.sleep(0.05)
     holder.kill()  # dies holding the lock; its heartbeat stops
     holder.wait()
-    assert (out / LOCK_DIR).is_dir()
+    assert lock_path(out).is_dir() and not out.exists()  # beside the run, not in it
     old = time.time() - 3600
-    os.utime(out / LOCK_DIR / HEARTBEAT, (old, old))  # as if it had died an hour ago
+    os.utime(lock_path(out) / HEARTBEAT, (old, old))  # as if it had died an hour ago
     start = time.time()
     with run_lock(out, stale_s=60, poll_s=0.05) as waited:
         assert waited is False and time.time() - start < 5  # taken over at once, not waited for
-    assert not (out / LOCK_DIR).exists()
+    assert not lock_path(out).exists()
 
 
 def test_huge_pages_are_asked_for_streamed_runs_only(monkeypatch):
@@ -376,3 +377,22 @@ def test_huge_pages_are_asked_for_streamed_runs_only(monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     huge_pages_for(True)
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+def test_finding5_a_run_that_crashes_mid_way_leaves_no_run_directory(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """The run directory appears only when the run writes its results: a crash after quantizing leaves nothing that
+    looks like a run (before, the lock made an empty results/<run_id>/), and no lock."""
+    import harness.run as run
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash in the perplexity stage")
+
+    monkeypatch.setattr(run, "evaluate_perplexity", crash)
+    cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "group_size=32"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.execute(cfg)
+    assert not run_dir(cfg).exists()
+    assert list((tmp_path / "results").iterdir()) == []  # the lock went with the run
+    monkeypatch.undo()
+    execute(cfg)  # the next attempt runs it
+    assert results.is_complete(run_dir(cfg))
