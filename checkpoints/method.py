@@ -46,6 +46,7 @@ class CheckpointConfig:
 @register_method("checkpoint", CheckpointConfig)
 class FromCheckpoint(Method):
     needs_calibration = False
+    spec_from_source = True
 
     @property
     def path(self) -> Path:

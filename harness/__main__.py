@@ -7,17 +7,19 @@ expensive work and before anything is written.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import ConfigError, RunConfig, one_line, register_configs
-from harness.preflight import to_run_config
+from harness.preflight import check_keys_apply, compose_error, to_run_config
 from harness.provenance import git_sha
 from analysis.summary import RUN_FILE, summary_table, versus_baseline
 
@@ -30,6 +32,7 @@ git_sha()  # the commit of the code this process loads, recorded on every row it
 def main(cfg: DictConfig) -> None:
     try:
         run_cfg: RunConfig = to_run_config(cfg)
+        check_keys_apply(run_cfg, list(HydraConfig.get().overrides.task))
     except (ValueError, OmegaConfBaseException) as err:  # ConfigError, the methods' and evaluators' own checks
         _config_error(err)
     from harness.run import execute, run_dir  # heavy imports (torch, transformers) only after validation
@@ -49,5 +52,22 @@ def _config_error(err: Exception) -> NoReturn:
     sys.exit(2)
 
 
+def cli() -> None:
+    """Hydra's entry, with what goes wrong composing the config (a value of the wrong type, a key the schema lacks, an
+    option a config group does not have, an override that does not parse) as one `config error` line and exit status
+    2, like every other bad input. Hydra raises these before `main` runs, for a single run and a sweep (-m) alike, and
+    would print a multi-line report and exit 1; its own switch HYDRA_FULL_ERROR=1 makes it raise them instead, and a
+    user who sets it gets Hydra's full traceback as before."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"config error: {compose_error(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from harness import data as datasets_
 from harness.config import ConfigError, RunConfig, one_line
@@ -76,6 +77,110 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         key, value, allowed = unknown
         raise ConfigError(f"{key}={value} is not a config key (added with +?); allowed keys here: {allowed}")
     return OmegaConf.to_object(cfg)
+
+
+def compose_error(err: Exception) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing a config, before any RunConfig exists: the key
+    and the value given, what is wrong, and what the schema allows there (the keys of that node, the options of a
+    config group, the values of the field's type)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    text = str(err)
+    given = _override_in(text) or getattr(cause, "full_key", None) or ""
+    if isinstance(err, OverrideParseException):
+        what, _, see = one_line(err.message).partition(" See ")
+        return f"the override {err.override!r} cannot be parsed ({what}); see {see.removesuffix(' for details')}"
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        return f"{group}={option} is invalid: no such option; allowed values: {sorted(err.options)}"
+    schema, key = getattr(cause, "object_type", None), getattr(cause, "key", None)
+    if dataclasses.is_dataclass(schema) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        keys = [f.name for f in dataclasses.fields(schema)]
+        parent = str(cause.full_key or "").rpartition(".")[0]
+        return f"{given} is not a config key{_of_method(schema, parent)}; allowed keys here: {keys}"
+    if dataclasses.is_dataclass(schema) and isinstance(cause, ValidationError) and key in _field_types(schema):
+        what = str(cause.msg).splitlines()[0]
+        kind = _field_types(schema)[key]
+        name = cause.full_key or key
+        return (f"{given} is invalid: {what}; allowed values: {_values_of(kind)} ({name} is "
+                f"{_type_name(kind)})")
+    return one_line(f"{text}\n{cause}" if isinstance(cause, OmegaConfBaseException) and cause is not err else text)
+
+
+def _override_in(text: str) -> str | None:
+    """The override an error of Hydra's quotes ("Error merging override calib.seed=abc", "use +method.path=/x")."""
+    import re
+
+    match = re.search(r"Error merging override (\S+)", text) or re.search(r"use \+(\S+=\S*)", text)
+    return match.group(1) if match else None
+
+
+def _field_types(schema: type) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(schema)
+    except Exception:  # noqa: BLE001 -- an annotation that does not resolve: no type to describe
+        return {}
+
+
+def _of_method(schema: type, parent: str) -> str:
+    """Where a key was looked for: a method's config, a node, or the top level."""
+    from methods import METHODS
+
+    names = [name for name, cls in METHODS.items() if cls.config_class is schema]
+    return f" of method={names[0]}" if names else f" under {parent}" if parent else ""
+
+
+def _type_name(kind: Any) -> str:
+    import typing
+
+    if typing.get_origin(kind) is typing.Union:
+        return f"Optional[{', '.join(_type_name(a) for a in typing.get_args(kind) if a is not type(None))}]"
+    args = typing.get_args(kind)
+    if args:
+        return f"{getattr(typing.get_origin(kind), '__name__', kind)}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _values_of(kind: Any) -> str:
+    """The values a field of this type takes, in words."""
+    import typing
+
+    if typing.get_origin(kind) is typing.Union:
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        return " or ".join(_values_of(a) for a in inner) + " or null"
+    if typing.get_origin(kind) in (list, tuple):
+        inner = typing.get_args(kind)
+        plural = {int: "integers", float: "numbers", str: "names", bool: "booleans"}.get(inner[0] if inner else None,
+                                                                                       "values")
+        return f"a list of {plural}, e.g. [a,b]" if plural == "names" else f"a list of {plural}, e.g. [1,2]"
+    if dataclasses.is_dataclass(kind):
+        return f"the keys {[f.name for f in dataclasses.fields(kind)]}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, _type_name(kind))
+
+
+def check_keys_apply(cfg: RunConfig, overrides: list[str]) -> None:
+    """A key set on the command line that the run would ignore is an error, not a silent no-op recorded as if it had
+    been measured: a method whose artifacts bring their own spec (method=checkpoint) takes no bits, group_size,
+    symmetric or strict_groups."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from methods import METHODS
+
+    if not METHODS.get(cfg.method.name).spec_from_source:
+        return
+    given = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group in SPEC_KEYS]
+    if given:
+        keys = [o.key_or_group for o in given]
+        raise ConfigError(f"{' '.join(o.input_line for o in given)}: {', '.join(keys)} do not apply to "
+                          f"method={cfg.method.name}, which measures the checkpoint's own bits, group size and "
+                          f"symmetry (its rows record them); allowed values: leave {', '.join(keys)} unset")
+
+
+SPEC_KEYS = ("bits", "group_size", "symmetric", "strict_groups")  # what a method with its own spec does not take
 
 
 def unknown_keys(node: DictConfig, prefix: str = ""):
@@ -468,14 +573,17 @@ def job_error(config: DictConfig, job: list[str], check_device: bool) -> str | N
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import open_dict, read_write
-    from omegaconf.errors import OmegaConfBaseException
 
     try:
         job_config = GlobalHydra.instance().config_loader().load_sweep_config(config, job)
         with read_write(job_config), open_dict(job_config):
             del job_config["hydra"]  # what the task function receives
-        preflight_config(to_run_config(job_config), check_device=check_device)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ConfigError is a ValueError
+        run_cfg = to_run_config(job_config)
+        check_keys_apply(run_cfg, job)
+        preflight_config(run_cfg, check_device=check_device)
+    except (HydraException, OmegaConfBaseException) as err:  # composing the job's config
+        return compose_error(err)
+    except ValueError as err:  # ConfigError, the methods' and evaluators' own checks
         return one_line(err)
     return None
 

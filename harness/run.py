@@ -300,6 +300,17 @@ def run_columns(cfg: RunConfig) -> dict:
             "calib_seed": cfg.calib_seed if c else None, "seed": cfg.seed, "replicate_of": replicate_of(cfg)}
 
 
+def measured_config(cfg: RunConfig, config_yaml: str) -> str:
+    """The composed config as the run measured it: a checkpoint's own bits, group size and symmetry in place of the
+    run-level defaults it does not use (what its rows record too)."""
+    source = source_of(cfg)
+    if source is None:
+        return config_yaml
+    config = yaml.safe_load(config_yaml)
+    config.update(bits=source.bits, group_size=source.group_size, symmetric=source.symmetric)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def _write(cfg: RunConfig, plan: RunPlan, frame: pd.DataFrame, config_yaml: str | None, extras: dict,
            records: dict[str, pd.DataFrame], fingerprint: str, exported: dict[str, bytes]) -> None:
     stamp = plan.resume.stamp or weights_stamp(cfg.model)  # a hub id's files are on this machine now
@@ -316,5 +327,5 @@ def _write(cfg: RunConfig, plan: RunPlan, frame: pd.DataFrame, config_yaml: str 
         if not table.empty:
             files[name] = table.to_parquet(index=False)
     config_yaml = config_yaml or yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
-    write_run(plan.out_dir, frame, config_yaml, meta, files)
+    write_run(plan.out_dir, frame, measured_config(cfg, config_yaml), meta, files)
     log.info("wrote %s", plan.out_dir)

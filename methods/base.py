@@ -75,6 +75,8 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
+    # the artifacts bring their own bits, group size and symmetry (a checkpoint made elsewhere): the run's are not used
+    spec_from_source: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

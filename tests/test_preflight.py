@@ -331,3 +331,63 @@ def test_finding5_a_model_not_yet_on_the_machine_is_checked_as_soon_as_it_loads(
     with pytest.raises(ConfigError, match="group_size=64 does not divide"):
         run.execute(cfg)
 
+
+# -- issue 30, finding 7: a value of the wrong type is one line, rc 2, single run and sweep ---------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("calib.seed=abc",), "calib.seed=abc is invalid: Value 'abc' of type 'str' could not be converted to Integer; "
+                          "allowed values: an integer or null (calib.seed is Optional[int])"),
+    (("calib.seed=1.5",), "calib.seed=1.5 is invalid: Value '1.5' of type 'float' could not be converted to Integer; "
+                          "allowed values: an integer or null"),
+    (("method=rtn", "method.path=/x"), "method.path=/x is not a config key of method=rtn; allowed keys here: "
+                                       "['name', 'range_rule']"),
+    (("bits=four",), "bits=four is invalid: Value 'four' of type 'str' could not be converted to Integer; allowed "
+                     "values: an integer (bits is int)"),
+    (("method=magic",), "method=magic is invalid: no such option; allowed values: ['awq', 'awq_gptq', 'checkpoint', "
+                        "'fp', 'gptq', 'rtn']"),
+    (("-m", "calib.seed=abc"), "calib.seed=abc is invalid: Value 'abc' of type 'str'"),  # a sweep's own compose
+])
+def test_finding7_type_errors_are_one_config_error_line_with_rc_2(tmp_path, args, expected):
+    """Hydra raises these while composing, before the task function runs: they printed Hydra's multi-line report and
+    exited 1."""
+    line = one_config_error(_cli(*args, f"results_dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'out'}",
+                                 f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+    assert line.startswith("config error: ") and expected in line
+
+
+def test_finding7_a_sweep_job_of_the_wrong_type_is_named_with_its_type(tiny_model_dir, text_file, tmp_path):
+    args = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=rtn", "group_size=32")
+    line = one_config_error(_cli("-m", *args, "calib.seed=0,abc", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+    assert line.startswith("config error: sweep job 1 (calib.seed=abc): calib.seed=abc is invalid: Value 'abc' of "
+                           "type 'str' could not be converted to Integer; allowed values: an integer or null")
+    assert not (tmp_path / "results").exists()
+
+
+# -- issue 30, finding 11: keys a checkpoint does not use are refused, config.yaml records what was measured ----------
+
+
+def test_finding11_spec_keys_set_for_a_checkpoint_are_refused(tiny_model_dir, text_file, tmp_path):
+    gguf = Path(__file__).parent / "golden" / "checkpoints" / "gguf" / "tiny-Q4_0.gguf"
+    args = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=checkpoint", f"method.path={gguf}")
+    line = one_config_error(_cli(*args, "bits=3", "group_size=64", f"hydra.run.dir={tmp_path / 'out'}"))
+    assert "bits=3 group_size=64: bits, group_size do not apply to method=checkpoint, which measures the " \
+           "checkpoint's own bits, group size and symmetry" in line
+    assert not (tmp_path / "results").exists()
+    swept = _cli("-m", *args, "bits=3,4", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert swept.returncode == 2 and "sweep job 0 (bits=3): bits=3: bits do not apply" in swept.stderr
+
+
+def test_finding11_a_checkpoint_run_records_the_spec_it_measured(tiny_model_dir, text_file, tmp_path):
+    """The defaults bits=4 group_size=128 are not refused (nobody set them) and config.yaml records the checkpoint's
+    own spec (Q4_0: 4 bits, blocks of 32, symmetric), as its rows do; before, it recorded group_size 128."""
+    import yaml
+
+    gguf = Path(__file__).parent / "golden" / "checkpoints" / "gguf" / "tiny-Q4_0.gguf"
+    args = tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=checkpoint", f"method.path={gguf}",
+                              "eval.kld=false")
+    proc = _cli(*args, f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run] = [d for d in (tmp_path / "results").iterdir() if not d.name.startswith(".")]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["bits"], config["group_size"], config["symmetric"]) == (4, 32, True)
