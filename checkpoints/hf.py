@@ -42,12 +42,14 @@ def quantization_config(path: Path) -> dict | None:
 
 
 class SafetensorsCheckpoint:
-    """The tensors of a checkpoint directory (one file or an index of shards), read lazily by name."""
+    """The tensors of a checkpoint directory (one file or an index of shards), read lazily by name: the shards
+    model.safetensors.index.json names, else model.safetensors, as transformers loads them. Other safetensors files
+    beside them (a repository's consolidated.safetensors, a reference dump) are not part of the model."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
-        files = sorted(path.glob("*.safetensors"))
+        files = _weight_files(path)
         if not files:
             raise CheckpointError(f"{path} has no *.safetensors file")
         self.handles, self.where = [], {}
@@ -74,6 +76,22 @@ class SafetensorsCheckpoint:
             return self.where[name].get_tensor(name)
         except Exception as err:
             raise CheckpointError(f"tensor {name} cannot be read ({err}): the file is damaged") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err})") from None
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names the shard {missing[0]}, which is missing")
+        return [path / shard for shard in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    return sorted(path.glob("*.safetensors"))
 
 
 class PackedLinearCheckpoint(CheckpointReader):
