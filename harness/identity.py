@@ -61,8 +61,9 @@ def _model_key(cfg: RunConfig) -> dict:
 
 def method_key(method) -> dict:
     """A method config as a key: its fields, minus those its class lists in SPEED_ONLY (speed and memory knobs that
-    give bit-identical results), recursively into nested method configs (awq_gptq's halves)."""
-    skip = set(getattr(type(method), "SPEED_ONLY", ()))
+    give bit-identical results) or CHECKS_ONLY (bounds that decide whether a run is refused, not its numbers),
+    recursively into nested method configs (awq_gptq's halves)."""
+    skip = set(getattr(type(method), "SPEED_ONLY", ())) | set(getattr(type(method), "CHECKS_ONLY", ()))
     key = {}
     for f in dataclasses.fields(method):
         if f.name in skip:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints.base import CheckpointError
 from harness import cache as quant_cache
 from harness.config import ConfigError, RunConfig
 from harness.data import calibration_tokens
@@ -23,7 +24,7 @@ from structure.pipeline import BlockPipeline
 
 log = logging.getLogger(__name__)
 # How a per-layer statistic of a method becomes one number (default: sum over layers).
-STAT_AGGREGATES = {"damp_percent": "max", "n_tokens": "min"}
+STAT_AGGREGATES = {"damp_percent": "max", "n_tokens": "min", "rel_error": "max"}
 
 
 @dataclass
@@ -66,14 +67,18 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
     key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint(type(method).__module__))
     path = quant_cache.entry_path(cache, key)
     cached = None if cfg.force else quant_cache.load_entry(path, key)
-    if cached is not None:
-        log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", path)
-        result, meta = cached
-    else:
-        start = time.perf_counter()
-        result = method.quantize_blocks(pipeline, spec_of(cfg), calib)
-        meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
-        result = quant_cache.save_entry(path, key, result, meta)
+    try:
+        if cached is not None:
+            log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", path)
+            result, meta = cached
+        else:
+            start = time.perf_counter()
+            result = method.quantize_blocks(pipeline, spec_of(cfg), calib)
+            meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
+            result = quant_cache.save_entry(path, key, result, meta)
+        method.check_result(result)  # before anything is evaluated, a cached result too
+    except CheckpointError as err:  # a checkpoint that cannot be judged: bad input, one line
+        raise ConfigError(f"method.path={getattr(cfg.method, 'path', None)!r}: {err}") from None
     result = dataclasses.replace(result, artifacts=stored_artifacts(result.artifacts, cfg.export))
     pipeline.adopt(result.modified)  # a streamed model: the checkpoint + what the method folded, from now on
     if not pipeline.streamed:  # a streamed model gets its artifacts block by block, as evaluation loads it

@@ -89,6 +89,11 @@ class Method(ABC):
         """Refuse (ValueError naming the cause) a model this method cannot serve; `model` may be a weightless
         skeleton. Run before anything is measured. Computed artifacts fit any model: nothing to check."""
 
+    def check_result(self, result: QuantizationResult) -> None:
+        """Refuse (ValueError naming the cause) a result this method cannot stand behind, e.g. a checkpoint whose
+        weights are implausibly far from the base model's; run on every result, a cached one too, before it is
+        evaluated. Computed artifacts: nothing to check."""
+
     @abstractmethod
     def quantize_blocks(self, pipeline: BlockPipeline, spec: QuantSpec,
                         calib: torch.Tensor | None) -> QuantizationResult:

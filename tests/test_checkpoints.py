@@ -5,6 +5,7 @@ The golden files under tests/golden/checkpoints/ were written by the real librar
 (scripts/produce/; each directory's PRODUCER.json says how)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -530,3 +531,79 @@ def test_finding2_a_vocabulary_refusal_quotes_tokens_with_repr_on_one_line(tmp_p
     line = one_line(f"method.path={str(path)!r}: {refused.value}")
     assert "token 6 is '▁▁' (stored as '  ') in the checkpoint's tokenizer as transformers' loader spells it and " \
            "'▁▁▁▁' in the base model's" in line
+
+
+# --- issue 30, finding 3: a damaged or foreign tensor of the right shape is refused before it is evaluated ----------
+
+def flip_scale_exponent(src: Path, out: Path, tensor: str = "blk.0.attn_q.weight") -> Path:
+    """A copy of a Q4_0/Q8_0 GGUF with the top exponent bit of one block's fp16 scale flipped (the scale times 2^16):
+    the damage one flipped byte does, still finite, the file still well formed."""
+    import gguf
+
+    t = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == tensor)
+    data = bytearray(src.read_bytes())
+    data[int(t.data_offset) + 1] ^= 0x40  # block 0's scale d: its high byte holds the sign and the exponent
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_finding3_a_flipped_exponent_in_one_gguf_scale_is_refused_naming_the_tensor(text_file, tmp_path, streaming):
+    """Before, the damaged file ran to the end (ppl 7.2e9, KLD 20.5 on SmolLM2; rc 0). Its worst tensor is now
+    refused with its relative error, in a run holding the model and in a streamed one; method.max_rel_error lets it
+    through, and the rows record the figure either way."""
+    damaged = flip_scale_exponent(gguf_file("Q4_0"), tmp_path / "damaged-Q4_0.gguf")
+    args = (f"model.streaming={streaming}",)
+    with pytest.raises(ConfigError, match=r"method.path=.*damaged-Q4_0.gguf.*: model\.layers\.0\.self_attn\.q_proj "
+                                          r"has a relative error of [0-9.e+]+ against the base model's weight, above "
+                                          r"method.max_rel_error=1 "):
+        execute(checkpoint_run(text_file, tmp_path, damaged, *args))
+    assert not (tmp_path / "results").exists() or not any(
+        p for p in (tmp_path / "results").iterdir() if not p.name.startswith("."))
+    frame = execute(checkpoint_run(text_file, tmp_path, damaged, *args, "method.max_rel_error=1e9"))
+    row = frame[(frame.suite == "quant") & (frame.metric == "stat_rel_error")].iloc[0]
+    assert row["value"] > 100 and json.loads(row["detail"])["max_layer"] == "model.layers.0.self_attn.q_proj"
+
+
+def test_finding3_an_intact_checkpoint_records_its_worst_tensor(text_file, tmp_path):
+    frame = execute(checkpoint_run(text_file, tmp_path, gguf_file("Q4_0")))
+    row = frame[(frame.suite == "quant") & (frame.metric == "stat_rel_error")].iloc[0]
+    assert 0 < row["value"] < 0.3 and json.loads(row["detail"])["aggregate"] == "max"
+
+
+def test_finding3_awq_scales_folded_into_the_checkpoint_are_not_error(base):
+    """AWQ multiplies a linear's input columns by s and divides the op before by s: the function is the same, the
+    weights are not. Folded with scales from 0.1 to 10 (far beyond AWQ's), every tensor's figure stays at float
+    rounding, while the plain ||W_hat - W|| / ||W|| of the rescaled layers is far above 1; quantized at w8 they stay
+    far under the bound (the spread of scales coarsens each group's steps: about 0.1 where w8 alone gives 0.005)."""
+    import copy
+
+    from checkpoints.plausibility import relative_errors
+    from core.quant import quantize_weight
+    from core.spec import QuantSpec
+
+    layout = layout_for(base)
+    folded = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in layout.blocks(folded):
+            for group in layout.spec.scale_groups:
+                prev = block.get_submodule(group.prev)
+                layers = [block.get_submodule(name) for name in group.layers]
+                if prev.weight.shape[0] != layers[0].weight.shape[1]:
+                    continue  # grouped-query attention: v_proj does not feed o_proj channel for channel
+                s = torch.exp(torch.empty(layers[0].weight.shape[1]).uniform_(-2.3, 2.3, generator=g))
+                prev.weight.div_(s if prev.weight.dim() == 1 else s[:, None])
+                for layer in layers:
+                    layer.weight.mul_(s)
+    read = lambda name: base.get_parameter(name).detach()  # noqa: E731
+    norms = {k: v for k, v in folded.state_dict().items() if "norm" in k}
+    exact = {n: DequantizedWeights(lin.weight.data.clone(), "folded", 32, 32, None)
+             for n, lin in layout.quantizable_linears(folded).items()}
+    errors = relative_errors(exact, norms, layout, base, read)
+    assert set(errors) == set(exact) and max(errors.values()) < 1e-5
+    plain = {n: float((a.dequantize() - read(f"{n}.weight")).norm() / read(f"{n}.weight").norm())
+             for n, a in exact.items()}
+    assert max(plain.values()) > 1.0
+    w8 = {n: quantize_weight(a.weight, QuantSpec(8, 32)) for n, a in exact.items()}
+    assert max(relative_errors(w8, norms, layout, base, read).values()) < 0.2
