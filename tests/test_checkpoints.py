@@ -607,3 +607,30 @@ def test_finding3_awq_scales_folded_into_the_checkpoint_are_not_error(base):
     assert max(plain.values()) > 1.0
     w8 = {n: quantize_weight(a.weight, QuantSpec(8, 32)) for n, a in exact.items()}
     assert max(relative_errors(w8, norms, layout, base, read).values()) < 0.2
+
+
+def test_finding1_a_gguf_tensor_whose_header_shape_is_damaged_is_refused_by_name(tmp_path, base):
+    """A GGUF's data layout follows its header's dimensions (the gguf package refuses rows that are not whole
+    blocks), so its shape check is the header against the base model: one damaged dimension names the tensor, its
+    shape and the base model's."""
+    import struct
+
+    src, path = gguf_file("Q8_0"), tmp_path / "damaged-dims.gguf"
+    data = bytearray(src.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I2Q", data, at) == (2, 160, 64)  # n_dims, ne0 = in, ne1 = out
+    struct.pack_into("<Q", data, at + 12, 32)  # 32 rows instead of 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj is \(32, 160\), the base model's is "
+                                              r"\(64, 160\)"):
+        check_belongs(reader_for(path).header(path, base), base, layout_for(base))
+
+
+def test_a_stray_safetensors_file_beside_the_weights_is_not_part_of_the_checkpoint(tmp_path, base):
+    """The reader takes model.safetensors (or the index's shards), as transformers does; before, every *.safetensors
+    of the directory was read, e.g. the golden's library_dequantized.safetensors as extra tensors."""
+    path = GOLDEN / "autoawq-gemm-w4g32"
+    assert (path / "library_dequantized.safetensors").is_file()
+    contents = reader_for(path).read(path, base)
+    assert not any(name.endswith("_proj.weight") for name in contents.tensors)
