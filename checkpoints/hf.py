@@ -149,6 +149,10 @@ class PackedLinearCheckpoint(CheckpointReader):
         of None is not checked."""
         raise NotImplementedError
 
+    def optional_shapes(self, out: int, inp: int, config: dict) -> dict[str, tuple[int, ...]]:
+        """{part: the shape it must have when it is there} for parts a file may leave out (an act-order g_idx)."""
+        return {}
+
     def layout_of(self, path: Path, tensors: SafetensorsCheckpoint, config: dict,
                   model: nn.Module) -> tuple[dict[str, tuple[int, int]], object]:
         """({layer: (out, in)}, the file's layout variant), every part of every layer checked against the shapes its
@@ -179,10 +183,13 @@ class PackedLinearCheckpoint(CheckpointReader):
 
     def _layer_mismatch(self, tensors: SafetensorsCheckpoint, config: dict, name: str, out: int, inp: int,
                         variant) -> str | None:
+        """The first part of one layer whose shape or dtype is not what its out, in, bits and group size imply."""
         bits, group, _ = self.spec(config)
         where = f"a {out} x {inp} linear at bits={bits}, group_size={group} in {self.describe_variant(variant)}"
         expected = self.expected_shapes(out, inp, config, variant)
-        for part, want in expected.items():
+        optional = {part: shape for part, shape in self.optional_shapes(out, inp, config).items()
+                    if f"{name}.{part}" in tensors.where}
+        for part, want in {**expected, **optional}.items():
             key = f"{name}.{part}"
             if key not in tensors.where:
                 return f"{key} is missing: {where} stores {', '.join(expected)}"
@@ -274,6 +281,9 @@ class GPTQCheckpoint(PackedLinearCheckpoint):
         groups = _groups(inp, group)
         return {"qweight": (stream_words(inp, bits), out), "qzeros": (groups, stream_words(out, bits)),
                 "scales": (groups, out)}
+
+    def optional_shapes(self, out, inp, config):
+        return {"g_idx": (inp,)}
 
     def unpack(self, parts, config, variant, shape):
         bits, group, sym = self.spec(config)
@@ -497,6 +507,9 @@ class CompressedTensorsCheckpoint(PackedLinearCheckpoint):
         if not sym:
             shapes["weight_zero_point"] = (words(out, bits), _groups(inp, group))
         return shapes
+
+    def optional_shapes(self, out, inp, config):
+        return {"weight_g_idx": (inp,)}
 
     def check_unambiguous(self, linears, config, fitting):
         """Both packings fit every width: they read the same values only when no packed run of values exceeds one

@@ -14,8 +14,10 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,15 +113,11 @@ def compose_error(err: Exception) -> str:
 
 def _override_in(text: str) -> str | None:
     """The override an error of Hydra's quotes ("Error merging override calib.seed=abc", "use +method.path=/x")."""
-    import re
-
     match = re.search(r"Error merging override (\S+)", text) or re.search(r"use \+(\S+=\S*)", text)
     return match.group(1) if match else None
 
 
 def _field_types(schema: type) -> dict[str, Any]:
-    import typing
-
     try:
         return typing.get_type_hints(schema)
     except Exception:  # noqa: BLE001 -- an annotation that does not resolve: no type to describe
@@ -135,8 +133,6 @@ def _of_method(schema: type, parent: str) -> str:
 
 
 def _type_name(kind: Any) -> str:
-    import typing
-
     if typing.get_origin(kind) is typing.Union:
         return f"Optional[{', '.join(_type_name(a) for a in typing.get_args(kind) if a is not type(None))}]"
     args = typing.get_args(kind)
@@ -147,8 +143,6 @@ def _type_name(kind: Any) -> str:
 
 def _values_of(kind: Any) -> str:
     """The values a field of this type takes, in words."""
-    import typing
-
     if typing.get_origin(kind) is typing.Union:
         inner = [a for a in typing.get_args(kind) if a is not type(None)]
         return " or ".join(_values_of(a) for a in inner) + " or null"
