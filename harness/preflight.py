@@ -266,7 +266,7 @@ def check_export(cfg: RunConfig, directory: Path | None) -> None:
     if directory is not None:
         from structure.architectures import layout_for
 
-        skeleton = _skeleton(str(directory), cfg.model.trust_remote_code)[0]
+        skeleton = _model_skeleton(str(directory), cfg.model.trust_remote_code)
         shapes = layout_for(skeleton).linear_shapes(skeleton)
     why = export_refusal(cfg, shapes)
     if why is not None:

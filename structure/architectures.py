@@ -354,6 +354,11 @@ class ModelLayout:
         moe = self.spec.moe
         return moe is not None and f".{moe.experts.path}." in name
 
+    def linear_shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """{fully qualified name: (out_features, in_features)} of quantizable_linears (a weightless skeleton is
+        enough)."""
+        return {name: (lin.out_features, lin.in_features) for name, lin in self.quantizable_linears(model).items()}
+
     def matrix(self, model: nn.Module, name: str):
         """The matrix (nn.Linear or ExpertMatrix) of one fully qualified name."""
         module = _find_module(model, name)
@@ -409,11 +414,6 @@ def _find_module(root: nn.Module, dotted: str) -> nn.Module | None:
         return get_submodule(root, dotted)
     except AttributeError:
         return None
-
-    def linear_shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
-        """{fully qualified name: (out_features, in_features)} of quantizable_linears (a weightless skeleton is
-        enough)."""
-        return {name: (lin.out_features, lin.in_features) for name, lin in self.quantizable_linears(model).items()}
 
 
 def layout_for(model_or_config) -> ModelLayout:
