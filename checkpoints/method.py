@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 from checkpoints.base import CheckpointError, Description, check_belongs, digest, reader_for
+from checkpoints.hub import resolve_checkpoint_path
 from checkpoints.plausibility import relative_errors
 from methods.base import ArtifactSource, Method, QuantizationResult, register_method
 from structure.architectures import layout_for
@@ -23,13 +24,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """`method=checkpoint`. `path`: a GGUF file or a checkpoint directory. `format`: auto (detected) or a reader's
-    name. `label`: how its rows are named (method column "ckpt:<label>"); None: the format and the first digits of
-    the checkpoint's sha256, e.g. gguf-Q4_K_M-1a2b3c4d, so two checkpoints of one format never share a name (reports
-    would take the later for a re-run of the earlier). `max_rel_error`: the largest relative error a stored tensor
-    may have against the base model's (checkpoints.plausibility; 1.0 is what a tensor of zeros has) before the
-    checkpoint is refused as damaged or foreign; it decides whether a run is refused, never its numbers, so it is not
-    part of the run's key."""
+    """`method=checkpoint`. `path`: a GGUF file or a checkpoint directory, or a Hub id `org/name[@revision]` (its
+    snapshot in the local Hugging Face cache, found as model=hf finds a model; `org/name/FILE.gguf` for one file of a
+    GGUF repository). `format`: auto (detected) or a reader's name. `label`: how its rows are named (method column
+    "ckpt:<label>"); None: the format and the first digits of the checkpoint's sha256, e.g. gguf-Q4_K_M-1a2b3c4d, so
+    two checkpoints of one format never share a name (reports would take the later for a re-run of the earlier).
+    `max_rel_error`: the largest relative error a stored tensor may have against the base model's
+    (checkpoints.plausibility; 1.0 is what a tensor of zeros has) before the checkpoint is refused as damaged or
+    foreign; it decides whether a run is refused, never its numbers, so it is not part of the run's key."""
 
     name: str = "checkpoint"
     path: Optional[str] = None
@@ -61,7 +63,8 @@ class FromCheckpoint(Method):
 
     @property
     def path(self) -> Path:
-        return Path(self.config.path).expanduser()
+        """The checkpoint on this machine: method.path itself, or a Hub id's file or directory in its cached snapshot."""
+        return resolve_checkpoint_path(self.config.path)
 
     def describe(self) -> Description:
         """What the checkpoint is, from its metadata."""
