@@ -49,7 +49,7 @@ class SafetensorsCheckpoint:
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
-        files = _weight_files(path)
+        files = weight_files(path)
         if not files:
             raise CheckpointError(f"{path} has no *.safetensors file")
         self.handles, self.where = [], {}
@@ -78,7 +78,10 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"tensor {name} cannot be read ({err}): the file is damaged") from None
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The model's safetensors files, as transformers loads them: the shards its index names, else
+    model.safetensors, else every *.safetensors (another file beside them, a golden's library_dequantized.safetensors
+    or a repository's consolidated.safetensors, is not the model's)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
