@@ -25,10 +25,13 @@ from core.spec import DequantizedWeights, QuantizedWeights
 # type -> the integer offset of its codes: dequantized value = d * (q - offset), d the block's leading fp16 scale
 EXACT_OFFSETS = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
 NOMINAL_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6,
-                "Q8_0": 8, "Q8_K": 8, "IQ4_NL": 4, "IQ4_XS": 4}
-# the weights one scale covers (a K-quant's sub-block): the group size rows report
+                "Q8_0": 8, "Q8_K": 8, "IQ4_NL": 4, "IQ4_XS": 4, "IQ3_XXS": 3, "IQ3_S": 3, "IQ2_XXS": 2, "IQ2_XS": 2,
+                "IQ2_S": 2, "IQ1_S": 1, "IQ1_M": 1, "MXFP4": 4, "NVFP4": 4, "TQ1_0": 2, "TQ2_0": 2}
+# the weights one scale covers (a K- or i-quant's sub-block): the group size rows report; llama.cpp's block structs
 GROUP_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K": 16, "Q3_K": 16, "Q4_K": 32,
-              "Q5_K": 32, "Q6_K": 16, "IQ4_NL": 32, "IQ4_XS": 32}
+              "Q5_K": 32, "Q6_K": 16, "IQ4_NL": 32, "IQ4_XS": 32, "IQ3_XXS": 32, "IQ3_S": 32, "IQ2_XXS": 32,
+              "IQ2_XS": 16, "IQ2_S": 16, "IQ1_S": 32, "IQ1_M": 16, "MXFP4": 32, "NVFP4": 16, "TQ1_0": 256,
+              "TQ2_0": 256}
 UNQUANTIZED = ("F32", "F16", "BF16", "F64")
 # transformers' get_gguf_hf_weights_map renames these model types to llama.cpp's architecture names
 GGUF_ARCH = {"cohere": "command-r", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3",

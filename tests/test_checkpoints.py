@@ -26,7 +26,8 @@ BASE = GOLDEN / "tiny-llama"
 # GGUF types and their storage per block of 32 weights, counted by hand from llama.cpp's block structs:
 # fp16 d (+ fp16 m for _1 types) + the codes (+ 32 high bits for Q5 types)
 GGUF_BITS = {"Q4_0": (2 + 16) * 8 / 32, "Q4_1": (2 + 2 + 16) * 8 / 32, "Q5_0": (2 + 4 + 16) * 8 / 32,
-             "Q5_1": (2 + 2 + 4 + 16) * 8 / 32, "Q8_0": (2 + 32) * 8 / 32}
+             "Q5_1": (2 + 2 + 4 + 16) * 8 / 32, "Q8_0": (2 + 32) * 8 / 32,
+             "MXFP4": (1 + 16) * 8 / 32}  # gpt-oss's type: one E8M0 exponent byte + 32 E2M1 codes
 EXACT = {"Q4_0", "Q5_0", "Q8_0"}  # d * (q - offset): codes/scales/zeros; the others are carried dequantized
 
 

@@ -9,7 +9,7 @@ tiny test models, whose word-level tokenizer llama.cpp's converter does not take
 real model). `requantize` dequantizes every quantized block matrix (blk.N.*) of SRC and quantizes it to --type,
 keeping token_embd/output and every 1-D tensor as SRC stores them: from the packaged SmolLM2 file this quantizes
 the base model's own weights (they are that file, dequantized). The `gguf` package quantizes Q4_0, Q4_1, Q5_0,
-Q5_1 and Q8_0 only; K-quants need llama.cpp (scripts/produce/llamacpp.py).
+Q5_1, Q8_0 and MXFP4 (gpt-oss's type: E2M1 codes, one E8M0 scale per 32) only; K-quants need llama.cpp (scripts/produce/llamacpp.py).
 
 Writes are atomic (a temporary sibling renamed into place) and OUT.gguf.producer.json records the tool, versions
 and arguments.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGUF_PACKAGE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+GGUF_PACKAGE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
 
 
 def quantized(values: np.ndarray, type_name: str):
@@ -43,7 +43,10 @@ def quantized(values: np.ndarray, type_name: str):
 def file_type(type_name: str) -> int:
     import gguf
 
-    return int(gguf.LlamaFileType.ALL_F32 if type_name == "F32" else gguf.LlamaFileType[f"MOSTLY_{type_name}"])
+    if type_name == "F32":
+        return int(gguf.LlamaFileType.ALL_F32)
+    # llama.cpp has no all-MXFP4 file type: its MXFP4 files (gpt-oss) are labelled MOSTLY_MXFP4_MOE
+    return int(gguf.LlamaFileType["MOSTLY_MXFP4_MOE" if type_name == "MXFP4" else f"MOSTLY_{type_name}"])
 
 
 def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
