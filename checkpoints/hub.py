@@ -56,13 +56,14 @@ def _snapshot(repo: str, revision: str | None, text: str) -> Path:
         pass
     where = f"{repo}@{revision}" if revision else repo
     if constants.HF_HUB_OFFLINE:
-        raise CheckpointError(f"method.path={text!r} is not a local path, and the Hub snapshot of {where} is not in the "
-                              f"local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: it "
-                              "cannot be downloaded")
+        raise CheckpointError(f"method.path={text!r} is not a local path, and the Hub snapshot of {where} is not in "
+                              f"the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
+                              "it cannot be downloaded")
     try:
         return Path(snapshot_download(repo, revision=revision))
     except Exception as err:  # unreachable Hub, unknown or gated repository, bad revision: each its own class
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"method.path={text!r} is not a local path, and the Hub snapshot of {where} is not in "
-                              f"the local Hugging Face cache and downloading it failed ({type(err).__name__}: {reason}); allowed values: a "
-                              "local checkpoint, or a Hub id cached on this machine") from None
+                              f"the local Hugging Face cache and downloading it failed ({type(err).__name__}: "
+                              f"{reason}); allowed values: a local checkpoint, or a Hub id cached on this machine") \
+            from None

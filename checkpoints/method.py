@@ -63,7 +63,7 @@ class FromCheckpoint(Method):
 
     @property
     def path(self) -> Path:
-        """The checkpoint on this machine: method.path itself, or a Hub id's file or directory in its cached snapshot."""
+        """The checkpoint on this machine: method.path itself, or a Hub id's file or directory in its snapshot."""
         return resolve_checkpoint_path(self.config.path)
 
     def describe(self) -> Description:

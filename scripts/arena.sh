@@ -9,7 +9,11 @@
 #                                             its GGUF is written by scripts/produce/gguf_write.py: Llama only)
 #        ARENA_EVAL="eval=ppl eval.max_windows=2" scripts/arena.sh ...          (other eval settings)
 # Needs the reference venvs (each tool in its own): scripts/setup_gptq_reference.sh, setup_awq_reference.sh,
-# setup_llmcompressor_reference.sh, setup_autoround_reference.sh, setup_llamacpp_reference.sh [--tools].
+# setup_llmcompressor_reference.sh, setup_autoround_reference.sh, setup_llamacpp_reference.sh [--tools], and
+# scripts/setup_weightonly_reference.sh bnb|mlx|hqq|quanto|torchao (under $VENVS, default /work/venvs).
+# Last, benchmarks/bench_runtimes.py times every checkpoint in its own CPU runtime beside the unquantized baseline in
+# that runtime (RESULTS/speed.md and speed.csv; ARENA_SPEED=0 skips it: on a shared machine its figures are "under
+# load"), and the report joins the speed to KLD (kld_vs_decode plot).
 # A checkpoint whose tool's venv is missing is skipped with a line saying so; a finished checkpoint or run is reused
 # (the harness verifies and resumes), so re-running after an interruption continues where it stopped.
 #
@@ -33,6 +37,10 @@ ITERS="${ARENA_AUTOROUND_ITERS:-200}"
 G="${ARENA_GROUP:-64}"
 N="${ARENA_CALIB_SAMPLES:-128}"
 EVAL=(${ARENA_EVAL:-eval=quick})   # the default job's windows and documents
+VENVS="${QUANT_HARNESS_VENVS:-/work/venvs}"
+LLAMACPP="${ARENA_LLAMACPP_VENV:-/work/venv-llamacpp}"
+[[ -x "$LLAMACPP/bin/python" ]] || LLAMACPP="$VENVS/llamacpp"
+IQ_TYPES="${ARENA_IQ_TYPES:-IQ4_XS IQ4_NL IQ3_M IQ3_XXS IQ2_M IQ2_XXS}"
 mkdir -p "$CK"
 
 if [[ -n "${ARENA_MODEL_DIR:-}" ]]; then  # a local model: its own GGUF, written once
@@ -57,18 +65,36 @@ produce() {  # produce NAME VENV COMMAND...: make $CK/NAME with COMMAND unless i
 # GGUF: the gguf package's own quantizer, and llama.cpp's (a K-quant mix, without and with an importance matrix)
 if [[ -n "$GGUF" ]]; then
 produce gguf-Q4_0.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-Q4_0.gguf" --type Q4_0
-produce gguf-Q4_K_M.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
+produce gguf-MXFP4.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-MXFP4.gguf" --type MXFP4
+produce gguf-Q4_K_M.gguf "$LLAMACPP" "$LLAMACPP/bin/python" scripts/produce/llamacpp.py \
   "$GGUF" "$CK/gguf-Q4_K_M.gguf" --type Q4_K_M
-IMATRIX_BIN=/work/venv-llamacpp/llama-build/bin
+IMATRIX_BIN="$LLAMACPP/llama-build/bin"
 if [[ -x "$IMATRIX_BIN/llama-imatrix" && ! -e "$CK/gguf-Q4_K_M-imatrix.gguf" ]]; then
   "$PY" scripts/produce/calib_text.py "$CK/calib-wiki-${N}x512.txt" --model "$BASE" --n-samples "$N"
   [[ -e "$CK/imatrix.gguf" ]] || "$IMATRIX_BIN/llama-imatrix" -m "$GGUF" -f "$CK/calib-wiki-${N}x512.txt" \
       -o "$CK/imatrix.gguf" -c 512 -t 2
-  produce gguf-Q4_K_M-imatrix.gguf /work/venv-llamacpp /work/venv-llamacpp/bin/python scripts/produce/llamacpp.py \
+  produce gguf-Q4_K_M-imatrix.gguf "$LLAMACPP" "$LLAMACPP/bin/python" scripts/produce/llamacpp.py \
     "$GGUF" "$CK/gguf-Q4_K_M-imatrix.gguf" --type Q4_K_M --imatrix "$CK/imatrix.gguf" \
     --quantize-bin "$IMATRIX_BIN/llama-quantize"
 fi
+if [[ -x "$IMATRIX_BIN/llama-quantize" && -e "$CK/imatrix.gguf" ]]; then  # i-quants, with the same importance matrix
+  for type in $IQ_TYPES; do
+    produce "gguf-$type-imatrix.gguf" "$LLAMACPP" "$LLAMACPP/bin/python" scripts/produce/llamacpp.py "$GGUF" \
+      "$CK/gguf-$type-imatrix.gguf" --type "$type" --imatrix "$CK/imatrix.gguf" --quantize-bin "$IMATRIX_BIN/llama-quantize"
+  done
 fi
+fi
+# the data-free weight-only formats people download: bitsandbytes, MLX, HQQ, optimum-quanto, torchao (each library in
+# its own venv; none calibrates)
+W=scripts/produce/weightonly.py
+produce bnb-nf4 "$VENVS/bnb" "$VENVS/bnb/bin/python" $W bnb "$BASE" "$CK/bnb-nf4" --quant-type nf4 --no-double-quant
+produce bnb-nf4-dq "$VENVS/bnb" "$VENVS/bnb/bin/python" $W bnb "$BASE" "$CK/bnb-nf4-dq" --quant-type nf4 --double-quant
+produce "mlx-w4g$G" "$VENVS/mlx" "$VENVS/mlx/bin/python" $W mlx "$BASE" "$CK/mlx-w4g$G" --bits 4 --group-size "$G"
+produce "mlx-w8g$G" "$VENVS/mlx" "$VENVS/mlx/bin/python" $W mlx "$BASE" "$CK/mlx-w8g$G" --bits 8 --group-size "$G"
+produce "hqq-w4g$G" "$VENVS/hqq" "$VENVS/hqq/bin/python" $W hqq "$BASE" "$CK/hqq-w4g$G" --bits 4 --group-size "$G"
+produce quanto-qint4 "$VENVS/quanto" "$VENVS/quanto/bin/python" $W quanto "$BASE" "$CK/quanto-qint4" --weights qint4
+produce "torchao-int4-g$G" "$VENVS/torchao" "$VENVS/torchao/bin/python" $W torchao "$BASE" "$CK/torchao-int4-g$G" \
+  --group-size "$G" --sym
 # GPTQ and AWQ by their reference implementations, llm-compressor's modifiers, AutoRound
 produce gptqmodel-w4g128 /work/venv-gptq /work/venv-gptq/bin/python scripts/produce/gptqmodel.py --n-samples "$N" \
   --model "$BASE" --out "$CK/gptqmodel-w4g128" --bits 4 --group-size 128 --no-sym --no-desc-act
@@ -88,11 +114,22 @@ produce "autoround-w4g$G" /work/venv-autoround /work/venv-autoround/bin/python s
   "${EVAL[@]}" results_dir="$RESULTS"
 "$PY" -m harness -m "${MODEL[@]}" method=rtn,gptq,awq,awq_gptq bits=4 group_size="$G" calib.n_samples="$N" "${EVAL[@]}" \
   results_dir="$RESULTS"
-for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-*; do
+CHECKPOINTS=()
+for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-* "$CK"/bnb-* \
+    "$CK"/mlx-* "$CK"/hqq-* "$CK"/quanto-* "$CK"/torchao-*; do
   [[ -e "$path" && "$path" != *.json && "$path" != */base-F32.gguf ]] || continue
+  CHECKPOINTS+=("$path")
   label="$(basename "$path" .gguf)"
   "$PY" -m harness "${MODEL[@]}" method=checkpoint method.path="$path" method.label="$label" "${EVAL[@]}" \
     results_dir="$RESULTS"
 done
-"$PY" -m analysis.report "$RESULTS" --out "$RESULTS/report"
+SPEED=()
+if [[ "${ARENA_SPEED:-1}" != 0 && ${#CHECKPOINTS[@]} -gt 0 ]]; then
+  BASE_GGUF="$CK/base-F32.gguf"  # llama.cpp's baseline: the base model itself in F32
+  [[ -e "$BASE_GGUF" ]] || "$PY" scripts/produce/gguf_write.py from-hf "$BASE" "$BASE_GGUF" --type F32
+  "$PY" benchmarks/bench_runtimes.py --base "$BASE" --base-gguf "$BASE_GGUF" --csv "$RESULTS/speed.csv" \
+    ${ARENA_SPEED_ARGS:---threads 2 --prompt 128 --decode 32 --repeats 3} "${CHECKPOINTS[@]}" | tee "$RESULTS/speed.md"
+  SPEED=(--speed "$RESULTS/speed.csv")
+fi
+"$PY" -m analysis.report "$RESULTS" --out "$RESULTS/report" "${SPEED[@]}"
 echo "report: $RESULTS/report/report.md"

@@ -406,3 +406,23 @@ def test_kld_against_stored_bits_marks_the_pareto_front(tmp_path):
 
     points = pd.DataFrame({"bpw": [4.25, 4.25, 4.5, 3.25], "kld": [0.09, 0.05, 0.07, 0.30]})
     assert pareto_front(points, "bpw", "kld")["kld"].tolist() == [0.30, 0.05]  # Q4_0 costs more bits for more KLD
+
+
+def test_the_speed_table_joins_each_checkpoint_to_its_kld_and_leaves_out_those_without_a_runtime(tmp_path):
+    """benchmarks/bench_runtimes.py's CSV beside the KLD rows: one line per timed checkpoint (decode speed, its
+    runtime's baseline, the fraction of the bandwidth bound, KLD per set); 'no CPU runtime' rows are left out, and the
+    KLD-vs-decode plot is drawn."""
+    from analysis.report.plots import plot_kld_vs_decode
+    from analysis.report.render import speed_section
+
+    rows = [{"suite": "ppl", "metric": "kld", "method": m, "task": t, "value": v, "ci_low": v * 0.9,
+             "ci_high": v * 1.1, "model": "tiny"}
+            for m, v in (("ckpt:bnb-nf4", 0.2), ("ckpt:hqq-w4g64", 0.1), ("fp", 0.0)) for t in ("wiki", "code")]
+    speed = pd.DataFrame([{"label": "bnb-nf4", "runtime": "transformers (bnb venv)", "decode_tps": 10.0,
+                           "base_decode_tps": 20.0, "bound_tps": 40.0},
+                          {"label": "hqq-w4g64", "runtime": "no CPU runtime", "decode_tps": None,
+                           "base_decode_tps": None, "bound_tps": 50.0}])
+    lines = speed_section(pd.DataFrame(rows), speed)
+    body = [line for line in lines if line.startswith("| ckpt:")]
+    assert body == ["| ckpt:bnb-nf4 | transformers (bnb venv) | 10.0 / 20.0 | 0.25 | 0.200 | 0.200 |"]
+    assert [p.suffix for p in plot_kld_vs_decode(pd.DataFrame(rows), speed, tmp_path)] == [".png", ".pdf"]

@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from analysis.labels import latest_per_key
 from analysis.report.render import make_report
 from analysis.report.select import run_directories
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--main-calib", default=None, metavar="SOURCE",
                         help="main table: only runs calibrated on SOURCE (plus uncalibrated ones); default all")
     parser.add_argument("--no-plots", action="store_true", help="tables only (skips matplotlib)")
+    parser.add_argument("--speed", type=Path, default=None, metavar="CSV",
+                        help="benchmarks/bench_runtimes.py --csv output: a speed table and KLD vs decode tok/s plot")
     parser.add_argument("--acc-metric", default="acc", help="lm-eval metric for the main table (default: acc)")
     args = parser.parse_args(argv)
     frame = load_results(args.paths)
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         paths = make_report(frame, args.out, args.acc_metric, plots=not args.no_plots,
-                            main_calib=args.main_calib, run_dirs=run_directories(args.paths))
+                            main_calib=args.main_calib, run_dirs=run_directories(args.paths),
+                            speed=None if args.speed is None else pd.read_csv(args.speed))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

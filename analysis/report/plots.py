@@ -164,6 +164,43 @@ def plot_kld_vs_storage_bits(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, f"kld_vs_bpw_{_safe_stem(frame['model'].iloc[0])}")
 
 
+def speed_points(frame: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
+    """KLD rows of the checkpoints (method "ckpt:<label>") joined with benchmarks/bench_runtimes.py's rows (its
+    --csv) on the label: decode_tps, base_decode_tps, bound_tps, runtime. Checkpoints measured with no CPU runtime
+    (no decode_tps) are left out."""
+    kld = frame[(frame["suite"] == "ppl") & (frame["metric"] == "kld") & ~is_reference(frame)]
+    timed = speed.dropna(subset=["decode_tps"]).assign(method=lambda s: "ckpt:" + s["label"].astype(str))
+    return kld.merge(timed[["method", "runtime", "decode_tps", "base_decode_tps", "bound_tps"]], on="method")
+
+
+def plot_kld_vs_decode(frame: pd.DataFrame, speed: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Mean KLD from fp (with its interval) against decode tokens/s in each checkpoint's own CPU runtime, one panel per
+    eval set, the Pareto front (faster and lower KLD) marked. Runtimes differ: each point's baseline speed in its own
+    runtime is in the speed table beside it."""
+    points = speed_points(frame, speed)
+    if points.empty:
+        return []
+    points = points.assign(label=points["method"].str.removeprefix("ckpt:"))
+    tasks = sorted(points["task"].unique())
+    fig, axes = _panels(len(tasks), width=4.6, height=3.6)
+    for ax, task in zip(axes, tasks):
+        here = points[points["task"] == task]
+        low = (here["value"] - here["ci_low"]).clip(lower=0).fillna(0)
+        high = (here["ci_high"] - here["value"]).clip(lower=0).fillna(0)
+        ax.errorbar(here["decode_tps"], here["value"], yerr=[low, high], fmt="o", markersize=4, capsize=2,
+                    linewidth=0.8)
+        for row in here.itertuples():
+            ax.annotate(row.label, (row.decode_tps, row.value), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(here.assign(slowness=-here["decode_tps"]), "slowness", "value")
+        ax.step(front["decode_tps"], front["value"], where="post", color="tab:red", marker="o",
+                markerfacecolor="none", markersize=9, label="Pareto front")
+        ax.set(title=task, xlabel="decode tokens/s (own CPU runtime)", ylabel="mean KLD vs fp (nats/token)",
+               yscale="log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{frame['model'].iloc[0]}: KL divergence vs decode speed (95% intervals)")
+    return _save(fig, out_dir, f"kld_vs_decode_{_safe_stem(frame['model'].iloc[0])}")
+
+
 def plot_timing(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """One bar panel per timing (task, metric), one bar per config."""
     timing = frame[frame["suite"] == "timing"]

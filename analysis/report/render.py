@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.labels import DASH, distinct_model_names, latest_per_key, value_text
-from analysis.report.plots import (plot_kld_vs_bits, plot_kld_vs_storage_bits, plot_ppl_vs_bits, plot_size_vs_ppl,
-                                   plot_timing)
+from analysis.report.plots import (plot_kld_vs_bits, plot_kld_vs_decode, plot_kld_vs_storage_bits, plot_ppl_vs_bits,
+                                   plot_size_vs_ppl, plot_timing, speed_points)
 from analysis.report.select import collapse_draws, main_rows
 from analysis.report.significance import PairedEvidence
 from analysis.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
@@ -201,12 +201,33 @@ def _latex_model(title_model: str, sections, prov, figures: list[Path]) -> list[
     return lines
 
 
+def speed_section(frame: pd.DataFrame, speed: pd.DataFrame) -> list[str]:
+    """Markdown: each timed checkpoint's decode speed beside its runtime's baseline, the fraction of the bandwidth
+    bound, and its KLD per eval set."""
+    points = speed_points(frame, speed)
+    if points.empty:
+        return []
+    table = points.pivot_table(index=["method", "runtime", "decode_tps", "base_decode_tps", "bound_tps"],
+                               columns="task", values="value").reset_index()
+    lines = ["### Speed in each checkpoint's own CPU runtime", "",
+             "| checkpoint | runtime | decode tok/s (ckpt / baseline) | fraction of bandwidth bound | "
+             + " | ".join(f"KLD {t}" for t in table.columns[5:]) + " |",
+             "|---|---|---|---:|" + "---:|" * (len(table.columns) - 5)]
+    for row in table.itertuples(index=False):
+        klds = " | ".join(f"{v:.3f}" for v in row[5:])
+        lines.append(f"| {row[0]} | {row[1]} | {row[2]:.1f} / {row[3]:.1f} | {row[2] / row[4]:.2f} | {klds} |")
+    return lines + [""]
+
+
 def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plots: bool = True,
-                main_calib: str | None = None, run_dirs: Mapping[str, Path] | None = None) -> list[Path]:
+                main_calib: str | None = None, run_dirs: Mapping[str, Path] | None = None,
+                speed: pd.DataFrame | None = None) -> list[Path]:
     """Write report.md, report.tex and (if `plots`) the plots (PNG + PDF) for every model in `frame`; return the paths.
 
     `run_dirs` (run_id -> run directory, see select.run_directories) gives the paired tests their per-block and
-    per-document records; without it (or for runs that kept none) bold falls back to intervals, then to the best."""
+    per-document records; without it (or for runs that kept none) bold falls back to intervals, then to the best.
+    `speed` (benchmarks/bench_runtimes.py --csv): each checkpoint's speed in its own CPU runtime, plotted against its
+    KLD (kld_vs_decode) and tabled beside it."""
     if frame.empty:
         raise ValueError("no result rows to report")
     out_dir = Path(out_dir)
@@ -226,9 +247,13 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
         figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_kld_vs_bits(model_rows, out_dir)
                    + plot_kld_vs_storage_bits(model_rows, out_dir) + plot_size_vs_ppl(model_rows, out_dir)
                    + plot_timing(model_rows, out_dir)) if plots else []
+        if plots and speed is not None:
+            figures += plot_kld_vs_decode(model_rows, speed, out_dir)
         prov = provenance(model_rows, superseded)
         prov += [("warning", name_warnings[model])] if model in name_warnings else []
         md += _markdown_model(str(model), sections, prov, figures)
+        if speed is not None:
+            md += speed_section(model_rows, speed)
         tex += _latex_model(str(model), sections, prov, figures)
         written += figures
     tex.append(r"\end{document}")

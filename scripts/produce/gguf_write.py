@@ -9,7 +9,8 @@ tiny test models, whose word-level tokenizer llama.cpp's converter does not take
 real model). `requantize` dequantizes every quantized block matrix (blk.N.*) of SRC and quantizes it to --type,
 keeping token_embd/output and every 1-D tensor as SRC stores them: from the packaged SmolLM2 file this quantizes
 the base model's own weights (they are that file, dequantized). The `gguf` package quantizes Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0 and MXFP4 (gpt-oss's type: E2M1 codes, one E8M0 scale per 32) only; K-quants need llama.cpp (scripts/produce/llamacpp.py).
+Q5_1, Q8_0 and MXFP4 (gpt-oss's type: E2M1 codes, one E8M0 scale per 32) only; K-quants need llama.cpp
+(scripts/produce/llamacpp.py).
 
 Writes are atomic (a temporary sibling renamed into place) and OUT.gguf.producer.json records the tool, versions
 and arguments.

@@ -162,8 +162,8 @@ def produce_torchao(args, out: Path) -> tuple[dict, dict, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
     mapping = MappingType.SYMMETRIC if args.sym else MappingType.ASYMMETRIC
-    settings = {"quant_type": "IntxWeightOnlyConfig", "weight_dtype": "int4", "granularity": f"PerGroup({args.group_size})",
-                "mapping_type": mapping.name}
+    settings = {"quant_type": "IntxWeightOnlyConfig", "weight_dtype": "int4",
+                "granularity": f"PerGroup({args.group_size})", "mapping_type": mapping.name}
     config = TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(args.group_size),
                                                 mapping_type=mapping))
     model = AutoModelForCausalLM.from_pretrained(args.base, quantization_config=config, dtype=torch.float32,
