@@ -7,8 +7,9 @@ lengths), and the fraction of the machine's bandwidth bound that decode reaches.
 
 Runtimes, by the checkpoint's format (each library in its venv under $QUANT_HARNESS_VENVS, default /work/venvs,
 running benchmarks/runtime_worker.py): GGUF -> llama.cpp through llama-cpp-python (`llamacpp`, baseline
---base-gguf, written from BASE by scripts/produce/gguf_write.py when not given: Llama only); bitsandbytes and
-torchao -> transformers' own CPU paths (`bnb`, `torchao` venvs); optimum-quanto -> its QuantizedModelForCausalLM
+--base-gguf, written from BASE by scripts/produce/gguf_write.py when not given: Llama only, and without the
+merges llama.cpp's tokenizer needs, so give it for a real model: arena.sh gives the packaged file requantized to
+F32); bitsandbytes and torchao -> transformers' own CPU paths (`bnb`, `torchao` venvs); optimum-quanto -> its QuantizedModelForCausalLM
 (`quanto`); MLX -> mlx-lm on MLX's CPU build (`mlx`); GPTQ, AWQ, compressed-tensors, AutoRound and any other
 checkpoint read as codes/scales/zeros -> ours, `kernel=cpu_int4`, in this process. HQQ and checkpoints carried
 dequantized elsewhere: "no CPU runtime" (transformers 5.23 refuses to load HQQ, and HQQ's own loader reads only its
@@ -42,6 +43,17 @@ VENVS = Path(os.environ.get("QUANT_HARNESS_VENVS", "/work/venvs"))
 RUNTIMES = {"gguf": ("llamacpp", "llamacpp"), "bitsandbytes": ("transformers", "bnb"),
             "torchao": ("transformers", "torchao"), "quanto": ("quanto", "quanto"), "mlx": ("mlx", "mlx")}
 NO_RUNTIME = {"hqq": "no CPU runtime (transformers 5.23 cannot load HQQ; HQQ's loader reads only its pickle format)"}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -170,7 +182,7 @@ def main() -> None:
                             str(base_gguf), "--type", "F32"], check=True)
     bandwidth = read_bandwidth(args.threads)
     load = os.getloadavg()[0]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {args.threads}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, threads {args.threads}, "
           f"load average {load:.1f}{' (UNDER LOAD: figures are not quiet-machine figures)' if load > 0.5 else ''}; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt}, decode {args.decode}, median of "
           f"{args.repeats}")
@@ -185,9 +197,9 @@ def main() -> None:
     print("|---|---|---|---|---:|---:|---:|")
     for row in rows:
         mb = row["bytes_per_token"] / 1e6
-        if "quantized" not in row:
-            print(f"| {row['label']} | {row['runtime']} | no CPU runtime | no CPU runtime | {mb:.1f} | "
-                  f"{row['bound_tps']:.0f} | – |")
+        if "quantized" not in row:  # no CPU runtime, a missing venv, or a failure: the runtime column says which
+            cell = "no CPU runtime" if row["runtime"].startswith("no CPU runtime") else "–"
+            print(f"| {row['label']} | {row['runtime']} | {cell} | {cell} | {mb:.1f} | {row['bound_tps']:.0f} | – |")
             continue
         q, b = row["quantized"], row["baseline"]
         print(f"| {row['label']} | {row['runtime']} | {q['prefill_tps']:.0f} / {b['prefill_tps']:.0f} | "

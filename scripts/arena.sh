@@ -65,7 +65,8 @@ produce() {  # produce NAME VENV COMMAND...: make $CK/NAME with COMMAND unless i
 # GGUF: the gguf package's own quantizer, and llama.cpp's (a K-quant mix, without and with an importance matrix)
 if [[ -n "$GGUF" ]]; then
 produce gguf-Q4_0.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-Q4_0.gguf" --type Q4_0
-produce gguf-MXFP4.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-MXFP4.gguf" --type MXFP4
+produce gguf-MXFP4.gguf "$REPO/.venv" "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/gguf-MXFP4.gguf" \
+  --type MXFP4
 produce gguf-Q4_K_M.gguf "$LLAMACPP" "$LLAMACPP/bin/python" scripts/produce/llamacpp.py \
   "$GGUF" "$CK/gguf-Q4_K_M.gguf" --type Q4_K_M
 IMATRIX_BIN="$LLAMACPP/llama-build/bin"
@@ -117,7 +118,7 @@ produce "autoround-w4g$G" /work/venv-autoround /work/venv-autoround/bin/python s
 CHECKPOINTS=()
 for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$CK"/autoround-* "$CK"/bnb-* \
     "$CK"/mlx-* "$CK"/hqq-* "$CK"/quanto-* "$CK"/torchao-*; do
-  [[ -e "$path" && "$path" != *.json && "$path" != */base-F32.gguf ]] || continue
+  [[ -e "$path" && "$path" != *.json && "$path" != */base-F32*.gguf ]] || continue
   CHECKPOINTS+=("$path")
   label="$(basename "$path" .gguf)"
   "$PY" -m harness "${MODEL[@]}" method=checkpoint method.path="$path" method.label="$label" "${EVAL[@]}" \
@@ -125,7 +126,13 @@ for path in "$CK"/gguf-*.gguf "$CK"/gptqmodel-* "$CK"/autoawq-* "$CK"/llmc-* "$C
 done
 SPEED=()
 if [[ "${ARENA_SPEED:-1}" != 0 && ${#CHECKPOINTS[@]} -gt 0 ]]; then
-  BASE_GGUF="$CK/base-F32.gguf"  # llama.cpp's baseline: the base model itself in F32
+  # llama.cpp's baseline: the base model itself, block weights in F32, with the tokenizer llama.cpp needs (the packaged
+  # file's own; its token_embd stays Q4_1, which is exactly the base model's table)
+  BASE_GGUF="$CK/base-F32.gguf"
+  if [[ -z "${ARENA_MODEL_DIR:-}" && ! -e "$CK/base-F32-llamacpp.gguf" ]]; then
+    "$PY" scripts/produce/gguf_write.py requantize "$GGUF" "$CK/base-F32-llamacpp.gguf" --type F32
+  fi
+  [[ -z "${ARENA_MODEL_DIR:-}" ]] && BASE_GGUF="$CK/base-F32-llamacpp.gguf"
   [[ -e "$BASE_GGUF" ]] || "$PY" scripts/produce/gguf_write.py from-hf "$BASE" "$BASE_GGUF" --type F32
   "$PY" benchmarks/bench_runtimes.py --base "$BASE" --base-gguf "$BASE_GGUF" --csv "$RESULTS/speed.csv" \
     ${ARENA_SPEED_ARGS:---threads 2 --prompt 128 --decode 32 --repeats 3} "${CHECKPOINTS[@]}" | tee "$RESULTS/speed.md"

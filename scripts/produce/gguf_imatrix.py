@@ -10,8 +10,8 @@ space prefix) ordered so that token id i is byte B[i]: the windows written as th
 very ids (checked with llama.cpp's own tokenizer through llama-cpp-python before anything runs), and each window is
 one llama-imatrix chunk (-c seqlen). Only for a model whose vocabulary has at most 256 tokens (the tiny goldens);
 for a real model arena.sh hands llama-imatrix the windows' text (scripts/produce/calib_text.py). The weights, and so
-the importance matrix, are SRC's; each OUT_DIR/<stem>-<TYPE>.gguf is `llama-quantize --imatrix` of SRC itself, its
-vocabulary untouched. OUT_DIR/PRODUCER.json records versions, commands and the calibration fingerprint.
+the importance matrix, are SRC's; each OUT_DIR/<stem>-<TYPE>-imatrix.gguf is `llama-quantize --imatrix` of SRC
+itself, its vocabulary untouched. OUT_DIR/PRODUCER-imatrix.json records versions, commands and the calibration fingerprint.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def check_tokenization(llama_python: Path, model: Path, text: Path, ids: list[in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="an F32/F16 GGUF of a model with a 256-token vocabulary")
-    parser.add_argument("out", type=Path, help="directory for <stem>-<TYPE>.gguf and PRODUCER.json")
+    parser.add_argument("out", type=Path, help="directory for <stem>-<TYPE>-imatrix.gguf and PRODUCER-imatrix.json")
     parser.add_argument("--calib-tokens", type=Path, required=True, help="int64 [n, seqlen] token ids (torch.save)")
     parser.add_argument("--llama-bin", type=Path, required=True, help="directory of llama-imatrix, llama-quantize")
     parser.add_argument("--llama-python", type=Path, default=Path("/work/venvs/llamacpp/bin/python"),
@@ -115,7 +115,7 @@ def main() -> None:
         subprocess.run(command, check=True)
         records.append({"imatrix": command})
         for kind in types:
-            dest = args.out / f"{args.src.stem.removesuffix('-F32')}-{kind}.gguf"
+            dest = args.out / f"{args.src.stem.removesuffix('-F32')}-{kind}-imatrix.gguf"
             part = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
             command = [str(args.llama_bin / "llama-quantize"), "--imatrix", str(imatrix), str(args.src), str(part),
                        kind, str(args.threads)]
