@@ -1,6 +1,7 @@
 """Paired comparisons of finished runs, from their records alone (no model is run).
 
     python -m analysis.compare RUN_A RUN_B            # two run directories: A is the first, B the second
+    python -m analysis.compare RUN                    # one run: beside its unquantized baseline on the same tokens
     python -m analysis.compare results/ [--level 0.9] # every pair of configurations under a directory, sorted
     python -m analysis.compare RUN_A RUN_B --allow-cross-model   # two models: ppl and accuracy only, no KLD
     python -m analysis.compare results/calib_study --margin ppl=1% --margin kld=0.01   # with equivalence tests
@@ -30,13 +31,14 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from analysis import replicates, stats
 from analysis.labels import method_label
-from analysis.results import BLOCKS_FILE, DOCS_FILE, find_run_dirs, read_run
+from analysis.results import BLOCKS_FILE, DOCS_FILE, find_run_dirs, no_run_there, read_run
 
 
 @dataclass
@@ -149,12 +151,20 @@ def model_mismatch(a: Run | Config, b: Run | Config) -> str | None:
     return text
 
 
+class RunPathError(ValueError):
+    """A path given on the command line that names no finished run (a typo must not silently make B another run)."""
+
+
 def run_dirs_in_order(paths: list[str]) -> list[Path]:
     """Finished runs in the order given, so that A is the first argument; a directory holding several runs adds
-    them in sorted order. A run named twice counts once."""
+    them in sorted order. A run named twice counts once. A path (or glob) that holds no finished run is a
+    RunPathError naming it and why."""
     found: dict[Path, Path] = {}
     for path in paths:
-        for run in find_run_dirs(path):
+        runs = find_run_dirs(path)
+        if not runs:
+            raise RunPathError(no_run_there(path))
+        for run in runs:
             found.setdefault(run.resolve(), run)
     return list(found.values())
 
@@ -195,9 +205,15 @@ MARGIN_KINDS = {"ppl": "ppl=1% (ppl ratio within 1/1.01 and 1.01)", "kld": "kld=
                 "acc": "acc=1pt (accuracy points; also acc_norm)"}
 
 
-def margin_arg(text: str) -> tuple[str, float]:
-    """--margin KIND=VALUE -> (kind, margin on the scale the comparison is made on): ppl=1% is log(1.01) on the log
-    ppl ratio, kld=0.01 nats per token, acc=1pt (or 0.01) accuracy."""
+class Margin(NamedTuple):
+    kind: str  # ppl, kld, acc
+    value: float  # on the scale the comparison is made on
+    text: str  # as given
+
+
+def margin_arg(text: str) -> Margin:
+    """--margin KIND=VALUE -> (kind, margin on the scale the comparison is made on, the text): ppl=1% is log(1.01) on
+    the log ppl ratio, kld=0.01 nats per token, acc=1pt (or 0.01) accuracy."""
     kind, _, value = text.partition("=")
     allowed = "; ".join(MARGIN_KINDS.values())
     if kind not in MARGIN_KINDS or not value:
@@ -215,7 +231,17 @@ def margin_arg(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"margin {text!r} does not parse; allowed: {allowed}") from None
     if not margin > 0 or (kind == "acc" and margin >= 1):
         raise argparse.ArgumentTypeError(f"margin {text!r} must be positive (and below 100pt); allowed: {allowed}")
-    return kind, margin
+    return Margin(kind, margin, text)
+
+
+def margins_by_kind(margins: list[Margin], option: str = "--margin") -> dict[str, float]:
+    """{kind: margin}; a kind given twice is refused (ValueError naming both), never silently the last one."""
+    out: dict[str, Margin] = {}
+    for m in margins:
+        if m.kind in out:
+            raise ValueError(f"{option} {m.kind} given twice ({out[m.kind].text} and {m.text}); give each metric once")
+        out[m.kind] = m
+    return {k: m.value for k, m in out.items()}
 
 
 def _same_blocks(a: pd.DataFrame, b: pd.DataFrame) -> bool:
@@ -251,15 +277,20 @@ def _per_draw(a: Config, b: Config, better_a: list[bool | None]) -> str | None:
 
 
 def _cell(kind: str, task: str, a_value: float, b_value: float, diff: replicates.Difference, a: Config, b: Config,
-          per_draw: str | None, lower_is_better: bool, ratio: bool) -> dict:
+          per_draw: str | None, lower_is_better: bool, ratio: bool, exact: tuple[int, int, int] | None = None) -> dict:
+    """One comparison. `ci_low`/`ci_high` hold the interval of this cell alone at the requested level until
+    with_verdicts replaces them with the family's simultaneous interval; `exact` = (documents right only in A, only
+    in B, documents) where accuracy is judged by McNemar's exact test."""
     f = np.exp if ratio else (lambda v: v)
     none = diff.ci_low is None
+    a_only, b_only, units = exact if exact is not None else (None, None, None)
     return {"kind": kind, "task": task, "A": a_value, "B": b_value, "delta": a_value - b_value,
             "ratio": float(f(diff.value)) if ratio else None,
             "ci_low": None if none else float(f(diff.ci_low)), "ci_high": None if none else float(f(diff.ci_high)),
             "p": diff.p, "estimate": diff.value, "stderr": diff.stderr, "df": diff.df,
             "draws": f"{len(a.runs)} vs {len(b.runs)}", "draw_share": diff.draw_share(), "per_draw": per_draw,
-            "conditional": diff.conditional, "lower_is_better": lower_is_better, "note": diff.note}
+            "conditional": diff.conditional, "lower_is_better": lower_is_better, "note": diff.note,
+            "is_ratio": ratio, "a_only": a_only, "b_only": b_only, "units": units}
 
 
 def _tokens_refused(a: Config, b: Config, task: str) -> str | None:
@@ -338,14 +369,16 @@ def accuracy_cells(a: Run | Config, b: Run | Config, level: float) -> tuple[list
             ones = np.ones(len(ca))
             diff = replicates.difference(replicates.Side(ca.astype(float), ones, a.calibrates),
                                          replicates.Side(cb.astype(float), ones, b.calibrates), level)
+            exact = None
             if ca.shape[1] == cb.shape[1] == 1:  # one draw each: the exact test of paired binary outcomes
                 diff = dataclasses.replace(diff, p=stats.mcnemar_p_value(ca[:, 0], cb[:, 0]))
+                exact = (int(np.sum(ca[:, 0] & ~cb[:, 0])), int(np.sum(~ca[:, 0] & cb[:, 0])), len(ca))
             better = []
             for i, j in _draw_pairs(a, b):
                 p = stats.mcnemar_p_value(ca[:, i], cb[:, j])
                 better.append(None if not p < alpha else bool(ca[:, i].mean() > cb[:, j].mean()))
             cells.append(_cell(metric, task, float(ca.mean()), float(cb.mean()), diff, a, b,
-                               _per_draw(a, b, better), False, False))
+                               _per_draw(a, b, better), False, False, exact))
     return cells, refused
 
 
@@ -372,38 +405,76 @@ def _margin_of(kind: str, margins: dict[str, float]) -> float | None:
     return margins.get("acc" if kind in ("acc", "acc_norm") else kind)
 
 
+def _family_interval(row: pd.Series, level: float) -> tuple[float, float] | None:
+    """A cell's interval at `level` on the scale it is tested on (log ratio for ppl, difference otherwise): McNemar's
+    counterpart for accuracy with one draw each, else the t interval of its estimate."""
+    if not pd.isna(row.get("units")):
+        return stats.paired_accuracy_interval(int(row["a_only"]), int(row["b_only"]), int(row["units"]), level)
+    return stats.t_interval(float(row["estimate"]), None if pd.isna(row["stderr"]) else float(row["stderr"]),
+                            None if pd.isna(row["df"]) else float(row["df"]), level)
+
+
 def with_verdicts(table: pd.DataFrame, level: float, margins: dict[str, float] | None = None) -> pd.DataFrame:
-    """Holm's correction over every test of the table, then 'A better' / 'B better' / 'no significant difference'.
-    With `margins` (kind -> margin on the compared scale), cells of those kinds also get TOST equivalence tests
-    (Holm over that family): 'equivalent within the margin', 'A better', 'B better' or 'inconclusive'."""
+    """Every cell of the table that carries a test is one family of m tests. Each gets a simultaneous interval at
+    level 1 - (1 - level) / m (Bonferroni: all m hold together with probability >= level), and its verdict is read off
+    that interval: 'A better' / 'B better' where it excludes no difference, else 'no significant difference'. With
+    `margins` (kind -> margin on the compared scale), cells of those kinds read the same interval against the margin:
+    'equivalent within the margin' where it lies inside (-margin, margin), else 'A better' / 'B better' where it
+    excludes 0, else 'inconclusive'. So no printed interval can disagree with its verdict, and every verdict of the
+    table errs with probability <= 1 - level. `p_adj` is the Bonferroni-adjusted p of the difference (m p; 2 m p for
+    an accuracy cell judged by McNemar's test, whose interval spends half its error on the discordance rate);
+    `ci_low_cell`/`ci_high_cell` keep each cell's own interval at `level`, for the CSV."""
     margins = margins or {}
-    reject = np.array(stats.holm(table["p"].tolist(), alpha=1 - level), bool)
-    better_a = np.where(table["lower_is_better"], table["delta"] < 0, table["delta"] > 0)
-    verdict = np.where(~reject, "no significant difference", np.where(better_a, "A better", "B better")).astype(object)
-    tested = [i for i, kind in enumerate(table["kind"]) if _margin_of(kind, margins) is not None]
-    if tested:
-        tost = [replicates.tost_p_value(replicates.Difference(
-            table["estimate"].iat[i], None if pd.isna(table["stderr"].iat[i]) else table["stderr"].iat[i], None, None,
-            None if pd.isna(table["df"].iat[i]) else table["df"].iat[i], math.nan, 0, (0, 0), False),
-            _margin_of(table["kind"].iat[i], margins)) for i in tested]
-        equivalent = stats.holm([1.0 if math.isnan(p) else p for p in tost], alpha=1 - level)
-        for i, p, eq in zip(tested, tost, equivalent):
-            if eq:
-                verdict[i] = "equivalent within the margin"
-            elif not reject[i]:
-                verdict[i] = "inconclusive"
-    return table.assign(verdict=verdict).drop(columns=["lower_is_better"])
+    tested = table["p"].notna().to_numpy()
+    m = int(tested.sum())
+    each = stats.simultaneous_level(level, m)
+    lows, highs, verdicts, adjusted = [], [], [], []
+    for i, row in enumerate(table.itertuples(index=False)):
+        row = pd.Series(row._asdict())
+        ci = _family_interval(row, each) if tested[i] else None
+        margin = _margin_of(row["kind"], margins)
+        if ci is None:
+            lows.append(None), highs.append(None), adjusted.append(math.nan)
+            verdicts.append("no test: too little data")
+            continue
+        lo, hi = ci
+        f = math.exp if row["is_ratio"] else (lambda v: v)
+        lows.append(f(lo)), highs.append(f(hi))
+        adjusted.append(min(1.0, float(row["p"]) * m * (2 if not pd.isna(row["units"]) else 1)))
+        differs = lo > 0 or hi < 0
+        a_better = (hi < 0) if row["lower_is_better"] else (lo > 0)
+        if margin is not None and -margin < lo and hi < margin:
+            verdicts.append("equivalent within the margin")
+        elif differs:
+            verdicts.append("A better" if a_better else "B better")
+        else:
+            verdicts.append("inconclusive" if margin is not None else "no significant difference")
+    out = table.assign(ci_low_cell=table["ci_low"], ci_high_cell=table["ci_high"], ci_low=lows, ci_high=highs,
+                       p_adj=adjusted, verdict=verdicts)
+    return out.drop(columns=["lower_is_better"])
+
+
+def family_header(table: pd.DataFrame, level: float) -> str:
+    """What the intervals and verdicts of one printed table hold for: the family of its tests and the adjustment."""
+    m = int(table["p"].notna().sum())
+    pairs = table.groupby(["A_run", "B_run"], sort=False).ngroups
+    each = stats.simultaneous_level(level, m)
+    return (f"Family: the {m} tests of this output ({pairs} pair{'s' if pairs != 1 else ''} x every eval set, metric "
+            f"and task below). Intervals are simultaneous at {level * 100:.4g}% (Bonferroni: each at "
+            f"{each * 100:.4g}%), and each verdict reads its own interval, so the chance that any verdict here is "
+            f"wrong is at most {1 - level:.2g}.")
 
 
 def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] | None = None,
            margins: dict[str, float] | None = None) -> str:
-    """The table per pair, each headed by A and B and its note in `notes` (keyed by (A_run, B_run))."""
+    """The family header, then the table per pair, each headed by A and B and its note in `notes` (keyed by (A_run,
+    B_run)); the intervals shown are the simultaneous ones with_verdicts gave."""
     def fmt(v, spec=".4g"):
         return "-" if v is None or pd.isna(v) else format(v, spec)
 
-    ci_header = f"{level * 100:.4g}% CI"  # 0.975 reads 97.5%, not 98%
+    ci_header = f"simult. {level * 100:.4g}% CI"  # 0.975 reads 97.5%, not 98%
     replicated = "draws" in table and (table["draws"] != "1 vs 1").any()
-    lines = []
+    lines = [family_header(table, level), ""]
     for (a, b), group in table.groupby(["A_run", "B_run"], sort=False):
         lines.append(f"A = {a}\nB = {b}")
         if (notes or {}).get((a, b)):
@@ -415,7 +486,7 @@ def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] 
             ci_header: [(f"[{fmt(lo)}, {fmt(hi)}]" if lo is not None and not pd.isna(lo) else
                          ("(too little data)" if note else "-")) + m
                         for lo, hi, note, m in zip(group["ci_low"], group["ci_high"], group["note"], mark)],
-            "p": group["p"].map(lambda v: fmt(v, ".3g"))})
+            "p": group["p"].map(lambda v: fmt(v, ".3g")), "p adj.": group["p_adj"].map(lambda v: fmt(v, ".3g"))})
         if replicated:
             body["draws"] = group["draws"].to_numpy()
             body["draw share"] = group["draw_share"].map(lambda v: fmt(v * 100 if v is not None else v, ".0f") +
@@ -424,11 +495,13 @@ def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] 
         body["verdict"] = group["verdict"].to_numpy()
         lines.append(body.to_string(index=False))
         lines.append("")
-    n = len(table)
-    lines.append(f"{n} tests; verdicts after Holm's correction over all {n} at family-wise level {1 - level:.2g}. "
-                 "Intervals: ppl ratio and ΔKLD per token over paired token blocks, Δaccuracy over documents; with "
-                 "replicate draws a crossed design (token blocks x calibration draws, Satterthwaite t; "
-                 "docs/statistics.md). p: the same t (McNemar's exact test for accuracy with one draw each).")
+    lines.append("Intervals: ppl ratio and ΔKLD per token over paired token blocks (Student t), Δaccuracy over "
+                 "documents (with one draw each: McNemar's exact test's counterpart, Clopper-Pearson on the discordant "
+                 "documents, spending half its error on how many there are); with replicate draws a crossed design "
+                 "(token blocks x calibration draws, Satterthwaite t; docs/statistics.md). p: the test of no "
+                 "difference of that cell alone (the same t; McNemar's exact test for accuracy with one draw each); "
+                 "p adj.: Bonferroni over the family (m p, 2 m p for McNemar), below the family-wise level exactly "
+                 "where the verdict is a difference.")
     if "conditional" in table and table["conditional"].any():
         lines.append("† conditional on one calibration draw: the interval covers which eval text was measured, not "
                      "which calibration windows were drawn (sweep calib.seed for replicate draws).")
@@ -436,27 +509,44 @@ def render(table: pd.DataFrame, level: float, notes: dict[tuple[str, str], str] 
         lines.append("draw share: the part of the difference's variance that comes from the calibration draws. "
                      "per draw: significant wins of A / ties / wins of B between single draws (the same seed on both "
                      f"sides where both drew the same seeds, else every pair), each at level {1 - level:.2g} "
-                     "uncorrected.")
+                     "uncorrected: a description, outside the family.")
     if margins:
         shown = ", ".join(f"{k} ±{(math.expm1(v) * 100):.3g}% (ratio)" if k == "ppl" else
                           (f"{k} ±{v * 100:.3g}pt" if k == "acc" else f"{k} ±{v:.3g}") for k, v in margins.items())
-        lines.append(f"Equivalence margins: {shown}; TOST (two one-sided tests at {1 - level:.2g}, Holm over the "
-                     "equivalence tests): 'equivalent within the margin' when the difference lies inside it, "
-                     "'inconclusive' when neither equivalence nor a difference is shown.")
+        lines.append(f"Equivalence margins: {shown}, read off the same simultaneous intervals: 'equivalent within the "
+                     "margin' where the interval lies inside it, 'A better' / 'B better' where it excludes no "
+                     "difference, 'inconclusive' where it shows neither (a TOST at half the interval's error per "
+                     "side, in the same family).")
     return "\n".join(lines)
+
+
+def baseline_of(config: Config) -> Config | None:
+    """The unquantized model on the tokens `config` was measured on, as its runs recorded it (per block: the
+    baseline's NLL; its KLD from itself is 0), as a configuration compare() can take; None without such records
+    (eval.kld=false). Its lm-eval documents are not kept by a run, so it has no accuracy cells."""
+    run = config.runs[0]
+    if "base_nll_sum" not in run.blocks:
+        return None
+    blocks = run.blocks[["task", "window", "block", "tokens"]].assign(nll_sum=run.blocks["base_nll_sum"])
+    if "kld_sum" in run.blocks:
+        blocks = blocks.assign(kld_sum=0.0)
+    label = f"the unquantized model on the same tokens (the baseline recorded in {run.path.name})"
+    base = Run(run.path, label, run.rows, blocks, pd.DataFrame(), run.prints, run.model, run.model_print, None,
+               f"baseline of {run.replicate_of or run.path.name}", run.started_at)
+    return Config([base], label)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="+", help="run directories (A's first), or a directory holding several runs; "
                                              "runs that differ only in calib.seed are replicate draws of one "
-                                             "configuration, and configurations are compared pairwise")
+                                             "configuration, and configurations are compared pairwise; one "
+                                             "configuration alone is compared with its unquantized baseline")
     ap.add_argument("--level", type=level_arg, default=stats.LEVEL,
                     help="confidence level, strictly in (0, 1) (default 0.95)")
     ap.add_argument("--margin", type=margin_arg, action="append", default=[], metavar="KIND=VALUE",
-                    help="equivalence margin, repeatable: " + "; ".join(MARGIN_KINDS.values()) +
-                         ". Adds TOST equivalence tests: verdicts become equivalent / A better / B better / "
-                         "inconclusive")
+                    help=("equivalence margin, once per metric: " + "; ".join(MARGIN_KINDS.values()) +
+                          ". Verdicts become equivalent / A better / B better / inconclusive").replace("%", "%%"))
     ap.add_argument("--allow-cross-model", action="store_true",
                     help="compare runs of different models (other model_fingerprint) on ppl and accuracy; "
                          "their KLD cells are dropped (each is against its own baseline)")
@@ -465,20 +555,30 @@ def main(argv: list[str] | None = None) -> int:
                          "one of the values; repeatable")
     ap.add_argument("--csv", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
-    margins = dict(args.margin)
-    runs = select_runs([load_run(d) for d in run_dirs_in_order(args.paths)], args.where)
-    if len(runs) < 2:
-        print(f"compare: need at least two finished runs; found {len(runs)} under {args.paths}"
-              + (" matching --where" if args.where else ""), file=sys.stderr)
+    try:
+        margins = margins_by_kind(args.margin)
+        dirs = run_dirs_in_order(args.paths)
+    except (RunPathError, ValueError) as err:
+        print(f"compare: {err}", file=sys.stderr)
         return 2
-    dirs = [r.path for r in runs]
+    runs = select_runs([load_run(d) for d in dirs], args.where)
+    if not runs:
+        print(f"compare: no finished run under {args.paths} matches --where", file=sys.stderr)
+        return 2
     configs = group_runs(runs)
-    if len(configs) < 2:
-        print(f"compare: the {len(dirs)} runs under {args.paths} are draws of one configuration "
-              f"({configs[0].label}); nothing to compare it with", file=sys.stderr)
-        return 2
-    tables, refused, notes = [], [], {}
-    for a, b in itertools.combinations(configs, 2):
+    pairs, notes = list(itertools.combinations(configs, 2)), {}
+    if len(configs) == 1:  # one run (or the draws of one configuration): beside its baseline on the same tokens
+        base = baseline_of(configs[0])
+        if base is None:
+            print(f"compare: {configs[0].label} is one configuration and its records hold no baseline (run with "
+                  "eval.kld=true); nothing to compare it with", file=sys.stderr)
+            return 2
+        pairs = [(configs[0], base)]
+        if any(not r.docs.empty for r in configs[0].runs):
+            notes[(configs[0].label, base.label)] = ("accuracy: a run keeps no baseline documents; compare with a "
+                                                     "method=fp run for accuracy")
+    tables, refused = [], []
+    for a, b in pairs:
         table, why = compare(a, b, args.level, args.allow_cross_model)
         tables.append(table)
         refused += [f"{a.label} vs {b.label}: {w}" for w in why]

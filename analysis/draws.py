@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import replicates, stats
-from analysis.compare import (Config, _tokens_refused, group_runs, level_arg, load_run, margin_arg,
-                              run_dirs_in_order, select_runs, side, where_arg)
+from analysis.compare import (Config, RunPathError, _tokens_refused, group_runs, level_arg, load_run, margin_arg,
+                              margins_by_kind, run_dirs_in_order, select_runs, side, where_arg)
 
 DRAW_COUNTS = (1, 3, 5, 10)
 
@@ -51,6 +51,7 @@ def decomposition_table(configs: list[Config]) -> pd.DataFrame:
                              "units": parts["units"], "mean": float(per_draw.mean()),
                              "min draw": float(per_draw.min()), "max draw": float(per_draw.max()),
                              "sd between draws": math.sqrt(parts["draw"]),
+                             "draw var estimate": parts["draw_estimate"],
                              "token se of one run": math.sqrt(parts["unit"] / parts["units"]),
                              "draw share": parts["draw_share"]})
     return pd.DataFrame(rows)
@@ -75,8 +76,7 @@ def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, 
                 got = replicates.units_needed(diff, sa, sb, targets[kind], level, power, draws=k)
                 row[f"windows at {k} draws"] = None if got["units"] is None else math.ceil(got["units"] / per_window)
             got = replicates.units_needed(diff, sa, sb, targets[kind], level, power)
-            row.update({"min draws": _min_draws(got), "unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
-                        "draw var B": got["draw_var"]["B"]})
+            row.update(_variances(got))
             rows.append(row)
     docs_a, docs_b = (pd.concat([r.docs for r in c.runs]) if all(not r.docs.empty for r in c.runs) else None
                       for c in (a, b))
@@ -97,10 +97,18 @@ def needed_table(a: Config, b: Config, targets: dict[str, float], level: float, 
                 got = replicates.units_needed(diff, sa, sb, targets["acc"], level, power, draws=k)
                 row[f"documents at {k} draws"] = got["units"]
             got = replicates.units_needed(diff, sa, sb, targets["acc"], level, power)
-            row.update({"min draws": _min_draws(got), "unit var": got["unit_var"], "draw var A": got["draw_var"]["A"],
-                        "draw var B": got["draw_var"]["B"]})
+            row.update(_variances(got))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _variances(needed: dict) -> dict:
+    """The variance components an advice row used; a draw variance estimated below zero is named with its estimate
+    (it was taken as 0)."""
+    below = needed["draw_var_below_zero"]
+    return {"min draws": _min_draws(needed), "unit var": needed["unit_var"],
+            **{f"draw var {n}": needed["draw_var"][n] for n in ("A", "B")},
+            "draw var < 0": "; ".join(f"{n}: {v:.3g} -> 0" for n, v in below.items())}
 
 
 def _min_draws(needed: dict) -> int:
@@ -111,6 +119,7 @@ def _min_draws(needed: dict) -> int:
 
 
 def _configs(paths: list[str], where: list | None = None) -> list[Config]:
+    """The configurations under `paths`; a path with no finished run raises RunPathError."""
     return group_runs(select_runs([load_run(d) for d in run_dirs_in_order(paths)], where or []))
 
 
@@ -132,15 +141,33 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 200)
     if args.split is not None and (args.vs is not None or len(args.split[1]) != 2):
         ap.error("--split KEY=A,B takes exactly two values, and replaces --vs")
+    try:
+        return _draws(args)
+    except (RunPathError, ValueError) as err:  # a path with no finished run; a metric given twice
+        print(f"draws: {err}", file=sys.stderr)
+        return 2
+
+
+def _draws(args) -> int:
+    targets = margins_by_kind(args.target, "--target") or {"ppl": math.log1p(0.01)}
     if args.vs is None and args.split is None:
         table = decomposition_table(_configs(args.paths, args.where))
         if table.empty:
             print("draws: no configuration with two or more calibration draws under "
                   f"{args.paths} (sweep calib.seed=0,1,2,...)", file=sys.stderr)
             return 2
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        print("\nlog ppl: per token NLL (the log of ppl); sd between draws: of one draw's value, beyond token noise; "
-              "token se of one run: its interval's standard error over blocks; draw share: of one run's variance.")
+        below = table["draw var estimate"] < 0
+        shown = table.astype(object)
+        shown["sd between draws"] = [f"{v:.4g}" + (" *" if b else "") for v, b in zip(table["sd between draws"], below)]
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print("\nlog ppl: per token NLL (the log of ppl); sd between draws: of one draw's value, beyond token noise "
+              "(the square root of the draw var estimate, (MS_draws - MS_residual) / blocks); token se of one run: its "
+              "interval's standard error over blocks; draw share: of one run's variance.")
+        if below.any():
+            print(f"* {int(below.sum())} row(s): the draws spread less than their token noise predicts, so the draw "
+                  "variance is estimated below zero (draw var estimate < 0) and shown as 0: these draws cannot tell "
+                  "the draw effect from none. --vs then takes the draw term as 0: its windows needed rest on the eval "
+                  "text alone and its min draws is 1 (docs/statistics.md).")
         return 0
     if args.split is not None:
         key, (value_a, value_b) = args.split
@@ -152,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"draws: {name} must be one configuration (its draws); found {len(found)}: "
                   f"{[c.label for c in found]}", file=sys.stderr)
             return 2
-    targets = dict(args.target) or {"ppl": math.log1p(0.01)}
     table = needed_table(a[0], b[0], targets, args.level, args.power)
     if table.empty:
         print("draws: A and B share no eval set or task measured on identical data", file=sys.stderr)
@@ -167,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.power:.0%} when the true difference is the target (ppl on the log ratio scale), per number of "
           "calibration draws per side; from the variance components above (unit var: per block or document; draw "
           "var: of one draw's effect). —: not with that many draws.")
+    if (table["draw var < 0"] != "").any():
+        print("draw var < 0: that side's draws spread less than their token noise predicts; its draw variance was "
+              "estimated below zero and taken as 0, so the windows needed above assume the draws add no variance "
+              "(docs/statistics.md).")
     return 0
 
 

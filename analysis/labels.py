@@ -12,18 +12,31 @@ PRIMARY_KEYS = ["method", "bits", "group_size"]
 # Keys that only split table rows (and lengthen names) when they actually vary.
 SECONDARY_KEYS = ["symmetric", "calib_source", "calib_samples", "calib_seqlen", "calib_seed", "seed"]
 CONFIG_KEYS = ["model", *PRIMARY_KEYS, *SECONDARY_KEYS]
+# Where runs share every config key above but not their result key (the run hash: everything that changes the numbers,
+# e.g. export=gptq's fp16 scales, another eval setting), a report names what sets each apart in this column
+# (analysis.report.select.with_variants); it exists only in frames a report built.
+VARIANT = "variant"
+LABEL_KEYS = [*SECONDARY_KEYS, VARIANT]
 OBS_KEYS = ["suite", "task", "metric"]
 ROW_KEYS = CONFIG_KEYS + OBS_KEYS
 # A model is its unquantized weights, not its name: rows of different fingerprints never supersede each other.
 # (Every run of one base model, fp and quantized, carries the fingerprint taken before quantization.)
 FINGERPRINT = "model_fingerprint"
-SUPERSEDE_KEYS = ROW_KEYS + [FINGERPRINT]
+# A row supersedes another only when it measured the same thing: same keys, same model, and the same run hash
+# (config_hash: harness/identity.py's result key, everything that can change the numbers). A re-run of one
+# configuration keeps its hash; runs that differ in anything else (an export, an eval setting) both stay.
+SUPERSEDE_KEYS = ROW_KEYS + [FINGERPRINT, "config_hash"]
 FINGERPRINT_TAG = 8  # hex digits of the fingerprint that tell two models of one name apart (more if they collide)
 REFERENCE_METHOD = "fp"
 # Table headers for the secondary keys (distinct from the raw column names so both can live in one frame).
 DISPLAY = {"symmetric": "Sym", "calib_source": "Calib", "calib_samples": "Samples", "calib_seqlen": "Seqlen",
-           "calib_seed": "Draw", "seed": "Seed"}
+           "calib_seed": "Draw", "seed": "Seed", VARIANT: "Variant"}
 DASH = "—"
+
+
+def config_keys(frame: pd.DataFrame) -> list[str]:
+    """The keys that tell configs apart in `frame`: CONFIG_KEYS, and the variant where a report added it."""
+    return CONFIG_KEYS + ([VARIANT] if VARIANT in frame else [])
 
 
 def latest_per_key(frame: pd.DataFrame, keys: list[str] = SUPERSEDE_KEYS) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -75,6 +88,12 @@ def value_text(value, missing: str = DASH) -> str:
     return missing if pd.isna(value) else str(value)
 
 
+def rate_text(rate: float) -> str:
+    """A speed or ratio for people: whole numbers from 100 up, else three significant figures, so that a slow
+    runtime's 0.18 tok/s (or 0.0006 of its bound) does not print as 0 (the report's and bench_runtimes' tables)."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 def group_text(method: str, group_size) -> str:
     """'128', 'per-channel', or the dash for the reference (which has no groups)."""
     # Missing group size means per-channel for a quantized method and "not applicable" for fp.
@@ -119,7 +138,7 @@ def config_label(frame: pd.DataFrame, extra: list[str]) -> pd.Series:
                      index=labels.index, dtype=labels["Method"].dtype)
     for key in extra:
         shown = labels[DISPLAY[key]]
-        text = text.where(shown == DASH, text + f" {DISPLAY[key].lower()}=" + shown)
+        text = text.where(shown == DASH, text + (" " if key == VARIANT else f" {DISPLAY[key].lower()}=") + shown)
     return text
 
 
@@ -135,6 +154,7 @@ def label_row_names(labels: pd.DataFrame) -> pd.Series:
             text += f" {group}" if group == "per-channel" else f" g{group}"
         for column in labels.columns[3:]:
             if fields[column] != DASH:
-                text += f" {str(column).lower()}={fields[column]}"
+                name = "" if column == DISPLAY[VARIANT] else f"{str(column).lower()}="
+                text += f" {name}{fields[column]}"
         names.append(text)
     return pd.Series(names, index=labels.index, dtype=object)

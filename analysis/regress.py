@@ -15,7 +15,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from analysis.labels import ROW_KEYS, latest_per_key, method_label
+from analysis.labels import FINGERPRINT, ROW_KEYS, latest_per_key, method_label
+
+# Rows are matched across the two trees by ROW_KEYS: the run hash (config_hash) holds paths and so differs between
+# machines. Within one tree the latest run of those keys stands for them (its superseded runs are listed on stderr).
+REGRESS_KEYS = ROW_KEYS + [FINGERPRINT]
 from analysis.results import load_results
 
 DIRECTIONS = ("lower", "higher", "none")
@@ -164,7 +168,7 @@ def _key_strings(frame: pd.DataFrame) -> pd.Series:
 
 
 def _keyed(frame: pd.DataFrame) -> pd.DataFrame:
-    rows, _ = latest_per_key(frame)
+    rows, _ = latest_per_key(frame, REGRESS_KEYS)
     return rows.assign(_key=_key_strings(rows))[ROW_KEYS + ["_key", "value", "stderr", "device"]]
 
 
@@ -305,7 +309,7 @@ def _load(path: str, what: str) -> pd.DataFrame:
     frame = load_results(path)
     if frame.empty:
         raise ValueError(f"no finished runs under {what} {path}")
-    _, superseded = latest_per_key(frame)
+    _, superseded = latest_per_key(frame, REGRESS_KEYS)
     if not superseded.empty:
         print(f"note: {what}: {len(superseded)} duplicate rows superseded (latest started_at wins): runs "
               f"{', '.join(sorted(superseded['run_id'].astype(str).unique()))}", file=sys.stderr)

@@ -161,16 +161,21 @@ def units_needed(diff: Difference, a: Side, b: Side, target: float, level: float
     linearised scale) at `level` with `power`, from the variance components of `a` and `b` measured here:
     se(J, K) <= target / (z_level + z_power). Returns the per-unit and per-draw variances it used, and the units
     needed at `draws` draws per side (default: as measured), None where no number of units is enough (the draws'
-    own noise already exceeds the budget: more draws are needed)."""
+    own noise already exceeds the budget: more draws are needed). A draw variance estimated below zero (the draws
+    spread less than their token noise predicts) is taken as 0 and named in `draw_var_below_zero` with its estimate:
+    the advice then rests on the eval text alone (docs/statistics.md)."""
     J = a.num.shape[0]
     za, zb = a.linearised(), b.linearised()
     d = za.mean(axis=1) - zb.mean(axis=1)
     per_unit = float(d.var(ddof=1))  # Var(D_j) at the measured draws: unit effect + interaction / K
-    draw_var, resid = {}, {}
+    draw_var, resid, below = {}, {}, {}
     for name, side, z in (("A", a, za), ("B", b, zb)):
         if side.calibrates and side.draws >= 2:
             ms_draws, ms_res = _mean_squares(z)
-            draw_var[name] = max(0.0, (ms_draws - ms_res) / J)  # sigma^2 of one draw's effect
+            estimate = (ms_draws - ms_res) / J  # sigma^2 of one draw's effect, unbiased
+            draw_var[name] = max(0.0, estimate)
+            if estimate < 0:
+                below[name] = estimate
             resid[name] = ms_res
         else:
             draw_var[name], resid[name] = 0.0, 0.0
@@ -181,13 +186,15 @@ def units_needed(diff: Difference, a: Side, b: Side, target: float, level: float
     per_j = unit_var + resid["A"] / ka + resid["B"] / kb
     needed = None if fixed >= budget else max(2, math.ceil(per_j / (budget - fixed)))
     return {"units": needed, "draws": (ka, kb), "unit_var": unit_var, "draw_var": draw_var,
-            "interaction_var": resid, "budget_var": budget, "measured_units": J}
+            "draw_var_below_zero": below, "interaction_var": resid, "budget_var": budget, "measured_units": J}
 
 
 def decomposition(side: Side) -> dict[str, float]:
     """Variance components of one configuration's per-unit values over its draws (one-sample crossed design):
     `unit` (which text: unit effect + interaction, the token noise of one run's unit), `draw` (which calibration
-    windows) and the variance of one run's mean, `one_run` = unit / J + draw, with the draw's `draw_share` of it."""
+    windows) and the variance of one run's mean, `one_run` = unit / J + draw, with the draw's `draw_share` of it.
+    `draw_estimate` is the unbiased estimate of the draw variance, (MS_draws - MS_residual) / J; where it falls below
+    zero `draw` is 0."""
     z = side.linearised()
     J, K = z.shape
     if K < 2 or not side.calibrates:
@@ -195,7 +202,8 @@ def decomposition(side: Side) -> dict[str, float]:
     ms_draws, ms_res = _mean_squares(z)
     ms_units = K * float(((z.mean(axis=1) - z.mean()) ** 2).sum()) / (J - 1)
     unit = max(0.0, (ms_units - ms_res) / K) + ms_res  # Var of one run's unit value: sigma2_u + sigma2_e
-    draw = max(0.0, (ms_draws - ms_res) / J)
+    draw_estimate = (ms_draws - ms_res) / J
+    draw = max(0.0, draw_estimate)
     one_run = unit / J + draw
-    return {"unit": unit, "draw": draw, "interaction": ms_res, "one_run": one_run,
+    return {"unit": unit, "draw": draw, "draw_estimate": draw_estimate, "interaction": ms_res, "one_run": one_run,
             "draw_share": draw / one_run if one_run > 0 else 0.0, "units": J, "draws": K}

@@ -40,6 +40,9 @@ CONFIG_FILE = "config.yaml"
 BLOCKS_FILE = "blocks.parquet"  # per eval set, window and block of tokens: the sums behind ppl and KLD
 DOCS_FILE = "docs.parquet"  # per lm-eval task and document: correctness
 DONE_FILE = "DONE"  # written last: a run directory without it is unfinished
+# An attempt that failed: its error, log and where it ran (JSON; a dot file, so no reader takes it for a result and
+# set_aside leaves it); removed when the run finishes. `python -m harness.status` shows it.
+FAILED_FILE = ".failed.json"
 
 DTYPES = {
     "bits": "Int64", "group_size": "Int64", "calib_samples": "Int64", "calib_seqlen": "Int64", "calib_seed": "Int64",
@@ -81,6 +84,7 @@ def write_run(run_dir: Path, frame: pd.DataFrame, config_yaml: str, meta: dict,
         atomic_write_bytes(run_dir / name, data)
     checksums = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
     atomic_write_text(run_dir / DONE_FILE, json.dumps({**meta, "files": checksums}, indent=2, default=str) + "\n")
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier attempt's failure is history now
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,16 @@ def find_run_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
             elif root.is_dir():
                 found.update(d.parent for d in root.rglob(DONE_FILE) if _readable(d.parent))
     return sorted(found)
+
+
+def no_run_there(path: str | Path) -> str:
+    """Why `path` (a run directory, a tree of runs, or a glob) yields no finished run, for a one-line error."""
+    if not glob.glob(str(path)):
+        return f"{path}: no such run directory or file"
+    if (Path(path) / DONE_FILE).is_file():
+        check = check_run(Path(path))
+        return f"{path}: the run is {check.state} ({check.reason}), so it is not read"
+    return f"{path}: no finished run there (a run directory holds a {DONE_FILE} marker once it finished)"
 
 
 def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:

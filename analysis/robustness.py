@@ -7,8 +7,8 @@ For each method (and bits, group size, budget) calibrated on several sources, ea
 out-of-domain penalty, ppl(calibrated on C, evaluated on E) / ppl(calibrated on E, evaluated on E), with its
 interval (analysis.replicates: blocks of E x the draws of both configurations). Then, for every pair of methods,
 the ratio of their penalties on each (C, E): below 1, the first method loses less when calibrated off-domain (the AWQ
-paper's claim about AWQ against GPTQ), with its interval (a contrast of four configurations). Verdicts after
-Holm's correction over each table.
+paper's claim about AWQ against GPTQ), with its interval (a contrast of four configurations). Each table is one
+family: its intervals are simultaneous (Bonferroni over the table's tests), and each verdict reads its own interval.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import replicates, stats
-from analysis.compare import (Config, _tokens_refused, group_runs, level_arg, load_run, run_dirs_in_order,
-                              select_runs, side, where_arg)
+from analysis.compare import (Config, RunPathError, _tokens_refused, group_runs, level_arg, load_run,
+                              run_dirs_in_order, select_runs, side, where_arg)
 from analysis.labels import method_label
 
 
@@ -44,9 +44,26 @@ def by_method(configs: list[Config]) -> dict[tuple, dict[str, Config]]:
 
 
 def _estimate(diff: replicates.Difference) -> dict:
-    ok = diff.ci_low is not None
-    return {"ratio": math.exp(diff.value), "ci_low": math.exp(diff.ci_low) if ok else None,
-            "ci_high": math.exp(diff.ci_high) if ok else None, "p": diff.p}
+    """The ratio of a log-scale difference with what with_family_intervals needs to put its interval in a family."""
+    return {"ratio": math.exp(diff.value), "p": diff.p, "_estimate": diff.value, "_stderr": diff.stderr,
+            "_df": diff.df}
+
+
+def with_family_intervals(table: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Every row with a test is one family of m: each ratio gets its simultaneous interval (Bonferroni, each at
+    1 - (1 - level) / m), `p_adj` = m p, and `differs` whether the interval excludes 1 (exactly where p_adj < 1 -
+    level), so the verdicts read off it cannot disagree with the intervals printed."""
+    if "_estimate" not in table:
+        return table
+    tested = table["p"].notna()
+    each = stats.simultaneous_level(level, int(tested.sum()))
+    ci = [stats.t_interval(v, None if pd.isna(se) else se, None if pd.isna(df) else df, each) if t else None
+          for v, se, df, t in zip(table["_estimate"], table["_stderr"], table["_df"], tested)]
+    table = table.assign(ci_low=[math.exp(c[0]) if c else None for c in ci],
+                         ci_high=[math.exp(c[1]) if c else None for c in ci],
+                         p_adj=(table["p"] * int(tested.sum())).clip(upper=1.0),
+                         differs=[None if c is None else bool(c[0] > 0 or c[1] < 0) for c in ci])
+    return table.drop(columns=["_estimate", "_stderr", "_df"])
 
 
 def penalty_table(methods: dict[tuple, dict[str, Config]], level: float) -> pd.DataFrame:
@@ -63,12 +80,8 @@ def penalty_table(methods: dict[tuple, dict[str, Config]], level: float) -> pd.D
                 if calib != task:
                     row.update(_estimate(replicates.difference(measured, side(sources[task], task, "nll_sum"), level)))
                 rows.append(row)
-    table = pd.DataFrame(rows)
-    if "p" in table:
-        off = table["p"].notna()
-        reject = stats.holm(table.loc[off, "p"].tolist(), 1 - level)
-        table.loc[off, "significant"] = reject
-    return table
+    table = with_family_intervals(pd.DataFrame(rows), level)
+    return table.rename(columns={"differs": "significant"})
 
 
 def sensitivity_table(methods: dict[tuple, dict[str, Config]], level: float) -> pd.DataFrame:
@@ -86,11 +99,10 @@ def sensitivity_table(methods: dict[tuple, dict[str, Config]], level: float) -> 
                 diff = replicates.contrast(sides, [1.0, -1.0, -1.0, 1.0], level)
                 rows.append({"A": ka[0], "B": kb[0], "bits": ka[1], "calibrated on": calib, "eval set": task,
                              "draws": "/".join(str(s.draws) for s in sides), **_estimate(diff)})
-    table = pd.DataFrame(rows)
+    table = with_family_intervals(pd.DataFrame(rows), level)
     if not table.empty:
-        reject = stats.holm(table["p"].tolist(), 1 - level)
         table["verdict"] = ["A less sensitive" if r and v < 1 else "B less sensitive" if r else "cannot tell"
-                            for r, v in zip(reject, table["ratio"])]
+                            for r, v in zip(table.pop("differs"), table["ratio"])]
     return table
 
 
@@ -101,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="only runs whose run-level column KEY is one of the values; repeatable")
     ap.add_argument("--level", type=level_arg, default=stats.LEVEL, help="confidence level (default 0.95)")
     args = ap.parse_args(argv)
-    runs = select_runs([load_run(d) for d in run_dirs_in_order(args.paths)], args.where)
+    try:
+        dirs = run_dirs_in_order(args.paths)
+    except RunPathError as err:
+        print(f"robustness: {err}", file=sys.stderr)
+        return 2
+    runs = select_runs([load_run(d) for d in dirs], args.where)
     methods = by_method(group_runs(runs))
     if not methods:
         print("robustness: no configuration calibrated on two or more sources under "
@@ -110,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 200)
     fmt = lambda v: f"{v:.4g}"  # noqa: E731
     penalty = penalty_table(methods, args.level)
-    print(f"Out-of-domain penalty: ppl calibrated on C / ppl calibrated on E, on eval set E ({args.level:.0%} "
-          "intervals over token blocks and calibration draws; Holm over the off-domain cells)")
+    print(f"Out-of-domain penalty: ppl calibrated on C / ppl calibrated on E, on eval set E. Family: its "
+          f"{int(penalty['p'].notna().sum()) if 'p' in penalty else 0} off-domain cells; intervals over token blocks "
+          f"and calibration draws, simultaneous at {args.level:.0%} (Bonferroni); significant: the interval excludes 1")
     print(penalty.to_string(index=False, float_format=fmt))
     sensitivity = sensitivity_table(methods, args.level)
     if not sensitivity.empty:
-        print("\nRatio of penalties, A / B, per (C, E): below 1 A loses less off-domain "
-              f"({args.level:.0%} intervals over blocks and the draws of all four configurations; Holm)")
+        print("\nRatio of penalties, A / B, per (C, E): below 1 A loses less off-domain. Family: its "
+              f"{len(sensitivity)} cells; intervals over blocks and the draws of all four configurations, "
+              f"simultaneous at {args.level:.0%} (Bonferroni); a verdict where the interval excludes 1")
         print(sensitivity.to_string(index=False, float_format=fmt))
     return 0
 

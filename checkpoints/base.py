@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from checkpoints.stored import stored_names
 from core.registry import Registry
 from core.spec import DequantizedWeights, QuantizedWeights
 from structure.architectures import ModelLayout
@@ -57,8 +58,10 @@ class Header:
 
     model_type: the architecture as transformers names it.
     vocab: the tokens in id order as the checkpoint spells them, or None when it carries no tokenizer.
-    linears: {base-model linear name: (out, in)} of every quantized linear.
-    tensors: {base-model state-dict name: shape} of every other tensor the checkpoint stores.
+    linears: {base-model matrix name: (out, in)} of every quantized linear (an expert's matrix named as the model's
+        table names it, e.g. model.layers.3.mlp.experts.5.up_proj, whatever the checkpoint calls it).
+    tensors: {base-model state-dict name: shape} of every other tensor the checkpoint stores; an expert matrix it
+        stores in full precision, one expert at a time, is `<matrix name>.weight` (the model fuses the experts).
     vocab_as_loaded: the tokens as transformers spells them in a tokenizer it builds from the checkpoint, when that
         can differ from `vocab` (a GGUF file: its loader respells whitespace and byte tokens); a function, since it
         costs a tokenizer build and is asked only when `vocab` differs from the base model's.
@@ -176,8 +179,8 @@ def check_belongs(header: Header, model: nn.Module, layout: ModelLayout, tokeniz
             raise CheckpointError(f"the checkpoint's {name} is {tuple(shape)}, the base model's "
                                   f"{'is missing' if have is None else f'is {have}'}: not a checkpoint of this model")
     for name, shape in header.tensors.items():
-        if name not in state or state[name] != tuple(shape):
-            have = state.get(name)
+        have = state.get(name, linears.get(name.removesuffix(".weight")))  # an expert stored whole: its matrix
+        if have != tuple(shape):
             raise CheckpointError(f"the checkpoint's {name} is {tuple(shape)}, the base model's "
                                   f"{'is missing' if have is None else f'is {have}'}: not a checkpoint of this model")
     absent = [n for n in linears if n not in header.linears and f"{n}.weight" not in header.tensors]
@@ -230,9 +233,20 @@ def load_checkpoint_model(path: str | Path, dtype: torch.dtype = torch.float32, 
     contents = reader_for(path, fmt).read(path, model)
     missing, unexpected = model.load_state_dict({k: t.to(dtype) for k, t in contents.tensors.items()}, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k.removesuffix(".weight") not in contents.artifacts and k not in tied]
+    fused = _fused_by_artifacts(model, contents.artifacts)
+    missing = [k for k in missing if k.removesuffix(".weight") not in contents.artifacts and k not in tied
+               and k not in fused]
     if missing or unexpected:
         raise CheckpointError(f"{path}: the checkpoint does not fit its own config: missing {missing}, unexpected "
                               f"{unexpected}")
     apply_artifacts(model, contents.artifacts, dtype)
     return model, contents.artifacts
+
+
+def _fused_by_artifacts(model: nn.Module, artifacts: dict) -> set[str]:
+    """State-dict names of the fused expert parameters whose every expert matrix has an artifact (they are written
+    whole by applying the artifacts)."""
+    by_param: dict[str, list[str]] = {}
+    for matrix, param in stored_names(model).fused.items():
+        by_param.setdefault(param, []).append(matrix)
+    return {param for param, matrices in by_param.items() if all(m in artifacts for m in matrices)}

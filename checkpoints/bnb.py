@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from checkpoints.base import CheckpointError, register_reader
-from checkpoints.hf import quantization_config
+from checkpoints.hf import method_config
 from checkpoints.packed_modules import PackedModuleCheckpoint
 
 STATE_PARTS = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
@@ -40,12 +40,11 @@ class BitsAndBytes4bitCheckpoint(PackedModuleCheckpoint):
 
     @classmethod
     def detects(cls, path: Path) -> bool:
-        config = quantization_config(path) if path.is_dir() else None
-        return bool(config) and str(config.get("quant_method", "")).lower() == "bitsandbytes"
+        return method_config(path, ("bitsandbytes",)) is not None
 
     def config(self, path: Path) -> dict:
-        config = quantization_config(path)
-        if not config or str(config.get("quant_method", "")).lower() != "bitsandbytes":
+        config = method_config(path, ("bitsandbytes",))
+        if config is None:
             raise CheckpointError(f"{path}/config.json has no quantization_config with quant_method 'bitsandbytes': "
                                   "not a bitsandbytes checkpoint")
         if not config.get("load_in_4bit") or config.get("load_in_8bit"):

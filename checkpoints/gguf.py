@@ -5,12 +5,20 @@ Types whose blocks are `d * (q - offset)` fit the common artifact exactly (Q4_0,
 weights, an integer zero). The others (Q4_1 and Q5_1 with a float minimum, the K-quants' two-level scales, ...)
 are carried dequantized (core.spec.DequantizedWeights), so packed kernels refuse them by name. Codes are never
 decoded by hand: the format's own dequantization is run with each block's scale set to 1, which gives q - offset.
+
+A mixture's experts are stored stacked, as llama.cpp's converter merges them: blk.N.ffn_gate_exps, ffn_up_exps and
+ffn_down_exps (or gate and up in one ffn_gate_up_exps, gate rows first), numpy [experts, out, in]. Each expert's
+rows are read as a matrix of their own (`_ExpertSlice`, the same code as any linear: the blocks of a row never cross
+experts) under our name of that expert's matrix (the architecture table's experts path), so an exact type gives
+QuantizedWeights per expert and the others DequantizedWeights per expert; stacks stored unquantized (F16/F32) go into
+the model's fused parameters. Mixtral's files are llama.cpp's "llama" architecture (q/k rows permuted as Llama's).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,7 +43,12 @@ GROUP_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q2_K"
 UNQUANTIZED = ("F32", "F16", "BF16", "F64")
 # transformers' get_gguf_hf_weights_map renames these model types to llama.cpp's architecture names
 GGUF_ARCH = {"cohere": "command-r", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3",
-             "gemma4_text": "gemma4", "minimax_m2": "minimax-m2", "gpt_oss": "gpt-oss"}
+             "gemma4_text": "gemma4", "minimax_m2": "minimax-m2", "gpt_oss": "gpt-oss",
+             "mixtral": "llama"}  # llama.cpp converts Mixtral as a Llama with experts
+# a block's stacked experts as llama.cpp names them -> the expert projections they hold, in row order
+EXPERT_STACKS = {"ffn_gate_exps": ("gate_proj",), "ffn_up_exps": ("up_proj",), "ffn_down_exps": ("down_proj",),
+                 "ffn_gate_up_exps": ("gate_proj", "up_proj")}
+EXPERT_STACK = re.compile(r"^blk\.(?P<block>\d+)\.(?P<stack>" + "|".join(EXPERT_STACKS) + r")\.weight$")
 FP16_ONE = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
 
 
@@ -117,7 +130,7 @@ class GGUFReader(CheckpointReader):
                                   f"(llama.cpp calls it {expected!r}): a checkpoint is judged against its own model")
         processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
         with gguf_parsed_once():
-            return get_gguf_hf_weights_map(model, processor), processor
+            return get_gguf_hf_weights_map(model, processor, model_type=arch), processor
 
     def describe(self, path: Path) -> Description:
         from collections import Counter
@@ -125,7 +138,7 @@ class GGUFReader(CheckpointReader):
         reader = open_gguf(path)
         weights_by_type = Counter()  # the quantized matrices of the blocks (llama.cpp names them blk.N.*)
         for t in reader.tensors:
-            if t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type.name not in UNQUANTIZED:
+            if t.name.startswith("blk.") and len(t.shape) >= 2 and t.tensor_type.name not in UNQUANTIZED:
                 weights_by_type[t.tensor_type.name] += int(t.n_elements)
         if not weights_by_type:
             raise CheckpointError(f"method.path={str(path)!r}: the GGUF file quantizes no block weight: nothing to judge")
@@ -139,11 +152,22 @@ class GGUFReader(CheckpointReader):
         names, _ = self._names(reader, model)
         linears, tensors = {}, {}
         quantizable = _linear_names(model)
+        state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         for t in reader.tensors:
+            stacked = _expert_slices(t, model)
+            if stacked is not None:  # each expert's matrix, as a quantized linear or (unquantized) a weight
+                for name, piece in stacked:
+                    shape = tuple(int(d) for d in reversed(piece.shape.tolist()))
+                    if t.tensor_type.name in UNQUANTIZED:
+                        tensors[f"{name}.weight"] = shape
+                    else:
+                        linears[name] = shape
+                continue
             if t.name not in names:
                 raise CheckpointError(f"the GGUF tensor {t.name} has no counterpart in the base model "
                                       f"({model.config.model_type}, {model.config.num_hidden_layers} layers)")
-            hf, shape = names[t.name], tuple(int(d) for d in reversed(t.shape.tolist()))
+            hf, shape = names[t.name], _as_model_shape(tuple(int(d) for d in reversed(t.shape.tolist())),
+                                                       state.get(names[t.name]))
             kind = t.tensor_type.name
             if hf.removesuffix(".weight") in quantizable and kind not in UNQUANTIZED:
                 linears[hf.removesuffix(".weight")] = shape
@@ -159,8 +183,19 @@ class GGUFReader(CheckpointReader):
         reader = open_gguf(path)
         names, processor = self._names(reader, model)
         quantizable = _linear_names(model)
-        contents = Contents({})
+        state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        contents, experts = Contents({}), {}
         for t in reader.tensors:
+            stacked = _expert_slices(t, model)
+            if stacked is not None:
+                for name, piece in stacked:
+                    if t.tensor_type.name in UNQUANTIZED:  # into the fused parameter, below
+                        experts[name] = _unquantized(piece)
+                    else:
+                        contents.artifacts[name] = _artifact(piece, t.tensor_type.name, None)
+                if t.tensor_type.name in UNQUANTIZED:
+                    contents.other_bits += int(t.n_bytes) * 8
+                continue
             hf, kind = names[t.name], t.tensor_type.name
             rows = _row_order(processor, t.name, tuple(int(d) for d in reversed(t.shape.tolist())))
             if hf.removesuffix(".weight") in quantizable and kind not in UNQUANTIZED:
@@ -171,9 +206,66 @@ class GGUFReader(CheckpointReader):
             if rows is not None:
                 values = values[rows]
             processed = processor.process(weights=values.numpy(), name=t.name).weights  # e.g. Gemma's norm offset
-            contents.tensors[hf] = torch.from_numpy(np.ascontiguousarray(processed, dtype=np.float32))
+            tensor = torch.from_numpy(np.ascontiguousarray(processed, dtype=np.float32))
+            contents.tensors[hf] = tensor.reshape(_as_model_shape(tuple(tensor.shape), state.get(hf)))
             contents.other_bits += int(t.n_bytes) * 8
+        if experts:
+            from checkpoints.stored import assemble_fused
+
+            try:
+                contents.tensors.update(assemble_fused(model, experts))
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
         return contents
+
+
+class _ExpertSlice:
+    """One expert's rows of a stacked GGUF expert tensor, answering like a 2-D tensor of the reader (name,
+    tensor_type, shape in ggml order [in, out], data of its rows' blocks), so it is read by the code that reads any
+    quantized linear."""
+
+    def __init__(self, t, index: int, rows: slice) -> None:
+        self.name = f"{t.name}[expert {index}, rows {rows.start}:{rows.stop}]"
+        self.tensor_type = t.tensor_type
+        self.data = np.asarray(t.data)[index, rows]
+        self.shape = np.array([int(t.shape[0]), rows.stop - rows.start])
+
+
+def _expert_slices(t, model: nn.Module) -> list[tuple[str, _ExpertSlice]] | None:
+    """[(our name of an expert's matrix, its slice of the stacked tensor)] for a stacked expert tensor of the GGUF
+    (EXPERT_STACKS), None for any other tensor. A stack the model has no experts for, or of another expert count, is
+    refused here by name (the header then stays a list of the checkpoint's matrices)."""
+    found = EXPERT_STACK.match(t.name)
+    if found is None:
+        return None
+    from structure.architectures import layout_for
+
+    layout = layout_for(model)
+    index, blocks = int(found["block"]), layout.blocks(model)
+    parts = layout.parts(blocks[index]) if index < len(blocks) else None
+    if parts is None or parts.moe is None:
+        raise CheckpointError(f"the GGUF tensor {t.name} holds experts; block {index} of the base model has none")
+    if len(t.shape) != 3 or int(t.shape[2]) != parts.n_experts:
+        raise CheckpointError(f"the GGUF tensor {t.name} has shape {list(reversed(t.shape.tolist()))}; block {index} "
+                              f"of the base model has {parts.n_experts} experts: not a checkpoint of this model")
+    projections = EXPERT_STACKS[found["stack"]]
+    rows = int(t.shape[1]) // len(projections)
+    prefix = f"{layout.block_prefix(index)}.{parts.moe.experts.path}"
+    return [(f"{prefix}.{e}.{projection}", _ExpertSlice(t, e, slice(k * rows, (k + 1) * rows)))
+            for e in range(parts.n_experts) for k, projection in enumerate(projections)]
+
+
+def _unquantized(piece: _ExpertSlice) -> torch.Tensor:
+    """An unquantized (F16/F32) expert slice as a float32 [out, in] weight."""
+    return torch.from_numpy(np.ascontiguousarray(piece.data, dtype=np.float32))
+
+
+def _as_model_shape(shape: tuple[int, ...], model_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The shape the model gives a tensor the file stores with other unit dimensions (Qwen2-MoE's shared expert gate:
+    [1, H] in the model, [H] or [1, H] in files), else the file's."""
+    if model_shape is not None and tuple(d for d in shape if d != 1) == tuple(d for d in model_shape if d != 1):
+        return tuple(model_shape)
+    return shape
 
 
 def _linear_names(model: nn.Module) -> set[str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from checkpoints.base import (CheckpointError, CheckpointReader, Contents, Description, Header,
                               register_reader)
+from checkpoints.stored import StoredNames, assemble_fused, stored_names
 from core.spec import QuantizedWeights
 from kernels.pack import (aligned_words, stream_words, unpack_awq_gemm, unpack_bit_stream, unpack_compressed,
                           unpack_gptq)
@@ -39,6 +40,12 @@ def quantization_config(path: Path) -> dict | None:
     except ValueError as err:
         raise CheckpointError(f"{path}/config.json is not valid JSON ({err})") from None
     return config.get("quantization_config") if isinstance(config, dict) else None
+
+
+def method_config(path: Path, methods: tuple[str, ...]) -> dict | None:
+    """config.json's quantization_config when its quant_method (any case) is one of `methods`, else None."""
+    config = quantization_config(path) if path.is_dir() else None
+    return config if config and str(config.get("quant_method", "")).lower() in methods else None
 
 
 class SafetensorsCheckpoint:
@@ -111,16 +118,16 @@ class PackedLinearCheckpoint(CheckpointReader):
 
     @classmethod
     def detects(cls, path: Path) -> bool:
-        config = quantization_config(path) if path.is_dir() else None
-        return bool(config) and str(config.get("quant_method", "")).lower() in cls.quant_methods and cls.accepts(config)
+        config = method_config(path, cls.quant_methods)
+        return config is not None and cls.accepts(config)
 
     @classmethod
     def accepts(cls, config: dict) -> bool:
         return True
 
     def config(self, path: Path) -> dict:
-        config = quantization_config(path)
-        if not config or str(config.get("quant_method", "")).lower() not in self.quant_methods:
+        config = method_config(path, self.quant_methods)
+        if config is None:
             raise CheckpointError(f"{path}/config.json has no quantization_config with quant_method in "
                                   f"{list(self.quant_methods)}: not a {self.name} checkpoint")
         if not self.accepts(config):
@@ -158,10 +165,12 @@ class PackedLinearCheckpoint(CheckpointReader):
 
     def layout_of(self, path: Path, tensors: SafetensorsCheckpoint, config: dict,
                   model: nn.Module) -> tuple[dict[str, tuple[int, int]], object]:
-        """({layer: (out, in)}, the file's layout variant), every part of every layer checked against the shapes its
-        out, in, bits and group size imply (CheckpointError naming the first tensor that has another)."""
-        hints = layout_for(model).linear_shapes(model)
-        linears = {name: self.layer_shape(tensors, name, config, hints.get(name)) for name in self.layers(tensors)}
+        """({layer as the file names it: (out, in)}, the file's layout variant), every part of every layer checked
+        against the shapes its out, in, bits and group size imply (CheckpointError naming the first tensor that has
+        another)."""
+        hints, names = layout_for(model).linear_shapes(model), stored_names(model)
+        linears = {name: self.layer_shape(tensors, name, config, hints.get(names.matrix(name)))
+                   for name in self.layers(tensors)}
         variants = self.variants(config)
         problems = {variant: list(self._mismatches(tensors, config, linears, variant)) for variant in variants}
         fitting = [variant for variant in variants if not problems[variant]]
@@ -209,21 +218,26 @@ class PackedLinearCheckpoint(CheckpointReader):
 
         config, tensors = self.config(path), SafetensorsCheckpoint(path)
         linears, _ = self.layout_of(path, tensors, config, model)
+        names = stored_names(model)
         packed = {f"{name}.{part}" for name in linears for part in self.parts}
-        others = {name: tensors.shape(name) for name in tensors.names() if name not in packed}
+        others = {_model_name(names, name): tensors.shape(name) for name in tensors.names() if name not in packed}
         model_type = AutoConfig.from_pretrained(path).model_type
-        return Header(self.describe(path), model_type, _vocab(path), linears, others)
+        return Header(self.describe(path), model_type, _vocab(path), {names.matrix(n): s for n, s in linears.items()},
+                      others)
 
     def read(self, path: Path, model: nn.Module) -> Contents:
         config, tensors = self.config(path), SafetensorsCheckpoint(path)
         linears, variant = self.layout_of(path, tensors, config, model)
+        names = stored_names(model)
         contents = Contents({})
         packed = set()
-        for name in linears:
-            parts = {part: tensors.get(f"{name}.{part}") for part in self.parts if f"{name}.{part}" in tensors.where}
-            packed |= {f"{name}.{part}" for part in parts}
+        for stored in linears:
+            name = names.matrix(stored)
+            parts = {part: tensors.get(f"{stored}.{part}") for part in self.parts
+                     if f"{stored}.{part}" in tensors.where}
+            packed |= {f"{stored}.{part}" for part in parts}
             try:
-                art = self.unpack(parts, config, variant, linears[name])
+                art = self.unpack(parts, config, variant, linears[stored])
             except (ValueError, RuntimeError, IndexError) as err:  # values that contradict the config
                 raise CheckpointError(f"{name} cannot be unpacked as {self.name} ({err}): the checkpoint is damaged "
                                       "or not what its quantization_config says") from None
@@ -232,11 +246,21 @@ class PackedLinearCheckpoint(CheckpointReader):
             if not torch.isfinite(art.scales).all():
                 raise CheckpointError(f"{name} has non-finite scales: the checkpoint is damaged")
             contents.artifacts[name] = art
-        for name in tensors.names():
-            if name not in packed:
-                tensor = tensors.get(name)
-                contents.tensors[name] = tensor.float()
-                contents.other_bits += tensor.numel() * tensor.element_size() * 8
+        experts = {}  # expert matrices stored in full precision, one by one: read into their fused parameter
+        for stored in tensors.names():
+            if stored in packed:
+                continue
+            tensor = tensors.get(stored)
+            contents.other_bits += tensor.numel() * tensor.element_size() * 8
+            expert = names.stored_weight(stored)
+            if expert is not None:
+                experts[expert] = tensor.float()
+            else:
+                contents.tensors[names.tensor(stored)] = tensor.float()
+        try:
+            contents.tensors.update(assemble_fused(model, experts, names=names))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         return contents
 
     def layer_shape(self, tensors: SafetensorsCheckpoint, name: str, config: dict,
@@ -431,6 +455,13 @@ class AutoRoundCheckpoint(GPTQCheckpoint):
             art.symmetric = sym
             return art
         return super().unpack(parts, config, variant, shape)  # GPTQ v1: no checkpoint_format key, zero - 1 stored
+
+
+def _model_name(names: StoredNames, stored: str) -> str:
+    """Our name of a tensor a checkpoint stores beside its quantized linears: the state-dict name (a renamed router),
+    or `<expert matrix>.weight` for an expert stored in full precision, one by one."""
+    expert = names.stored_weight(stored)
+    return f"{expert}.weight" if expert is not None else names.tensor(stored)
 
 
 def _checkpoint_format(config: dict) -> str:

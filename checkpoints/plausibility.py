@@ -12,8 +12,15 @@ is not counted as error:
 - a linear fed by another linear (o_proj after v_proj, down_proj after up_proj) is compared as the pair, channel by
   channel through the product they compute: the scale on a shared channel cancels there exactly. Both linears of a
   pair get the pair's figure (and the larger one when a linear belongs to two pairs);
-- every other quantized linear, and every other 2-D tensor the checkpoint stores (embeddings, lm_head), is compared
-  as it is.
+- every other quantized linear, and every other tensor of two or more dimensions the checkpoint stores (embeddings,
+  lm_head, fused experts stored whole), is compared as it is;
+- a module fed the norm's output that AWQ scales without quantizing it (a mixture's router: ScaleGroup.also_scaled)
+  is compared both with the norm folded in, as our AWQ leaves it, and as it is, as AutoAWQ's Mixtral leaves it (it
+  does not scale the router): the smaller figure counts.
+
+Mixtures of experts are resolved block by block (layout.parts): an expert's matrix is its slice of the fused
+parameter on both sides, its gate/up share the norm's fold with every other expert and the shared expert, and each
+expert's up -> down is a pair like a dense MLP's.
 """
 from __future__ import annotations
 
@@ -27,52 +34,61 @@ from structure.architectures import ModelLayout
 
 def relative_errors(artifacts: Mapping, tensors: Mapping[str, torch.Tensor], layout: ModelLayout, model: nn.Module,
                     read: Callable[[str], torch.Tensor]) -> dict[str, float]:
-    """{tensor name: relative error} of every quantized linear (artifacts, by linear name) and every other 2-D tensor
-    (`tensors`, by state-dict name) against the base model's weights, read one at a time with `read(state-dict
-    name)` (a streamed model's from disk); `model` may be a weightless skeleton. A non-finite value in any tensor gives
-    inf."""
+    """{tensor name: relative error} of every quantized matrix (artifacts, by matrix name: linears and experts) and
+    every other tensor of two or more dimensions (`tensors`, by state-dict name) against the base model's weights,
+    read one at a time with `read(state-dict name)` (a streamed model's from disk; an expert's matrix is its slice of
+    the fused parameter); `model` may be a weightless skeleton. Each block is resolved against its own table
+    (layout.parts: its experts, its optional modules). A non-finite value in any tensor gives inf."""
     def stored(name: str) -> torch.Tensor:  # the checkpoint's tensor, or the base model's where it stores none
         return tensors[name] if name in tensors else read(name)
 
     errors: dict[str, float] = {}
-    linears = set(layout.spec.linears)
-    shapes = layout.linear_shapes(model)
+    folded_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # also_scaled weight -> (its norms)
     offset = layout.spec.norm_weight_offset
-    for index in range(len(layout.blocks(model))):
+    for index, block in enumerate(layout.blocks(model)):
         prefix = layout.block_prefix(index)
+        matrices = layout.matrices(block)
+        fused: dict[tuple[str, int], torch.Tensor] = {}  # (fused parameter, side): read once per block
 
-        def ours(name: str) -> torch.Tensor:
-            full = f"{prefix}.{name}"
-            if full in artifacts:
+        def weight(name: str, side: int) -> torch.Tensor:
+            """A matrix's weight [out, in] as the checkpoint (side 0) or the base model (side 1) has it."""
+            full, matrix = f"{prefix}.{name}", matrices[name]
+            if side == 0 and full in artifacts:
                 return artifacts[full].dequantize().float()
-            return stored(f"{full}.weight").float()
+            source = stored if side == 0 else read
+            if isinstance(matrix, nn.Linear):
+                return source(f"{full}.weight").float()
+            param = f"{prefix}.{layout.spec.moe.experts.path}.{matrix.param_name}"
+            if (param, side) not in fused:
+                fused[param, side] = source(param).float()
+            return matrix.slice_of(fused[param, side])
 
-        def base(name: str) -> torch.Tensor:
-            return read(f"{prefix}.{name}.weight").float()
-
-        norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # linear -> (checkpoint's norm, base model's norm)
-        pairs: list[tuple[str, str]] = []  # (a linear, the linear it feeds through a shared channel)
-        for group in layout.spec.scale_groups:
-            if group.prev in linears:
-                out = shapes[f"{prefix}.{group.prev}"][0]
-                pairs += [(group.prev, layer) for layer in group.layers if shapes[f"{prefix}.{layer}"][1] == out]
+        norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # matrix -> (checkpoint's norm, base model's norm)
+        pairs: list[tuple[str, str]] = []  # (a matrix, the matrix it feeds through a shared channel)
+        for group in layout.scale_groups(block):
+            if group.prev in matrices:
+                out = matrices[group.prev].out_features
+                pairs += [(group.prev, layer) for layer in group.layers if matrices[layer].in_features == out]
             else:
                 norm = f"{prefix}.{group.prev}.weight"
-                theirs, mine = stored(norm).float() + offset, read(norm).float() + offset
-                norms.update({layer: (theirs, mine) for layer in group.layers})
+                folds = (stored(norm).float() + offset, read(norm).float() + offset)
+                norms.update({layer: folds for layer in group.layers})
+                # modules fed the same input that AWQ scales too (a router): compared with the fold, or without
+                folded_tensors.update({f"{prefix}.{name}.weight": folds for name in group.also_scaled})
 
-        def folded(name: str, weight: torch.Tensor, side: int) -> torch.Tensor:
-            return weight * norms[name][side] if name in norms else weight
+        def folded(name: str, w: torch.Tensor, side: int) -> torch.Tensor:
+            return w * norms[name][side] if name in norms else w
 
         paired = {name for pair in pairs for name in pair}
-        for name in layout.spec.linears:
+        for name in matrices:
             if f"{prefix}.{name}" in artifacts and name not in paired:
-                errors[f"{prefix}.{name}"] = _relative(folded(name, ours(name), 0), folded(name, base(name), 1))
+                errors[f"{prefix}.{name}"] = _relative(folded(name, weight(name, 0), 0),
+                                                       folded(name, weight(name, 1), 1))
         for first, second in pairs:
             if f"{prefix}.{first}" not in artifacts and f"{prefix}.{second}" not in artifacts:
                 continue
-            error = _pair_relative(folded(first, ours(first), 0), ours(second), folded(first, base(first), 1),
-                                   base(second))
+            error = _pair_relative(folded(first, weight(first, 0), 0), weight(second, 0),
+                                   folded(first, weight(first, 1), 1), weight(second, 1))
             for name in (first, second):
                 full = f"{prefix}.{name}"
                 if full in artifacts:
@@ -81,8 +97,12 @@ def relative_errors(artifacts: Mapping, tensors: Mapping[str, torch.Tensor], lay
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             errors[name] = float("inf")
-        elif tensor.dim() == 2 and name in state:
-            errors[name] = _relative(tensor.float(), read(name).float())
+        elif tensor.dim() >= 2 and name in state:
+            base = read(name).float()
+            errors[name] = _relative(tensor.float(), base)
+            if name in folded_tensors:  # AWQ folded the norm's scale into it (ours), or left it alone (AutoAWQ's)
+                theirs, mine = folded_tensors[name]
+                errors[name] = min(errors[name], _relative(tensor.float() * theirs, base * mine))
     return errors
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoints.base import CheckpointError, register_reader
-from checkpoints.hf import quantization_config, weight_files
+from checkpoints.hf import method_config, weight_files
 from checkpoints.packed_modules import PackedModuleCheckpoint
 from core.spec import QuantizedWeights
 
@@ -47,12 +47,11 @@ class TorchAOCheckpoint(PackedModuleCheckpoint):
 
     @classmethod
     def detects(cls, path: Path) -> bool:
-        config = quantization_config(path) if path.is_dir() else None
-        return bool(config) and str(config.get("quant_method", "")).lower() == "torchao"
+        return method_config(path, ("torchao",)) is not None
 
     def config(self, path: Path) -> dict:
-        config = quantization_config(path)
-        if not config or str(config.get("quant_method", "")).lower() != "torchao":
+        config = method_config(path, ("torchao",))
+        if config is None:
             raise CheckpointError(f"{path}/config.json has no quantization_config with quant_method 'torchao'")
         entries = {k: v for k, v in tensor_metadata(path).items() if v.get("_type") not in (None, "torch.Tensor", "Tensor")}
         other = sorted({v["_type"] for v in entries.values()} - set(READ_TYPES))

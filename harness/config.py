@@ -224,6 +224,10 @@ class RunConfig:
     results_dir: str = "results"
     cache_dir: Optional[str] = None  # None: $QUANT_HARNESS_CACHE or ~/.cache/quant-harness
     force: bool = False  # re-run even if results/<run_id> is already complete
+    # Seconds between saves of a calibrated pass's finished blocks (GPTQ, AWQ) to the cache, so that a killed or
+    # requeued run resumes after them (0: after every block; null: only when a signal asks the run to stop, which
+    # always saves). How the run computes, not what: bit-identical results, not in the run's key.
+    progress_every_s: Optional[float] = 60.0
 
     @property
     def calib_seed(self) -> int:
@@ -237,6 +241,8 @@ class RunConfig:
         _require(self.group_size is None or self.group_size > 0, "group_size", self.group_size,
                  "a positive integer such as 32/64/128, or null / -1 for per-channel")
         _require(self.device in DEVICES, "device", self.device, str(list(DEVICES)))
+        _require(self.progress_every_s is None or self.progress_every_s >= 0, "progress_every_s",
+                 self.progress_every_s, "a number of seconds >= 0 (0: after every block), or null")
         _require(self.kernel is None or self.kernel in BACKENDS, "kernel", self.kernel,
                  f"null or one of {BACKENDS.names()}")
         _require(self.bits == 4 or self.kernel in (None, "reference"), "kernel", self.kernel,

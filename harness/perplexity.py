@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import stats
+from analysis.summary import interval_text
 from harness.config import RunConfig
 from harness.data import eval_tokens
 from harness.teacher import Baseline
@@ -195,7 +196,7 @@ def set_rows(name: str, records: pd.DataFrame, kld_tokens: np.ndarray | None, wi
     rows += [_row(name, "base_ppl", stats.perplexity(records.base_nll_sum, tokens), n),
              _row(name, "ppl_ratio_vs_base", stats.paired_ratio(records.nll_sum, records.base_nll_sum, tokens), n),
              _row(name, "kld", stats.ratio_of_sums(records.kld_sum, tokens), n),
-             _row(name, "top1_agree", stats.ratio_of_sums(records.same_top1_sum, tokens), n),
+             _row(name, "top1_agree", stats.proportion_over_blocks(records.same_top1_sum, tokens), n),
              _row(name, "dp_mean", stats.ratio_of_sums(records.dp_sum, tokens), n),
              _row(name, "dp_rms", stats.ratio_of_sums(records.dp_sq_sum, tokens, transform=np.sqrt), n)]
     flat = kld_tokens.reshape(-1)
@@ -219,8 +220,8 @@ def evaluate_perplexity(pipeline: BlockPipeline, windows: dict[str, torch.Tensor
         rows += set_rows(name, blocks, per_token.get("kld"), int(w.shape[0]), time.perf_counter() - start)
         records.append(blocks)
         ppl = next(r for r in rows if r["task"] == name and r["metric"] == "ppl")
-        log.info("ppl %-8s %.3f [%s, %s] (%d windows, %d tokens)", name, ppl["value"], ppl.get("ci_low"),
-                 ppl.get("ci_high"), w.shape[0], ppl["n"])
+        log.info("ppl %-8s %s (%d windows, %d tokens)", name,
+                 interval_text(ppl["value"], ppl.get("ci_low"), ppl.get("ci_high")), w.shape[0], ppl["n"])
     return rows, pd.concat(records, ignore_index=True) if records else pd.DataFrame()
 
 

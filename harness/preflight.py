@@ -30,6 +30,7 @@ from harness.config import ConfigError, RunConfig, one_line
 from harness.identity import calibrates, declared_spec, used_sources
 from harness.models import (PACKAGED_MAX_POSITIONS, cache_dir_of, check_model_location, local_model_directory,
                             resolve_device)
+from harness.sweep import sweep_jobs
 
 if TYPE_CHECKING:
     import torch
@@ -262,13 +263,8 @@ def check_export(cfg: RunConfig, directory: Path | None) -> None:
     time; streaming=auto is checked when the run plans)."""
     if cfg.export is None:
         return
-    shapes = None
-    if directory is not None:
-        from structure.architectures import layout_for
-
-        skeleton = _model_skeleton(str(directory), cfg.model.trust_remote_code)
-        shapes = layout_for(skeleton).linear_shapes(skeleton)
-    why = export_refusal(cfg, shapes)
+    skeleton = None if directory is None else _model_skeleton(str(directory), cfg.model.trust_remote_code)
+    why = export_refusal(cfg, skeleton)
     if why is not None:
         raise ConfigError(f"export={cfg.export}: {why}")
     if cfg.model.streaming == "true":
@@ -276,11 +272,17 @@ def check_export(cfg: RunConfig, directory: Path | None) -> None:
                           "export=null")
 
 
-def export_refusal(cfg: RunConfig, shapes: dict[str, tuple[int, int]] | None) -> str | None:
-    """Why the run's export format cannot hold its weights (None: it can), given the linears' {name: (out, in)}."""
+def export_refusal(cfg: RunConfig, model=None) -> str | None:
+    """Why the run's export format cannot hold its weights (None: it can), given the model (a skeleton is enough; None:
+    not known yet): the spec, act-order, the shapes of its matrices, and whether other tools load its experts one by
+    one (checkpoints.stored.export_refusal)."""
+    from checkpoints.stored import export_refusal as layout_refusal
     from kernels.export import refusal
+    from structure.architectures import layout_for
 
-    return refusal(cfg.export, declared_spec(cfg), shapes, act_order=_records_act_order(cfg.method))
+    shapes = None if model is None else layout_for(model).linear_shapes(model)
+    why = refusal(cfg.export, declared_spec(cfg), shapes, act_order=_records_act_order(cfg.method))
+    return why if why is not None or model is None else layout_refusal(model)
 
 
 def _records_act_order(method_cfg) -> bool:
@@ -480,7 +482,8 @@ def _needs_bos(model_config: dict | None) -> bool:
 def check_eval_budget(cfg: RunConfig, name: str, tokenizer, cache: Path, bos: int) -> None:
     """At least one window of eval.seqlen tokens in the eval split (a warning when max_windows asks for more)."""
     body, wanted = cfg.eval.seqlen - bos, cfg.eval.max_windows or 1
-    have = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, wanted * body).tokens.numel()
+    have = datasets_.eval_tokens(name, cfg.data.sources[name], tokenizer, cache, wanted * body,
+                                 keep=False).tokens.numel()  # the preflight writes nothing
     if have < body:
         raise ConfigError(f"eval.seqlen={cfg.eval.seqlen} is longer than the eval split of data.sources.{name} "
                           f"({have} tokens): not one window; allowed values: eval.seqlen <= {have + bos} for this "
@@ -549,17 +552,6 @@ class SweepPreflight(Callback):
         if failures:
             print("\n".join(failures), file=sys.stderr, flush=True)
             sys.exit(2)
-
-
-def sweep_jobs(config: DictConfig) -> list[list[str]]:
-    """Every job of the sweep, as its list of overrides, expanded exactly as Hydra's basic sweeper expands them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    arguments = params + list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
 def job_error(config: DictConfig, job: list[str], check_device: bool) -> str | None:

@@ -1,12 +1,13 @@
 """Save quantized models as GPTQ, AutoAWQ-GEMM or compressed-tensors (`pack-quantized`) checkpoints.
 
-A checkpoint directory holds `model.safetensors` (per quantized linear its packed tensors: GPTQ's `<name>.qweight`,
+A checkpoint directory holds `model.safetensors` (per quantized matrix its packed tensors: GPTQ's `<name>.qweight`,
 `.qzeros`, `.scales`, `.g_idx`; AWQ's first three; compressed-tensors' `.weight_packed`, `.weight_scale`,
 `.weight_shape` and, as needed, `.weight_zero_point` and `.weight_g_idx`; every other tensor of the model as it
 is), `config.json` with a `quantization_config` that transformers understands, and the tokenizer when one is given.
 Packing is `kernels.pack`'s job; this module only names tensors and writes files (reading any of them back, ours or
-another tool's, is `checkpoints/`'s). Writes are atomic: everything goes to a temporary sibling directory that is
-renamed into place at the end.
+another tool's, is `checkpoints/`'s). It knows no model family: a caller that stores matrices under other names
+(a mixture's experts, one by one, as other tools load them) passes the names (checkpoints.stored.export_names).
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,8 +71,11 @@ def refusal(fmt: Format, spec: QuantSpec, shapes: dict[str, tuple[int, int]] | N
     return None
 
 
-def quantization_config(fmt: Format, spec: QuantSpec, desc_act: bool, extra: dict[str, Any] | None = None) -> dict:
-    """The `quantization_config` dict of config.json for `fmt` (transformers' GPTQConfig / AwqConfig keys)."""
+def quantization_config(fmt: Format, spec: QuantSpec, desc_act: bool, extra: dict[str, Any] | None = None,
+                        unquantized: Iterable[str] = ()) -> dict:
+    """The `quantization_config` dict of config.json for `fmt` (transformers' GPTQConfig / AwqConfig keys).
+    unquantized: linears left in full precision besides lm_head (a mixture's routers), by the names the checkpoint
+    stores them under: compressed-tensors lists them in `ignore`, as llm-compressor does."""
     if fmt == "gptq":
         qc = {"quant_method": "gptq", "bits": spec.bits,
               "group_size": -1 if spec.group_size is None else spec.group_size,  # the checkpoint convention for per-channel
@@ -87,14 +92,16 @@ def quantization_config(fmt: Format, spec: QuantSpec, desc_act: bool, extra: dic
         qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
               "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized", "weights": weights,
                                             "input_activations": None, "output_activations": None}},
-              "ignore": ["lm_head"], "kv_cache_scheme": None}
+              "ignore": [*sorted(unquantized), "lm_head"], "kv_cache_scheme": None}
     else:
         raise ValueError(f"export format fmt={fmt!r}; allowed values: {list(FORMATS)}")
     return {**qc, **(extra or {})}
 
 
-def _check_artifacts(fmt: Format, artifacts: dict[str, QuantizedWeights], spec: QuantSpec, model: nn.Module) -> bool:
-    """Validate artifacts against spec and model; returns whether any carries an act-order g_idx."""
+def _check_artifacts(fmt: Format, artifacts: dict[str, QuantizedWeights], spec: QuantSpec, model: nn.Module,
+                     matrices: Mapping[str, Any] | None = None) -> bool:
+    """Validate artifacts against spec and the model's matrices (default: its nn.Linear submodules); returns whether
+    any carries an act-order g_idx."""
     if fmt not in FORMATS:
         raise ValueError(f"export format fmt={fmt!r}; allowed values: {list(FORMATS)}")
     if not artifacts:
@@ -103,8 +110,13 @@ def _check_artifacts(fmt: Format, artifacts: dict[str, QuantizedWeights], spec: 
         raise ValueError("save_quantized: fmt='awq_gemm' stores asymmetric weights only (zero_point=True); "
                          "spec.symmetric=True needs fmt='gptq'")
     for name, art in artifacts.items():
-        lin = model.get_submodule(name)
-        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(art.codes.shape):
+        if matrices is not None:
+            lin = matrices.get(name)
+            shape = None if lin is None else (lin.out_features, lin.in_features)
+        else:
+            lin = model.get_submodule(name)
+            shape = tuple(lin.weight.shape) if isinstance(lin, nn.Linear) else None
+        if shape != tuple(art.codes.shape):
             raise ValueError(f"save_quantized: artifact {name} {tuple(art.codes.shape)} does not match the model's "
                              f"module there ({type(lin).__name__})")
         if (art.bits, art.group_size, art.symmetric) != (spec.bits, spec.group_size, spec.symmetric):
@@ -142,19 +154,29 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 @torch.no_grad()
 def save_quantized(model: nn.Module, artifacts: dict[str, QuantizedWeights], out_dir: str | Path, fmt: Format,
                    spec: QuantSpec, tokenizer=None, *, scale_dtype: torch.dtype = torch.float16,
-                   extra_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write a GPTQ, AWQ-GEMM or compressed-tensors checkpoint of `model` with `artifacts` {linear name: artifact}.
+                   extra_config: dict[str, Any] | None = None, overwrite: bool = False,
+                   matrices: Mapping[str, Any] | None = None, replaced: Iterable[str] = (),
+                   stored_as: Mapping[str, str] | None = None, unquantized: Iterable[str] = ()) -> Path:
+    """Write a GPTQ, AWQ-GEMM or compressed-tensors checkpoint of `model` with `artifacts` {matrix name: artifact}.
 
     scale_dtype: fp16 is what checkpoints and kernels expect; float32 keeps scales bit-exact (GPTQ and
     compressed-tensors; AWQ GEMM scales are always fp16). extra_config: more keys for quantization_config.
+    For matrices that are not nn.Linear submodules (a mixture's experts, slices of fused parameters), the caller
+    says what they are: `matrices` {name: anything with out_features and in_features} of every artifact,
+    `replaced` the state-dict names the artifacts replace besides `<name>.weight` (the fused parameters), and
+    `stored_as` {our matrix or state-dict name: the name the checkpoint stores it under} (other tools' per-expert
+    names); names not in it are stored as they are. `unquantized`: linears kept in full precision besides lm_head
+    (routers), by their stored module names, for compressed-tensors' `ignore`.
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"save_quantized: {out_dir} exists; pass overwrite=True to replace it")
-    desc_act = _check_artifacts(fmt, artifacts, spec, model)
-    tensors = _plain_tensors(model, skip={f"{name}.weight" for name in artifacts})
+    desc_act = _check_artifacts(fmt, artifacts, spec, model, matrices)
+    stored_as = stored_as or {}
+    plain = _plain_tensors(model, skip={f"{name}.weight" for name in artifacts} | set(replaced))
+    tensors = {stored_as.get(name, name): tensor for name, tensor in plain.items()}
     for name, art in artifacts.items():
         art = art.to("cpu")
         if fmt == "gptq":
@@ -163,10 +185,10 @@ def save_quantized(model: nn.Module, artifacts: dict[str, QuantizedWeights], out
             packed = pack_awq_gemm(art)
         else:
             packed = pack_compressed(art, scale_dtype=scale_dtype)
-        tensors.update({f"{name}.{key}": tensor.contiguous() for key, tensor in packed.items()})
+        tensors.update({f"{stored_as.get(name, name)}.{key}": tensor.contiguous() for key, tensor in packed.items()})
 
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(fmt, spec, desc_act, extra_config)
+    config["quantization_config"] = quantization_config(fmt, spec, desc_act, extra_config, unquantized)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

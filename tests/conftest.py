@@ -127,3 +127,16 @@ def tiny_moe_model(family: str = "mixtral", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_moe_config(family, **overrides), dtype=torch.float32)
     return model.eval()
+
+
+def gguf_writer():
+    """scripts/produce/gguf_write.py, the producer that writes GGUF files with the `gguf` package (a script, not a
+    package: loaded from its path)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "produce" / "gguf_write.py"
+    spec = importlib.util.spec_from_file_location("gguf_write", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,7 +17,7 @@ from core.spec import DequantizedWeights, QuantizedWeights
 from harness.config import ConfigError
 from harness.run import execute
 from structure.architectures import layout_for
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import gguf_writer, tiny_model, tiny_tokenizer
 from tests.test_config import make_config
 from tests.test_run import tiny_run_overrides
 
@@ -461,17 +461,12 @@ def write_tiny_gemma_gguf(out: Path) -> Path:
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\n", "  ", "   ", "▁", "."]
     tokens += [f"▁{w}" for w in dict.fromkeys(WORDS)] + sorted(set("".join(WORDS)))
     tokens += [f"▁filler{i}" for i in range(cfg.vocab_size - len(tokens))]
+    producer = gguf_writer()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(out), "gemma3")
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    producer.add_hyperparameters(writer, cfg)  # then what Gemma 3 adds
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_sliding_window(cfg.sliding_window)
     writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0))
     writer.add_tokenizer_model("llama")
@@ -492,10 +487,7 @@ def write_tiny_gemma_gguf(out: Path) -> Path:
             writer.add_tensor(name, gguf.quants.quantize(values, q8), raw_dtype=q8)
         else:
             writer.add_tensor(name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    producer.write_file(writer)
     return out
 
 

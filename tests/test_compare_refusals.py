@@ -132,3 +132,112 @@ def test_other_tokens_are_refused_per_set_with_the_reason(tmp_path, capsys):
     assert main([str(a), str(short)]) == 0
     assert f"wiki: not the same tokens: other windows/blocks ({BLOCKS} vs {BLOCKS // 2} blocks)" in \
         capsys.readouterr().err
+
+
+def test_finding8_a_path_with_no_finished_run_is_an_error_naming_it(tmp_path, capsys):
+    """A mistyped run path used to be dropped: A became the other run and rc was 0."""
+    a = fake_run(tmp_path, "a", "rtn", 0.1)
+    b = fake_run(tmp_path, "b", "gptq", 0.0)
+    typo = tmp_path / "b-typo"
+    assert main([str(a), str(typo), str(b)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and str(typo) in err and "no such run" in err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert main([str(a), str(unfinished)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and str(unfinished) in err and "no finished run" in err
+    from analysis.draws import main as draws_main
+    from analysis.report import main as report_main
+    from analysis.robustness import main as robustness_main
+
+    for command in (lambda: draws_main([str(a), "--vs", str(typo)]), lambda: robustness_main([str(typo)]),
+                    lambda: report_main([str(a), str(typo), "--out", str(tmp_path / "report")])):
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(typo) in err
+
+
+def test_finding9_one_run_prints_itself_beside_its_baseline(tmp_path, capsys):
+    """README: 'A single run prints itself next to the baseline'; compare used to refuse one run."""
+    run = fake_run(tmp_path, "a_rtn", "rtn", 0.1)
+    csv = tmp_path / "one.csv"
+    assert main([str(run), "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "A = rtn w4 g128 (a_rtn)" in out and "B = the unquantized model on the same tokens" in out
+    table = pd.read_csv(csv).set_index(["kind", "task"])
+    blocks = pd.read_parquet(run / "blocks.parquet")
+    wiki = blocks[blocks.task == "wiki"]
+    assert table.loc[("ppl", "wiki"), "ratio"] == pytest.approx(
+        np.exp((wiki.nll_sum - wiki.base_nll_sum).sum() / wiki.tokens.sum()))
+    assert table.loc[("kld", "wiki"), "A"] == pytest.approx(wiki.kld_sum.sum() / wiki.tokens.sum())
+    assert table.loc[("kld", "wiki"), "B"] == 0 and table.loc[("ppl", "wiki"), "verdict"] == "B better"
+    assert "acc" not in table.index.get_level_values("kind")  # a run keeps no baseline documents: said above
+    assert "compare with a method=fp run for accuracy" in out
+    blocks.drop(columns=["base_nll_sum", "kld_sum"]).to_parquet(tmp_path / "plain.parquet")
+    plain = fake_run(tmp_path, "b_nokld", "rtn", 0.1)
+    (plain / "blocks.parquet").unlink()
+    pd.read_parquet(tmp_path / "plain.parquet").to_parquet(plain / "blocks.parquet")
+    from analysis.results import update_done
+    from analysis.integrity import file_sha256
+    import json as json_
+
+    done = json_.loads((plain / "DONE").read_text())
+    update_done(plain, files={**done["files"], "blocks.parquet": file_sha256(plain / "blocks.parquet")})
+    assert main([str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no baseline" in err and "eval.kld=true" in err
+
+
+def test_finding12_a_metric_given_twice_is_refused(tmp_path, capsys):
+    """--margin ppl=1% --margin ppl=20% used to keep the last silently."""
+    runs = [str(fake_run(tmp_path, run_id, "rtn", shift)) for run_id, shift in (("a", 0.1), ("b", 0.0))]
+    assert main([*runs, "--margin", "ppl=1%", "--margin", "ppl=20%"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "ppl=1%" in err and "ppl=20%" in err and "twice" in err
+    assert main([*runs, "--margin", "acc=1pt", "--margin", "acc=0.02"]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert main([*runs, "--margin", "ppl=1%", "--margin", "kld=0.01", "--margin", "acc=1pt"]) == 0
+    from analysis.draws import main as draws_main
+
+    assert draws_main([runs[0], "--vs", runs[1], "--target", "kld=0.01", "--target", "kld=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--target kld given twice" in err
+
+
+def _read_off(row, margined: bool) -> str:
+    """The verdict a cell's printed interval implies (the scale's no-difference point: 1 for a ratio, else 0)."""
+    lo, hi = (np.log(row.ci_low), np.log(row.ci_high)) if row.kind == "ppl" else (row.ci_low, row.ci_high)
+    margin = {"ppl": np.log1p(0.02), "kld": 0.004, "acc": 0.05, "acc_norm": 0.05}[row.kind]
+    if margined and -margin < lo and hi < margin:
+        return "equivalent within the margin"
+    if lo > 0 or hi < 0:
+        lower_better = row.kind in ("ppl", "kld")
+        return "A better" if (hi < 0) == lower_better else "B better"
+    return "inconclusive" if margined else "no significant difference"
+
+
+@pytest.mark.parametrize("margins", [[], ["--margin", "ppl=2%", "--margin", "kld=0.004", "--margin", "acc=5pt"]])
+def test_finding13_every_printed_interval_agrees_with_its_verdict(tmp_path, capsys, margins):
+    """compare's verdicts were Holm-adjusted beside unadjusted 95% intervals, so an interval excluding 1 sat beside
+    'no significant difference'. Now every printed interval is the family's simultaneous one and every verdict reads
+    its own interval, for ppl ratios, KLD differences and McNemar-judged accuracy, with and without margins; the
+    header names the family and its size."""
+    for run_id, shift in (("a", 0.0), ("b", 0.003), ("c", 0.006), ("d", 0.012), ("e", 0.05)):
+        fake_run(tmp_path / "runs", run_id, "rtn", shift)
+    csv = tmp_path / "all.csv"
+    assert main([str(tmp_path / "runs"), "--csv", str(csv), *margins]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv(csv)
+    m = len(table)
+    assert m == 10 * 6 and f"Family: the {m} tests of this output (10 pairs" in out
+    assert "simult. 95% CI" in out and f"each at {(1 - 0.05 / m) * 100:.4g}%" in out
+    tested = table.dropna(subset=["ci_low"])
+    assert len(tested) == m
+    borderline = 0
+    for row in tested.itertuples():
+        implied = _read_off(row, bool(margins))
+        assert row.verdict == implied, row
+        assert (row.p_adj < 0.05) == (row.verdict in ("A better", "B better")) or implied.startswith("equivalent")
+        borderline += (row.p < 0.05) != (row.p_adj < 0.05)  # significant alone, not in the family
+    assert borderline > 0  # the fixture holds cells where the old output disagreed with itself

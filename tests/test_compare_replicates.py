@@ -120,11 +120,13 @@ def test_a_bad_margin_is_a_usage_error_naming_the_allowed_forms(tmp_path, capsys
     assert "ppl=1%" in err and "kld=0.01" in err and "acc=1pt" in err
 
 
-def test_draws_of_one_configuration_alone_have_nothing_to_compare(tmp_path, capsys):
+def test_finding9_draws_of_one_configuration_alone_are_shown_beside_their_baseline(tmp_path, capsys):
+    """README: a single configuration prints itself next to the baseline (its draws pooled)."""
     for seed in range(3):
         draw_run(tmp_path, "awq", seed, 0.0)
-    assert main([str(tmp_path)]) == 2
-    assert "draws of one configuration" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "B = the unquantized model on the same tokens" in out and "3 vs 1" in out and "ppl wiki" in out
 
 
 def test_draws_reports_the_draw_share_and_the_data_a_verdict_needs(tmp_path, capsys):
@@ -262,3 +264,29 @@ def test_the_report_gives_robustness_penalties_with_intervals_over_draws(tmp_pat
     section = text.split("calibration robustness of gptq w3 g128")[1]
     cells = [line for line in section.splitlines() if line.startswith(("| code", "| wiki"))][:2]
     assert len(cells) == 2 and all("(×1.22" in line for line in cells), cells  # exp(0.20), with an interval
+
+
+def test_finding14_a_draw_variance_estimated_below_zero_is_named_and_its_treatment_said(tmp_path, capsys):
+    """Three draws whose per-block noise is the same values in other blocks: their means are equal, so the draws
+    spread less than their token noise predicts and (MS_draws - MS_residual) / J < 0. analysis.draws used to print
+    'sd between draws 0' with nothing said; now it marks the row and says how --vs treats the draw term."""
+    from analysis.draws import main as draws_main
+
+    noise = 0.01 * np.sin(np.arange(BLOCKS) * 1.7)
+    for seed in range(3):
+        path = draw_run(tmp_path / "awq", "awq", seed, 0.0)
+        blocks = pd.read_parquet(path / "blocks.parquet")
+        text = np.log(20.0) + 0.3 * np.sin(np.arange(BLOCKS))
+        blocks["nll_sum"] = (text + np.roll(noise, 5 * seed)) * BLOCK_TOKENS
+        blocks["kld_sum"] = (0.2 + np.roll(noise, 3 * seed)) * BLOCK_TOKENS
+        write_run(path, to_frame([pd.read_parquet(path / "rows.parquet").iloc[0].to_dict()]), "{}\n",
+                  {"run_id": path.name}, files={"blocks.parquet": blocks.to_parquet(index=False)})
+        draw_run(tmp_path / "gptq", "gptq", seed, 0.05, 0.01 * (seed - 1))
+    assert draws_main([str(tmp_path / "awq")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.lstrip().startswith("awq w3")]
+    assert len(rows) == 2 and all(" 0 * " in line for line in rows), out
+    assert "estimated below zero" in out and "takes the draw term as 0" in out
+    assert draws_main([str(tmp_path / "awq"), "--vs", str(tmp_path / "gptq"), "--target", "ppl=1%"]) == 0
+    out = capsys.readouterr().out
+    assert "A: -" in out and "-> 0" in out and "taken as 0" in out

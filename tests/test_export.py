@@ -124,3 +124,37 @@ def test_compressed_tensors_round_trip_exact_with_fp32_scales(tmp_path, spec):
         ("compressed-tensors", "pack-quantized", spec.bits, spec.symmetric)
     _, loaded = load_quantized(out)
     assert_same_artifacts(loaded, arts, atol=0)
+
+
+def test_finding13_a_checkpoint_of_our_calibrated_export_carries_its_calibration_draw(tiny_model_dir, text_file,
+                                                                                      tmp_path, capsys):
+    """A method=checkpoint run of our own export of a GPTQ run records the draw that run calibrated on, so compare
+    marks its cells '† conditional on one calibration draw' as it marks the run's own; an RTN export has no draw."""
+    from analysis.compare import main as compare_main
+    from harness.run import execute
+    from test_config import make_config
+    from test_run import tiny_run_overrides
+
+    def run(*extra):
+        return execute(make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "group_size=32",
+                                                       "eval.max_windows=8", "eval.ci_block=8", *extra)))
+
+    gptq = run("method=gptq", "export=gptq", "calib.n_samples=4", "calib.seqlen=32", "calib.seed=3")
+    rtn = run("method=rtn", "bits=3", "export=gptq")
+    results = tmp_path / "results"
+    ckpt = run("method=checkpoint", f"method.path={results / gptq.run_id.iloc[0] / 'checkpoint-gptq'}",
+               "method.label=ours")
+    keys = ["calib_source", "calib_samples", "calib_seqlen", "calib_seed"]
+    assert ckpt[keys].iloc[0].tolist() == gptq[keys].iloc[0].tolist() == ["textfile", 4, 32, 3]
+    from harness.export_stage import PROVENANCE_FILE
+
+    made = json.loads((results / gptq.run_id.iloc[0] / "checkpoint-gptq" / PROVENANCE_FILE).read_text())
+    assert made["run_id"] == gptq.run_id.iloc[0] and made["calibration"]["calib_seed"] == 3
+    rtn_ckpt = run("method=checkpoint", f"method.path={results / rtn.run_id.iloc[0] / 'checkpoint-gptq'}",
+                   "method.label=rtn-export")
+    assert rtn_ckpt["calib_seed"].isna().all()
+    assert compare_main([str(results / ckpt.run_id.iloc[0]), str(results / rtn.run_id.iloc[0])]) == 0
+    out = capsys.readouterr().out
+    assert "]†" in out and "† conditional on one calibration draw" in out
+    assert compare_main([str(results / rtn_ckpt.run_id.iloc[0]), str(results / rtn.run_id.iloc[0])]) == 0
+    assert "†" not in capsys.readouterr().out

@@ -17,7 +17,7 @@ from analysis import integrity, results
 from analysis.integrity import IntegrityError
 from harness.models import weights_stamp
 from harness.run import execute, run_dir
-from harness.runlock import lock_path, run_lock
+from harness.locks import lock_path, run_lock
 from test_config import make_config
 from test_run import tiny_run_overrides
 
@@ -248,7 +248,7 @@ def test_finding10_a_lock_whose_holder_died_on_this_host_is_taken_at_once(tmp_pa
 def test_a_live_holder_on_this_host_is_waited_for(tmp_path):
     out = tmp_path / "run"
     with run_lock(out):  # this very process holds it: alive
-        from harness.runlock import _dead_local_holder
+        from harness.locks import _dead_local_holder
 
         assert _dead_local_holder(lock_path(out)) is None
 

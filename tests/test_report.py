@@ -19,10 +19,14 @@ MODEL = "smollm2_135m"
 VERSIONS = json.dumps({"torch": "2.5.1", "transformers": "4.57.0"})
 
 
+# Runs of one run hash (config_hash: everything that changes the numbers): a re-run, and timing rows of the awq run.
+SAME_HASH = {"rtn_old": "rtn", "timing": "awq_wiki"}
+
+
 def run_rows(run_id: str, method: str, bits, group_size, observations, calib_source=None,
              started_at="2026-11-22T10:00:00+00:00") -> list[dict]:
     """Rows of one run: shared config/provenance + (suite, task, metric, value, stderr, detail) observations."""
-    base = dict(run_id=run_id, config_hash=run_id, model=MODEL, method=method, bits=bits, group_size=group_size,
+    base = dict(run_id=run_id, config_hash=SAME_HASH.get(run_id, run_id), model=MODEL, method=method, bits=bits, group_size=group_size,
                 symmetric=False if method != "fp" else None, calib_source=calib_source,
                 calib_samples=128 if calib_source else None, calib_seqlen=512 if calib_source else None, seed=0,
                 git_sha="abc1234", versions=VERSIONS, model_fingerprint="mf01", data_fingerprint="df01",
@@ -141,7 +145,13 @@ def test_pareto_front():
 
 def test_cli_errors_on_empty_dir(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "no finished runs" in capsys.readouterr().err
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_a_missing_speed_csv_is_refused_in_one_line(results_dir, tmp_path, capsys):
+    assert main([str(results_dir), "--out", str(tmp_path / "o"), "--speed", str(tmp_path / "speed.csv")]) == 2
+    assert f"--speed {tmp_path / 'speed.csv'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_main_calib_restricts_main_table(results_dir, tmp_path):
@@ -417,12 +427,56 @@ def test_the_speed_table_joins_each_checkpoint_to_its_kld_and_leaves_out_those_w
 
     rows = [{"suite": "ppl", "metric": "kld", "method": m, "task": t, "value": v, "ci_low": v * 0.9,
              "ci_high": v * 1.1, "model": "tiny"}
-            for m, v in (("ckpt:bnb-nf4", 0.2), ("ckpt:hqq-w4g64", 0.1), ("fp", 0.0)) for t in ("wiki", "code")]
-    speed = pd.DataFrame([{"label": "bnb-nf4", "runtime": "transformers (bnb venv)", "decode_tps": 10.0,
-                           "base_decode_tps": 20.0, "bound_tps": 40.0},
-                          {"label": "hqq-w4g64", "runtime": "no CPU runtime", "decode_tps": None,
-                           "base_decode_tps": None, "bound_tps": 50.0}])
+            for m, v in (("ckpt:bnb-nf4", 0.2), ("ckpt:hqq-w4g64", 0.1), ("ckpt:mlx-w4g64", 0.15), ("fp", 0.0))
+            for t in ("wiki", "code")]
+    speed = pd.concat([  # two runs of the benchmark: a slow runtime timed apart on shorter lengths
+        pd.DataFrame([{"label": "bnb-nf4", "runtime": "transformers (bnb venv)", "decode_tps": 10.0,
+                       "base_decode_tps": 20.0, "bound_tps": 40.0, "prompt": 128, "decode": 32},
+                      {"label": "hqq-w4g64", "runtime": "no CPU runtime", "decode_tps": None,
+                       "base_decode_tps": None, "bound_tps": 50.0, "prompt": 128, "decode": 32}]),
+        pd.DataFrame([{"label": "mlx-w4g64", "runtime": "mlx (mlx venv)", "decode_tps": 0.2,
+                       "base_decode_tps": 6.0, "bound_tps": 40.0, "prompt": 16, "decode": 4}])])
     lines = speed_section(pd.DataFrame(rows), speed)
     body = [line for line in lines if line.startswith("| ckpt:")]
-    assert body == ["| ckpt:bnb-nf4 | transformers (bnb venv) | 10.0 / 20.0 | 0.25 | 0.200 | 0.200 |"]
+    assert body == ["| ckpt:bnb-nf4 | transformers (bnb venv) | 128 + 32 | 10 / 20 | 0.25 | 0.200 | 0.200 |",
+                    "| ckpt:mlx-w4g64 | mlx (mlx venv) | 16 + 4 | 0.2 / 6 | 0.005 | 0.150 | 0.150 |"]
     assert [p.suffix for p in plot_kld_vs_decode(pd.DataFrame(rows), speed, tmp_path)] == [".png", ".pdf"]
+
+
+def test_finding10_an_export_run_is_not_a_duplicate_of_the_run_without_export(tmp_path, capsys):
+    """Two gptq w4 g128 runs that differ in export=gptq (fp16 scales: other numbers) have other run hashes; the
+    report used to keep the later and list the other as a superseded duplicate. Both stay, each named by what sets
+    it apart in its recorded result key; a re-run of one hash is still superseded."""
+    root = tmp_path / "results"
+    key = {"model": {"name": MODEL}, "method": {"name": "gptq", "damp": 0.01}, "spec": {"bits": 4, "group_size": 128},
+           "eval": {"seqlen": 2048, "max_windows": 4}}
+    for run_id, export, ppl, started in (("plain", None, 17.87, "2026-12-07T10:00:00+00:00"),
+                                         ("exported", "gptq", 17.90, "2026-12-07T09:00:00+00:00"),
+                                         ("plain_rerun", None, 17.87, "2026-12-07T11:00:00+00:00")):
+        rows = run_rows(run_id, "gptq", 4, 128, [("ppl", "wiki", "ppl", ppl, None, None)] + quant_obs(4.17),
+                        "wiki", started_at=started)
+        rows = [dict(r, config_hash="hash-export" if export else "hash-plain") for r in rows]
+        result_key = dict(key, **({"export": export} if export else {}))
+        write_run(root / run_id, to_frame(rows), "{}\n", {"run_id": run_id, "result_key": result_key})
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    section = md.split("### ")[1]
+    assert "| gptq | 4 | 128 | export=gptq | 17.90 |" in section and "| gptq | 4 | 128 | — | **17.87** |" in section
+    assert "gptq w4 g128 export=gptq" in md  # the quantization-cost table names it too
+    assert "superseded" in md and "plain (gptq" in md and "exported (gptq" not in md  # only the re-run's old run
+    assert "3 duplicate rows superseded" in capsys.readouterr().err  # the first plain run's 3 rows
+
+
+def test_finding13_the_report_names_the_family_of_each_adjustment(paired_dir, tmp_path):
+    """The bold set and the wins matrix are Holm-adjusted: their headers say over which family, and the main table
+    says its intervals are each config's own (unadjusted), not what decides bold."""
+    out = tmp_path / "report"
+    assert main([str(paired_dir), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    main_section, wins_section = md.split("### ")[1], md.split("### ")[2]
+    assert "Holm's correction within each column" in main_section.splitlines()[0]
+    assert "Family: the comparisons with the best of one column (one family per column" in main_section
+    assert "each config's own 95% interval" in main_section and "not what decides bold" in main_section
+    assert "Holm's correction over every test of the matrix" in wins_section.splitlines()[0]
+    assert "Family: all" in wins_section and "tests of the matrix" in wins_section

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.labels import DASH, distinct_model_names, latest_per_key, value_text
+from analysis.labels import DASH, distinct_model_names, latest_per_key, rate_text, value_text
 from analysis.report.plots import (plot_kld_vs_bits, plot_kld_vs_decode, plot_kld_vs_storage_bits, plot_ppl_vs_bits,
-                                   plot_size_vs_ppl, plot_timing, speed_points)
-from analysis.report.select import collapse_draws, main_rows
+                                   plot_routing, plot_size_vs_ppl, plot_timing, speed_points)
+from analysis.report.select import collapse_draws, main_rows, with_variants
 from analysis.report.significance import PairedEvidence
 from analysis.report.tables import (Table, main_table_with_note, quant_table, robustness_matrices,
                                    robustness_tables, timing_table, wins_table)
@@ -78,11 +78,12 @@ def provenance(frame: pd.DataFrame, superseded: pd.DataFrame) -> list[tuple[str,
 
 
 def duplicates_text(superseded: pd.DataFrame) -> str:
-    """Which runs were superseded by a later run of the same config (latest started_at wins)."""
+    """Which runs were superseded by a later run of the same config and run hash (latest started_at wins)."""
     runs = superseded.groupby("run_id", sort=True).agg(rows=("value", "size"), method=("method", "first"),
                                                        started_at=("started_at", "first"))
     parts = [f"{rid} ({r.method}, started {r.started_at}, {r.rows} rows)" for rid, r in runs.iterrows()]
-    return f"{len(superseded)} rows superseded by a later run of the same key (latest started_at wins): " + "; ".join(parts)
+    return (f"{len(superseded)} rows superseded by a later run of the same configuration and run hash (latest "
+            "started_at wins): " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +157,13 @@ def model_sections(frame: pd.DataFrame, acc_metric: str, main_calib: str | None 
             "use every draw (docs/statistics.md)."))
     if not table.text.empty:
         title = (f"{model}: perplexity, KLD vs fp and accuracy (95% intervals where recorded; delta vs fp; "
-                 "bold: not significantly worse than the best quantized value)")
+                 "bold: not significantly worse than the best quantized value, by paired tests with Holm's correction "
+                 "within each column)")
         sections.append((title, table))
     table = wins_table(main, acc_metric, evidence)
     if not table.text.empty:
-        sections.append((f"{model}: wins/ties/losses of each config (row) against each other (column)", table))
+        sections.append((f"{model}: wins/ties/losses of each config (row) against each other (column), Holm's "
+                         "correction over every test of the matrix", table))
     table = Table(*quant_table(frame))
     if not table.text.empty:
         sections.append((f"{model}: quantization cost", table))
@@ -207,15 +210,16 @@ def speed_section(frame: pd.DataFrame, speed: pd.DataFrame) -> list[str]:
     points = speed_points(frame, speed)
     if points.empty:
         return []
-    table = points.pivot_table(index=["method", "runtime", "decode_tps", "base_decode_tps", "bound_tps"],
-                               columns="task", values="value").reset_index()
+    index = ["method", "runtime", "prompt", "decode", "decode_tps", "base_decode_tps", "bound_tps"]
+    table = points.pivot_table(index=index, columns="task", values="value").reset_index()
     lines = ["### Speed in each checkpoint's own CPU runtime", "",
-             "| checkpoint | runtime | decode tok/s (ckpt / baseline) | fraction of bandwidth bound | "
-             + " | ".join(f"KLD {t}" for t in table.columns[5:]) + " |",
-             "|---|---|---|---:|" + "---:|" * (len(table.columns) - 5)]
+             "| checkpoint | runtime | tokens timed (prompt + decode) | decode tok/s (ckpt / baseline) | "
+             "fraction of bandwidth bound | " + " | ".join(f"KLD {t}" for t in table.columns[len(index):]) + " |",
+             "|---|---|---|---|---:|" + "---:|" * (len(table.columns) - len(index))]
     for row in table.itertuples(index=False):
-        klds = " | ".join(f"{v:.3f}" for v in row[5:])
-        lines.append(f"| {row[0]} | {row[1]} | {row[2]:.1f} / {row[3]:.1f} | {row[2] / row[4]:.2f} | {klds} |")
+        method, runtime, prompt, decode, decode_tps, base_tps, bound_tps, *klds = row
+        lines.append(f"| {method} | {runtime} | {prompt:.0f} + {decode:.0f} | {rate_text(decode_tps)} / {rate_text(base_tps)} | "
+                     f"{rate_text(decode_tps / bound_tps)} | " + " | ".join(f"{v:.3f}" for v in klds) + " |")
     return lines + [""]
 
 
@@ -236,6 +240,8 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
     for text in dict.fromkeys(name_warnings.values()):
         print(f"warning: {text}", file=sys.stderr)
     rows, superseded = latest_per_key(frame)
+    rows = with_variants(rows, run_dirs)  # runs of one config that differ in anything else (an export) stay apart
+    routing = rows[rows["suite"] == "routing"]  # per draw: a mixture's routing is plotted for one draw, not averaged
     rows, draws = collapse_draws(rows)  # a configuration's calibration draws: one row, intervals include them
     evidence = PairedEvidence(run_dirs, draws=draws)
     md = ["# Quantization comparison", ""]
@@ -246,7 +252,8 @@ def make_report(frame: pd.DataFrame, out_dir: Path, acc_metric: str = "acc", plo
         sections = model_sections(model_rows, acc_metric, main_calib, evidence)
         figures = (plot_ppl_vs_bits(model_rows, out_dir) + plot_kld_vs_bits(model_rows, out_dir)
                    + plot_kld_vs_storage_bits(model_rows, out_dir) + plot_size_vs_ppl(model_rows, out_dir)
-                   + plot_timing(model_rows, out_dir)) if plots else []
+                   + plot_timing(model_rows, out_dir)
+                   + plot_routing(routing[routing["model"] == model], out_dir)) if plots else []
         if plots and speed is not None:
             figures += plot_kld_vs_decode(model_rows, speed, out_dir)
         prov = provenance(model_rows, superseded)

@@ -3,21 +3,74 @@ and where each run lives (its per-block and per-document records feed the paired
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis.labels import SECONDARY_KEYS, is_reference, latest_per_key
-from analysis.results import DTYPES, ROWS_FILE, find_run_dirs
+from analysis.labels import CONFIG_KEYS, FINGERPRINT, SECONDARY_KEYS, VARIANT, is_reference, latest_per_key
+from analysis.results import DONE_FILE, DTYPES, ROWS_FILE, find_run_dirs
 
-__all__ = ["collapse_draws", "is_reference", "latest_per_key", "main_rows", "run_directories", "varying_keys"]
+__all__ = ["collapse_draws", "is_reference", "latest_per_key", "main_rows", "run_directories", "varying_keys",
+           "with_variants"]
 
 
 def varying_keys(frame: pd.DataFrame) -> list[str]:
-    """Secondary config keys that take more than one non-missing value, so rows must be split by them."""
-    return [k for k in SECONDARY_KEYS if frame[k].dropna().nunique() > 1]
+    """Secondary config keys that take more than one non-missing value, so rows must be split by them; and the
+    variant wherever a run has one (the other runs of its config keys show the dash)."""
+    keys = [k for k in SECONDARY_KEYS if frame[k].dropna().nunique() > 1]
+    return keys + ([VARIANT] if VARIANT in frame and frame[VARIANT].notna().any() else [])
+
+
+def with_variants(frame: pd.DataFrame, run_dirs: Mapping[str, Path] | None = None) -> pd.DataFrame:
+    """`frame` with a `variant` column naming, for runs that share every config key and the model but not their run
+    hash (config_hash), what in their result keys sets them apart: 'export=gptq', 'eval.max_windows=8', ... (read
+    from each run's DONE marker, which records its result key); 'config <hash>' where a run's key cannot be read.
+    Missing (the dash) for a run that has none of the differing entries, and for every other run."""
+    variant = pd.Series(pd.NA, index=frame.index, dtype=object)
+    hashes = frame["config_hash"].astype(object)
+    for _, group in frame.groupby(CONFIG_KEYS + [FINGERPRINT], dropna=False, sort=False):
+        distinct = sorted({str(h) for h in group["config_hash"].dropna()})
+        if len(distinct) < 2:
+            continue
+        keys = {h: _flat_result_key(run_dirs, group.loc[hashes[group.index] == h, "run_id"].iloc[0]) for h in distinct}
+        if any(k is None for k in keys.values()):
+            names = {h: f"config {h}" for h in distinct}
+        else:
+            differ = sorted(k for k in set().union(*keys.values())
+                            if len({json.dumps(flat.get(k), default=str) for flat in keys.values()}) > 1)
+            names = {h: ", ".join(f"{k}={_short(keys[h][k])}" for k in differ if k in keys[h]) or pd.NA
+                     for h in distinct}
+        for h, name in names.items():
+            variant[group.index[(hashes[group.index] == h).to_numpy()]] = name
+    return frame.assign(**{VARIANT: variant})
+
+
+def _flat_result_key(run_dirs: Mapping[str, Path] | None, run_id) -> dict | None:
+    """The run's result key (harness/identity.py, as its DONE marker recorded it) as {dotted key: value}, without
+    None-valued entries (the run hash leaves them out too); None where it cannot be read."""
+    path = (run_dirs or {}).get(str(run_id))
+    try:
+        key = json.loads((Path(path) / DONE_FILE).read_text())["result_key"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif value is not None:
+            flat[prefix] = value
+
+    walk("", key)
+    return flat
+
+
+def _short(value, width: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def main_rows(frame: pd.DataFrame, main_calib: str | None) -> pd.DataFrame:

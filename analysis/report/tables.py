@@ -8,8 +8,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from analysis.labels import (CONFIG_KEYS, DASH, REFERENCE_METHOD, SECONDARY_KEYS, config_label, label_columns,
-                            label_row_names)
+from analysis.labels import (CONFIG_KEYS, DASH, LABEL_KEYS, REFERENCE_METHOD, config_keys, config_label,
+                            label_columns, label_row_names)
 from analysis.report.select import varying_keys
 from analysis.report.significance import (ALPHA, PAIRED_TESTS, CellSpec, ColumnDecision, PairedEvidence,
                                          not_worse_than_best, wins_ties_losses)
@@ -161,16 +161,18 @@ def significance_note(decisions: dict[str, ColumnDecision], has_reference: bool)
     paired = [c for c, d in decisions.items() if d.paired]
     by_intervals = [f"{c} ({d.intervals})" for c, d in decisions.items() if d.intervals]
     best_only = [f"{c} ({d.best_only})" for c, d in decisions.items() if d.best_only]
-    parts = [(f"Intervals: 95% (perplexity and KLD over blocks of tokens, accuracy Wilson). Bold: in each column the "
-              f"best {who} and every {who} not significantly worse than it.")]
+    parts = [(f"Intervals: each config's own 95% interval (perplexity and KLD over blocks of tokens, accuracy Wilson), "
+              f"not adjusted for multiplicity and not what decides bold. Bold: in each column the best {who} and every "
+              f"{who} not significantly worse than it.")]
     if paired:
-        parts.append(f"Test: the best config against each other config with {PAIRED_TESTS}; Holm's correction over "
-                     f"the comparisons of each column, family-wise level {ALPHA:.2g}. Paired tests in: "
+        parts.append(f"Test: the best config against each other config with {PAIRED_TESTS}. Family: the comparisons "
+                     f"with the best of one column (one family per column, Holm's correction within it, family-wise "
+                     f"level {ALPHA:.2g}); paired tests per column: "
                      + ", ".join(f"{c} ({decisions[c].paired})" for c in paired) + ".")
     if by_intervals:
         parts.append("Configs without paired records against the best (no blocks.parquet/docs.parquet, or not the "
-                     "same tokens or documents) are bold when their 95% interval overlaps the best one's: "
-                     + ", ".join(by_intervals) + ".")
+                     "same tokens or documents) are bold when their 95% interval overlaps the best one's (outside the "
+                     "family, no test at a stated level): " + ", ".join(by_intervals) + ".")
     if best_only:
         parts.append("Without paired records or intervals only the best value is bold: " + ", ".join(best_only) + ".")
     return " ".join(parts)
@@ -198,9 +200,9 @@ def wins_table(frame: pd.DataFrame, acc_metric: str, evidence: PairedEvidence | 
     metric = f"accuracy ({acc_metric})"
     note = (f"Each cell: wins/ties/losses of the row config against the column config, one per perplexity set, KLD "
             f"set (not against fp, from which KLD is measured) and lm-eval task ({metric}) that both measured on "
-            f"identical tokens or documents; {DASH} where no such pair exists. {n_tests} tests ({PAIRED_TESTS}); a "
-            f"win or loss is a significant difference after Holm's correction over all {n_tests} tests of the "
-            f"matrix at family-wise level {ALPHA:.2g}, a tie is none. Runs without per-block/per-document records "
+            f"identical tokens or documents; {DASH} where no such pair exists. Family: all {n_tests} tests of the "
+            f"matrix ({PAIRED_TESTS}); a win or loss is a significant difference after Holm's correction over the "
+            f"family at family-wise level {ALPHA:.2g}, a tie is none. Runs without per-block/per-document records "
             "count nothing.")
     return Table(text, bold, note)
 
@@ -238,11 +240,12 @@ def robustness_matrices(frame: pd.DataFrame, with_runs: bool = False) -> list[tu
     with `with_runs` the run id behind each cell (the paired tests of the penalties need them)."""
     ppl = frame[(frame["suite"] == "ppl") & (frame["metric"] == "ppl") & frame["calib_source"].notna()]
     out = []
-    for _, group in ppl.groupby(ROBUSTNESS_GROUP, dropna=False, sort=True):
+    group_keys = ROBUSTNESS_GROUP + [k for k in config_keys(frame) if k not in CONFIG_KEYS]
+    for _, group in ppl.groupby(group_keys, dropna=False, sort=True):
         if group["calib_source"].nunique() < 2:
             continue
-        label = config_label(group.head(1), [k for k in SECONDARY_KEYS if k != "calib_source"
-                                              and group[k].notna().any()]).iloc[0]
+        label = config_label(group.head(1), [k for k in LABEL_KEYS if k != "calib_source"
+                                              and k in group and group[k].notna().any()]).iloc[0]
         matrix = pivot_unique(group, ["calib_source"], "task")
         matrix.index.name, matrix.columns.name = "calibrated on", "eval set"
         if with_runs:

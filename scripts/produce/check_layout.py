@@ -23,8 +23,9 @@ quantized linear from model.safetensors, and the library's own reader does the s
 --write-reference: for each directory whose library check ran, write DIR/library_dequantized.safetensors (temp file +
 rename): one tensor per quantized linear, named like the base model's weight (`<module>.weight`, [out, in]), holding
 the LIBRARY's dequantized weight in the dtype the library computes it, with metadata {"library": "<name> <version>",
-"how": <the call>, "source_sha256": <sha256 of DIR/model.safetensors>}. Directories where no library reader ran in
-this venv (or none exists, e.g. AWQ GEMV) get no file; the output says why.
+"how": <the call>, "source_sha256": <sha256 of DIR/model.safetensors, or of the shards its index names>}.
+Directories where no library reader ran in this venv (or none exists, e.g. AWQ GEMV) get no file; the output says
+why.
 
 Run with the venv of the library the checkpoints need (checks needing the other library are reported as skipped):
     /work/venv-gptq/bin/python scripts/produce/check_layout.py tests/golden/checkpoints/gptqmodel-*
@@ -181,12 +182,24 @@ def safetensors_bytes(tensors: dict, meta: dict) -> bytes:
     return struct.pack("<Q", len(h)) + h + raw[8 + n:]
 
 
+def source_sha256(d: Path) -> str:
+    """sha256 of the checkpoint's weights: d/model.safetensors, or, where the library wrote shards and no single file
+    (HQQ's save_to_safetensors on a model of more than 5 blocks), the bytes of the shards that
+    d/model.safetensors.index.json names, one after another in sorted order."""
+    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
+    if single.is_file() or not index.is_file():
+        return hashlib.sha256(single.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for shard in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())):
+        digest.update((d / shard).read_bytes())
+    return digest.hexdigest()
+
+
 def write_reference(d: Path, lib: Lib) -> Path:
     """Write d/library_dequantized.safetensors atomically (temp file in d, then rename)."""
     weights, library, how = lib
     tensors = {f"{p}.weight": w.detach().contiguous() for p, w in sorted(weights.items())}
-    meta = {"library": library, "how": how,
-            "source_sha256": hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()}
+    meta = {"library": library, "how": how, "source_sha256": source_sha256(d)}
     out = d / "library_dequantized.safetensors"
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".library_dequantized.", suffix=".tmp")
     try:

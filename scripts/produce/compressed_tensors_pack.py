@@ -37,13 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)  # before the imports: --help needs no compressed-tensors venv
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.utils.helpers import calculate_qparams
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    args = parse_args(argv)
     weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=args.sym, strategy="group",
                                group_size=args.group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)

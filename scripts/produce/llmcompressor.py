@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128, help="GPTQ block size (library default 128)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype the model is loaded (and saved) in; auto = the checkpoint's")
+    p.add_argument("--ignore", action="append", default=[],
+                   help="more modules to leave unquantized besides lm_head (llm-compressor's syntax, e.g. "
+                        "'re:.*mlp.gate$' for a mixture's router, as its MoE examples do); repeatable")
     common.add_calibration_args(p)  # --calib-tokens, or the harness draw (--calib-source/--n-samples/...)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
@@ -128,7 +131,7 @@ def main(argv=None) -> None:
         scheme.weights.group_size = None
     else:
         scheme.weights.group_size = args.group_size
-    quant = {"config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}
+    quant = {"config_groups": {"group_0": scheme}, "ignore": ["lm_head", *args.ignore]}
     if args.modifier == "gptq":
         actorder = None if args.actorder == "none" else args.actorder
         recipe = [GPTQModifier(**quant, block_size=args.block_size, dampening_frac=args.dampening_frac,
