@@ -28,7 +28,7 @@ class TimedPipeline:
     def __getattr__(self, name):
         return getattr(self.pipeline, name)
 
-    def calibrated_pass(self, step, calib, desc, batch_size=1):
+    def calibrated_pass(self, step, calib, desc, batch_size=1, records=None):
         def timed(ctx):
             start = time.perf_counter()
             try:
@@ -36,13 +36,13 @@ class TimedPipeline:
             finally:
                 self.seconds.append(time.perf_counter() - start)
 
-        return self.pipeline.calibrated_pass(timed, calib, desc, batch_size)
+        return self.pipeline.calibrated_pass(timed, calib, desc, batch_size, records)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=4, help="first N decoder blocks of each model")
-    parser.add_argument("--layout", default="mixtral", choices=["mixtral", "qwen3_moe", "qwen2_moe"])
+    parser.add_argument("--layout", default="mixtral", choices=["mixtral", "qwen2_moe"])
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)

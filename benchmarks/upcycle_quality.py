@@ -5,6 +5,13 @@ share of routed tokens each expert gets on them.
     python benchmarks/upcycle_quality.py                    # 2 x 2048 wiki eval tokens, both layouts
     python benchmarks/upcycle_quality.py --qwen3-attempt    # also the Qwen3-MoE layout that harness/upcycle.py
                                                             # does not offer (why: its per-head q/k norms)
+    python benchmarks/upcycle_quality.py --calib-samples 8,32,128   # also: how many experts would fall back
+
+--calib-samples: for calibration draws of N x 512 wiki tokens (seed 0, as a run draws them), the share of the
+tokens the Mixtral-layout model's routers send each expert, and how many experts get fewer than 0.5% of them
+(method.moe_min_tokens' default: these are rounded to nearest). It routes the full-precision model, which is
+exactly the routing AWQ's statistics see (AWQ feeds each block the full-precision output); GPTQ feeds each block
+the quantized output, so its routing after block 0 differs a little (its runs record theirs: experts_fallback).
 
 The packaged model's weights came from a 4-bit GGUF (Q4_1): "dense" here is that dequantized model. A benchmark, not
 a test: prints the machine and commit beside the figures.
@@ -90,6 +97,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qwen3-attempt", action="store_true")
+    parser.add_argument("--calib-samples", default="", help="comma-separated calibration sizes, e.g. 8,32,128")
+    parser.add_argument("--calib-seqlen", type=int, default=512)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -125,6 +134,17 @@ def main() -> None:
               f"{int((shares < 0.02).sum())}; hottest {float(shares.max()):.2f}, median max per block "
               f"{float(shares.max(1).values.median()):.2f}")
         del model
+    if args.calib_samples:
+        model = models["mixtral"]()
+        print(f"\nrouting of calibration draws (wiki, seed 0, x {args.calib_seqlen} tokens), upcycled mixtral, full "
+              "precision: experts under 0.5% of the calibration tokens (rounded to nearest by default)")
+        for n in (int(x) for x in args.calib_samples.split(",")):
+            calib = calibration_tokens("wiki", TextSourceConfig(kind="wiki"), tokenizer, cache, n, args.calib_seqlen,
+                                       0).tokens
+            _, shares = perplexity_and_routing(model, calib)
+            print(f"  {n:>4} x {args.calib_seqlen}: {int((shares < 0.005).sum())} of {shares.numel()} experts under "
+                  f"0.5% ({int((shares == 0).sum())} never chosen); smallest share {float(shares.min()):.4f}, "
+                  f"median {float(shares.median()):.4f}, largest {float(shares.max()):.4f}")
 
 
 if __name__ == "__main__":

@@ -398,14 +398,19 @@ class ModelLayout:
                     renamed[f"{prefix}.{name}"] = f"{prefix}.{stored_prefix}{name[len(model_prefix):]}"
         return stacked, renamed
 
-    def replaced_parameters(self, block: nn.Module, prefix: str) -> frozenset[str]:
+    def replaced_parameters(self, block: nn.Module, prefix: str, artifacts=None) -> frozenset[str]:
         """State-dict names of the parameters that writing every matrix of the block replaces whole: each linear's
-        weight, and each fused expert parameter (every expert's slice of it is a matrix)."""
+        weight, and each fused expert parameter (every expert's slice of it is a matrix). Given `artifacts` (by full
+        matrix name), only those it replaces whole: a checkpoint may store some matrices unquantized (a fused
+        parameter is replaced only when every expert matrix in it has an artifact)."""
         parts = self.parts(block)
-        names = {f"{prefix}.{n}.weight" for n in parts.names if not parts.is_expert(n)}
+        has = (lambda name: True) if artifacts is None else (lambda name: f"{prefix}.{name}" in artifacts)  # noqa: E731
+        names = {f"{prefix}.{n}.weight" for n in parts.names if not parts.is_expert(n) and has(n)}
         if parts.moe is not None:
             experts = parts.moe.experts
-            names |= {f"{prefix}.{experts.path}.{experts.gate_up}", f"{prefix}.{experts.path}.{experts.down}"}
+            for param, in_it in ((experts.gate_up, ("gate_proj", "up_proj")), (experts.down, ("down_proj",))):
+                if all(has(f"{experts.path}.{e}.{p}") for e in range(parts.n_experts) for p in in_it):
+                    names.add(f"{prefix}.{experts.path}.{param}")
         return frozenset(names)
 
 
@@ -506,9 +511,12 @@ def _allocate_meta_experts(block: nn.Module, layout: ModelLayout, device: torch.
 @torch.no_grad()
 def apply_block_artifacts(block: nn.Module, prefix: str, layout: ModelLayout, artifacts, dtype=None,
                           device: torch.device | None = None) -> None:
-    """apply_artifacts for one (materialized) block: `prefix` is its full name, e.g. "model.layers.3"."""
+    """apply_artifacts for one (materialized) block: `prefix` is its full name, e.g. "model.layers.3". A matrix
+    without an artifact (a checkpoint that stores it unquantized) keeps the weight the block was read with."""
     _allocate_meta_experts(block, layout, device)
     for name, matrix in layout.matrices(block).items():
+        if f"{prefix}.{name}" not in artifacts:
+            continue
         art = artifacts[f"{prefix}.{name}"]
         write_weight(matrix, art.dequantize(dtype or matrix.weight.dtype), device)
 
@@ -522,7 +530,8 @@ class BlockArtifacts:
         self.layout, self.artifacts, self.device, self.model = layout, artifacts, torch.device(device), model
 
     def replaces(self, index: int) -> frozenset[str]:
-        return self.layout.replaced_parameters(self.layout.blocks(self.model)[index], self.layout.block_prefix(index))
+        return self.layout.replaced_parameters(self.layout.blocks(self.model)[index], self.layout.block_prefix(index),
+                                               self.artifacts)
 
     def __call__(self, index: int, block: nn.Module) -> None:
         apply_block_artifacts(block, self.layout.block_prefix(index), self.layout, self.artifacts, device=self.device)

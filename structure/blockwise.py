@@ -117,6 +117,9 @@ class BlockContext:
     batch_size: int = 1
     next_inputs: torch.Tensor | None = field(default=None, repr=False)
     output_cache: OutputCache | None = field(default=None, repr=False)
+    # what the step records about this block besides its artifacts (statistics, a search): kept with the block's
+    # progress, so a resumed pass hands it back without running the step (structure/progress.py)
+    record: dict = field(default_factory=dict, repr=False)
 
     def calibration_batch(self, start: int) -> AbstractContextManager:
         """Wrap one forward of the block over inputs[start:start + batch_size] (serves the output cache, if any)."""

@@ -86,6 +86,14 @@ class ExpertMatrix:
         """[out, in], a view of the fused parameter."""
         return self._view(self.param.data)
 
+    def slice_of(self, fused: torch.Tensor) -> torch.Tensor:
+        """This expert's [out, in] view of another tensor laid out like the fused parameter (the base model's value
+        of it read from disk, a fused tensor being assembled from a checkpoint's experts)."""
+        if tuple(fused.shape) != tuple(self.param.shape):
+            raise ValueError(f"expert {self.index} {self.projection}: a fused tensor of shape {tuple(fused.shape)}, "
+                             f"the parameter's is {tuple(self.param.shape)}")
+        return self._view(fused)
+
     @property
     def bias(self) -> torch.Tensor | None:
         if not self.experts.bias:

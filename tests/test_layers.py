@@ -87,3 +87,12 @@ def test_the_block_pipeline_holds_the_one_block_loop():
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("residency.block")]
     assert found == []
+
+
+def test_the_launcher_plugin_sits_on_top_of_the_harness():
+    """hydra_plugins/ (a namespace Hydra instantiates launchers from) holds thin classes over harness/launcher.py: it
+    may import the harness, nothing below it directly."""
+    found = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+             for path in sorted((ROOT / "hydra_plugins").rglob("*.py"))
+             for line, target in project_imports(path) if target != "harness"]
+    assert found == []

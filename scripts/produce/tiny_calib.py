@@ -6,7 +6,7 @@ Usage: python scripts/produce/tiny_calib.py [OUT_FILE]   (default tests/golden/c
 """
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/golden/checkpoints/tiny-calib.pt"
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", type=Path, default=ROOT / "tests/golden/checkpoints/tiny-calib.pt",
+                    help="where to write it (default tests/golden/checkpoints/tiny-calib.pt)")
+    out = ap.parse_args().out
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, 256, (8, 32), generator=gen, dtype=torch.int64)
     torch.save(tokens, out)
