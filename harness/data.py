@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from analysis.integrity import read_or_quarantine, read_sealed, write_sealed
 from core.registry import Registry
 
 if TYPE_CHECKING:  # the config module validates kinds against SOURCES, so it imports this one, not the reverse
@@ -201,8 +203,58 @@ def role_documents(cfg: TextSourceConfig, cache_dir: Path, role: str) -> list[Do
     return evaluation if role == "eval" else calib
 
 
-def _tokenize_until(texts: Iterator[str], tokenizer, n_tokens: int | None) -> torch.Tensor:
-    """Join texts with "\\n\\n" and tokenize once; stop adding texts once the ~4 chars/token estimate covers n_tokens."""
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """sha256 of a fast tokenizer's whole definition (vocabulary, merges, normalizer, pre-tokenizer: its JSON), None
+    for a slow one (its tokens are not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
+
+
+def encode(text: str, tokenizer, cache_dir: Path | None = None, keep: bool = True) -> torch.Tensor:
+    """The ids of `text` (no special tokens added): int64 [T].
+
+    Tokenizing is the one costly step of making a dataset's tokens (about 10 s for the default calibration budget on
+    2 cores, once per job), so with a cache directory the ids are kept under <cache>/tokens/, keyed by the sha256 of
+    the text and the tokenizer's fingerprint, checksummed, and computed once by jobs that start together (the others
+    wait for the entry's lock and read it, verified). keep=False reuses an entry but writes none (the preflight)."""
+    fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+    if fingerprint is None:
+        return _ids(text, tokenizer)
+    from harness.identity import stable_hash  # not at the top: identity -> config -> this module
+    from harness.locks import computed_once
+
+    key = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text), "tokenizer": fingerprint,
+           "ids": "input_ids, no special tokens"}
+    path = Path(cache_dir) / "tokens" / f"{stable_hash(key, 20)}.pt"
+
+    def load() -> torch.Tensor | None:
+        if not path.exists():
+            return None
+        entry = read_or_quarantine(path, lambda: torch.load(io.BytesIO(read_sealed(path)), weights_only=True))
+        return entry["ids"] if entry is not None and stable_hash(entry.get("key"), 64) == stable_hash(key, 64) \
+            else None
+
+    def compute() -> torch.Tensor:
+        ids = _ids(text, tokenizer)
+        buffer = io.BytesIO()
+        torch.save({"key": key, "ids": ids}, buffer)
+        write_sealed(path, buffer.getvalue())
+        return ids
+
+    if not keep:
+        found = load()
+        return found if found is not None else _ids(text, tokenizer)
+    return computed_once(path, "tokens", f"tokens of {len(text):,} characters", load, compute)
+
+
+def _ids(text: str, tokenizer) -> torch.Tensor:
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def _tokenize_until(texts: Iterator[str], tokenizer, n_tokens: int | None, cache_dir: Path | None = None,
+                    keep: bool = True) -> torch.Tensor:
+    """Join texts with "\\n\\n" and tokenize once; stop adding texts once the ~4 chars/token estimate covers n_tokens.
+    With `cache_dir`, the tokens come from the cache (`encode`)."""
     texts = list(texts)
     budget_chars = None if n_tokens is None else 8 * n_tokens + 10_000
     while True:
@@ -212,7 +264,7 @@ def _tokenize_until(texts: Iterator[str], tokenizer, n_tokens: int | None) -> to
                 break
             chosen.append(t)
             size += len(t) + 2
-        ids = tokenizer("\n\n".join(chosen), add_special_tokens=False, return_tensors="pt").input_ids[0]
+        ids = encode("\n\n".join(chosen), tokenizer, cache_dir, keep)
         if n_tokens is None or ids.numel() >= n_tokens or len(chosen) == len(texts):
             return ids if n_tokens is None else ids[:n_tokens]
         budget_chars *= 2
@@ -231,21 +283,25 @@ def _fingerprint(t: torch.Tensor) -> str:
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
 
 
-def eval_tokens(name: str, cfg: TextSourceConfig, tokenizer, cache_dir: Path, n_tokens: int | None) -> TokenSet:
-    """The eval split of a source as one token stream (at most n_tokens; None = all)."""
+def eval_tokens(name: str, cfg: TextSourceConfig, tokenizer, cache_dir: Path, n_tokens: int | None,
+                keep: bool = True) -> TokenSet:
+    """The eval split of a source as one token stream (at most n_tokens; None = all). Its tokens are kept in the cache
+    (keep=False: reused if there, never written)."""
     docs = role_documents(cfg, cache_dir, "eval")
-    ids = _tokenize_until((text for _, text in docs), tokenizer, n_tokens)
+    ids = _tokenize_until((text for _, text in docs), tokenizer, n_tokens, cache_dir, keep)
     return TokenSet(name, ids, _fingerprint(ids))
 
 
 def calibration_tokens(name: str, cfg: TextSourceConfig, tokenizer, cache_dir: Path,
                        n_samples: int, seqlen: int, seed: int) -> TokenSet:
-    """n_samples random windows [n_samples, seqlen] from the calibration split, drawn with `seed`."""
+    """n_samples random windows [n_samples, seqlen] from the calibration split, drawn with `seed` (the tokens of the
+    split are kept in the cache)."""
     docs = role_documents(cfg, cache_dir, "calib")
     rng = random.Random(seed)
     docs = docs[:]
     rng.shuffle(docs)
-    stream = _tokenize_until((text for _, text in docs), tokenizer, max(4 * n_samples * seqlen, 2 * seqlen))
+    stream = _tokenize_until((text for _, text in docs), tokenizer, max(4 * n_samples * seqlen, 2 * seqlen),
+                             cache_dir)
     if stream.numel() <= seqlen:
         raise ValueError(f"calibration source {name!r} has only {stream.numel()} tokens; calib.seqlen={seqlen} "
                          "needs more text")
@@ -281,4 +337,4 @@ def calibration_stream_size(cfg: TextSourceConfig, tokenizer, cache_dir: Path, s
     documents in the same seeded order, joined and tokenized the same way."""
     docs = role_documents(cfg, cache_dir, "calib")[:]
     random.Random(seed).shuffle(docs)  # calibration_tokens' first use of its generator
-    return _tokenize_until((text for _, text in docs), tokenizer, up_to).numel()
+    return _tokenize_until((text for _, text in docs), tokenizer, up_to, cache_dir, keep=False).numel()

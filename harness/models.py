@@ -22,6 +22,7 @@ import torch
 from checkpoints.gguf import gguf_parsed_once
 from harness.config import DTYPES as DTYPE_NAMES
 from harness.config import ConfigError, ModelConfig
+from harness.locks import computed_once
 from analysis.integrity import file_sha256, read_or_quarantine, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,18 @@ def converted_directory(cache_dir: Path) -> Path:
 
 def convert_packaged(cache_dir: Path) -> Path:
     """Convert the packaged GGUF to an fp32 safetensors directory once; return its path (atomic)."""
-    gguf = packaged_gguf_path()
     target = converted_directory(cache_dir)
-    if target.exists() and read_or_quarantine(target, lambda: verify_manifest(target)):
-        return target
+
+    def verified() -> Path | None:
+        return target if target.exists() and read_or_quarantine(target, lambda: verify_manifest(target)) else None
+
+    # jobs starting together on a fresh cache: one converts, the others wait and then verify its conversion
+    return computed_once(target, "model conversion", f"converted {PACKAGED_GGUF}", verified,
+                         lambda: _convert(target))
+
+
+def _convert(target: Path) -> Path:
+    gguf = packaged_gguf_path()
     log.info("converting %s to fp32 safetensors in %s (one time, ~10 s)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))

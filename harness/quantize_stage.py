@@ -16,6 +16,10 @@ from harness.config import ConfigError, RunConfig
 from harness.data import calibration_tokens
 from harness.export_stage import stored_artifacts
 from harness.identity import quantization_key, spec_of
+from harness.journal import note
+from harness.locks import computed_once
+from harness.preemption import StopRequest
+from harness.progress import ProgressStore, progress_directory
 from analysis.results import quant_row
 from methods import build_method
 from methods.base import QuantizationResult
@@ -53,9 +57,14 @@ def short_group_layers(model: torch.nn.Module, layout: ModelLayout, cfg: RunConf
     return short
 
 
-def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerprint: str, cache: Path) -> QuantStage:
+def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerprint: str, cache: Path,
+                   stop: StopRequest | None = None) -> QuantStage:
     """Calibrate and quantize (or reuse a cached result, restoring what the method changed in place); fake-quantize
-    the model with the artifacts (a streamed model: evaluation applies them block by block)."""
+    the model with the artifacts (a streamed model: evaluation applies them block by block).
+
+    Jobs that need the same quantization at once compute it once (the others wait for the entry's lock, then reuse
+    it verified). A calibrated pass keeps its finished blocks beside the entry (harness/progress.py): a run stopped
+    by a signal (`stop`, checked between blocks), killed or requeued resumes after them, with identical results."""
     model, layout = pipeline.model, pipeline.layout
     method = build_method(cfg.method)
     short = short_group_layers(model, layout, cfg) if method.artifact_source() is None else {}
@@ -66,16 +75,32 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
         calib, calib_print = calib_set.tokens, calib_set.fingerprint
     key = quantization_key(cfg, fingerprint, calib_print, quant_cache.code_fingerprint(type(method).__module__))
     path = quant_cache.entry_path(cache, key)
-    cached = None if cfg.force else quant_cache.load_entry(path, key)
+
+    def load():  # ((result, meta), cached): the verified entry, None without one
+        found = None if cfg.force else quant_cache.load_entry(path, key)
+        return None if found is None else (found, True)
+
+    def compute():
+        progress = ProgressStore(progress_directory(path), key, stop, cfg.progress_every_s)
+        if cfg.force:
+            progress.discard()
+        start = time.perf_counter()
+        result = method.quantize_blocks(pipeline.with_progress(progress), spec_of(cfg), calib)
+        meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
+        result = quant_cache.save_entry(path, key, result, meta)
+        progress.discard()
+        if progress.passes:
+            blocks = progress.summary()
+            note(log, "blocks", "blocks of %s: %s", cfg.method.name, "; ".join(
+                f"{desc}: {n['computed']} computed, {n['reused']} reused from kept progress"
+                for desc, n in blocks.items()), passes=blocks)
+        return (result, meta), False
+
     try:
-        if cached is not None:
+        (result, meta), cached = computed_once(path, "quantization", f"quantized weights ({cfg.method.name})", load,
+                                               compute, stop=stop)  # a signal while another job quantizes: leave
+        if cached:
             log.info("reusing quantized weights from %s (same model, method, spec, calibration and code)", path)
-            result, meta = cached
-        else:
-            start = time.perf_counter()
-            result = method.quantize_blocks(pipeline, spec_of(cfg), calib)
-            meta = {"quant_wall_s": time.perf_counter() - start}  # the cost of producing them, not of reading them
-            result = quant_cache.save_entry(path, key, result, meta)
         method.check_result(result)  # before anything is evaluated, a cached result too
     except CheckpointError as err:  # a checkpoint that cannot be judged: bad input, one line
         raise ConfigError(f"method.path={getattr(cfg.method, 'path', None)!r}: {err}") from None
@@ -83,7 +108,7 @@ def quantize_stage(cfg: RunConfig, pipeline: BlockPipeline, tokenizer, fingerpri
     pipeline.adopt(result.modified)  # a streamed model: the checkpoint + what the method folded, from now on
     if not pipeline.streamed:  # a streamed model gets its artifacts block by block, as evaluation loads it
         apply_artifacts(model, result.artifacts)
-    rows = [quant_row("quant_wall_s", meta["quant_wall_s"], {"cached": cached is not None}),
+    rows = [quant_row("quant_wall_s", meta["quant_wall_s"], {"cached": cached}),
             *artifact_rows(result, short), *stat_rows(result.stats),
             *expert_rows(result, layout, None if calib is None else calib.numel())]
     return QuantStage(result, rows, calib_print)

@@ -33,7 +33,9 @@ from harness.preflight import export_refusal, preflight
 from harness.perplexity import eval_windows, evaluate_perplexity
 from harness.provenance import device_name, git_sha, peak_memory_mb, versions
 from harness.quantize_stage import quantize_stage
-from harness.runlock import run_lock
+from harness.journal import note
+from harness.locks import run_lock
+from harness.preemption import StopRequest
 from analysis.results import (BLOCKS_FILE, DOCS_FILE, RunCheck, check_run, read_run, set_aside, to_frame, update_done,
                              write_run)
 from harness.teacher import teachers
@@ -44,16 +46,18 @@ from structure.pipeline import BlockPipeline
 log = logging.getLogger(__name__)
 
 
-def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
+def execute(cfg: RunConfig, config_yaml: str | None = None, stop: StopRequest | None = None) -> pd.DataFrame:
     """Run `cfg` (or reuse its finished results, verified and measured on the same weights) and return its rows.
-    Bad input is a ConfigError from the preflight, before anything is written (the run's lock directory included)."""
+    Bad input is a ConfigError from the preflight, before anything is written (the run's lock directory included).
+    `stop` (harness/preemption.py) is checked at the run's safe points: between the blocks of a quantization and
+    between stages, where what was computed is in the cache; it raises Preempted there once a signal asked for it."""
     preflight(cfg, cache_dir_of(cfg), resolve_device(cfg.device))
     out_dir = run_dir(cfg)
     stamp = weights_stamp(cfg.model)
     check = check_run(out_dir)
     if not cfg.force and _reusable(out_dir, check, stamp):
         return read_run(out_dir)
-    with run_lock(out_dir) as waited:
+    with run_lock(out_dir, stop=stop) as waited:
         check = check_run(out_dir) if waited else check
         if waited and not cfg.force and _reusable(out_dir, check, stamp):
             return read_run(out_dir)
@@ -63,7 +67,7 @@ def execute(cfg: RunConfig, config_yaml: str | None = None) -> pd.DataFrame:
         clock = StageClock()
         with clock("plan"):  # the packaged model's one-time conversion happens here
             plan = plan_run(cfg, out_dir, Resume(stamp, confirm))
-        return run_plan(cfg, plan, config_yaml, clock)
+        return run_plan(cfg, plan, config_yaml, clock, stop or StopRequest())
 
 
 def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
@@ -81,7 +85,8 @@ def _reusable(out_dir: Path, check: RunCheck, stamp: str | None) -> bool:
     return False
 
 
-def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: StageClock) -> pd.DataFrame:
+def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: StageClock,
+             stop: StopRequest) -> pd.DataFrame:
     """The run as numbered stages, each taking the plan and what the stages before it returned. Each stage's wall
     time is a `suite=stage` row (plan_s, load_s, fingerprint_s, baseline_s, quantize_s, pack_s, ppl_s, lm_eval_s,
     timing_s), so a run shows where its time went. `clock` was started before planning (plan_s, where the packaged
@@ -109,18 +114,22 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
         with clock("baseline"):
             windows, prints = eval_windows(cfg, tokenizer, pipeline.layout.spec.needs_bos, plan.cache)
             baseline = teachers(pipeline, windows, prints, fingerprint, plan.cache) if cfg.eval.kld else None
+        stop.check("after the baseline, kept in the cache")
         probe = probe_window(windows, pipeline.model.config.vocab_size, cfg.eval.seqlen, cfg.seed)
         shapes = linear_shapes(pipeline)  # the unpacked linears' shapes, for timing's GEMM microbenchmark
         # 4. quantize, or reuse the cache: artifacts, and the model fake-quantized
         with clock("quantize"):
-            quant = quantize_stage(cfg, pipeline, tokenizer, fingerprint, plan.cache) if plan.quantizes else None
+            quant = quantize_stage(cfg, pipeline, tokenizer, fingerprint, plan.cache, stop) \
+                if plan.quantizes else None
+        stop.check("after the quantization, kept in the cache")
         artifacts, rows = (quant.result.artifacts, quant.rows) if quant else ({}, [])
         exported = {}
         if cfg.export is not None:  # the checkpoint of exactly the weights evaluated below, before anything packs
-            from harness.export_stage import export_files
+            from harness.export_stage import export_files, made_by
 
             with clock("export"):
-                exported = export_files(pipeline.model, artifacts, cfg.export, declared_spec(cfg), tokenizer)
+                exported = export_files(pipeline.model, artifacts, cfg.export, declared_spec(cfg), tokenizer,
+                                        made_by(run_columns(cfg)))
         prepare = _block_preparer(pipeline, artifacts)
         # 5. pack here when every evaluator is to see the packed layers (kernel=...)
         if plan.pack_at is PackAt.BEFORE_PPL:
@@ -130,6 +139,7 @@ def run_plan(cfg: RunConfig, plan: RunPlan, config_yaml: str | None, clock: Stag
         with clock("ppl"):
             ppl_rows, blocks = evaluate_perplexity(pipeline, windows, baseline, cfg.eval.ci_block, prepare)
         rows, records = rows + ppl_rows, {BLOCKS_FILE: blocks}
+        stop.check("after perplexity (the quantization and the baseline are in the cache)")
         # 7. a streamed model needed whole: made whole, its linears packed block by block as they arrive
         if plan.pack_at is PackAt.AFTER_PPL:
             with clock("pack"):
@@ -172,6 +182,7 @@ class StageClock:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        note(log, "stage", None, stage=name)
         self._open[name] = time.perf_counter()
         try:
             yield
@@ -226,7 +237,7 @@ def check_export_fits(cfg: RunConfig, pipeline: BlockPipeline) -> None:
     on the loaded model before anything is quantized."""
     if cfg.export is None:
         return
-    why = export_refusal(cfg, pipeline.layout.linear_shapes(pipeline.model))
+    why = export_refusal(cfg, pipeline.model)
     if why is not None:
         raise ConfigError(f"export={cfg.export}: {why}")
 
@@ -288,16 +299,21 @@ def _timing(cfg: RunConfig, plan: RunPlan, pipeline: BlockPipeline, shapes: list
 def run_columns(cfg: RunConfig) -> dict:
     """The run-level columns repeated on every row (None where the run has no such setting)."""
     q, c, source = quantizes(cfg), calibrates(cfg), source_of(cfg)
+    calibration = {"calib_source": cfg.calib.source if c else None,
+                   "calib_samples": cfg.calib.n_samples if c else None, "calib_seqlen": cfg.calib.seqlen if c else None,
+                   "calib_seed": cfg.calib_seed if c else None}
     if source is not None:  # a checkpoint: named and specified by what it holds
         named = {"method": source.label, "bits": source.bits, "group_size": source.group_size,
                  "symmetric": source.symmetric}
+        from harness.export_stage import calibration_of
+
+        # our own export: the calibration draw it was made from (its numbers are conditional on it, as the run's)
+        calibration = calibration_of(getattr(cfg.method, "path", None)) or calibration
     else:
         named = {"method": cfg.method.name, "bits": cfg.bits if q else None,
                  "group_size": cfg.group_size if q else None, "symmetric": cfg.symmetric if q else None}
-    return {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "model": cfg.model.name, **named,
-            "calib_source": cfg.calib.source if c else None,
-            "calib_samples": cfg.calib.n_samples if c else None, "calib_seqlen": cfg.calib.seqlen if c else None,
-            "calib_seed": cfg.calib_seed if c else None, "seed": cfg.seed, "replicate_of": replicate_of(cfg)}
+    return {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "model": cfg.model.name, **named, **calibration,
+            "seed": cfg.seed, "replicate_of": replicate_of(cfg)}
 
 
 def measured_config(cfg: RunConfig, config_yaml: str) -> str:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.identity import stable_hash
+from harness.locks import computed_once
 from analysis.integrity import read_or_quarantine, read_sealed, write_sealed
 from structure.head import at_least_fp32, head_logits, lm_head_input, position_chunks, stats_pieces
 from structure.layerwise import layerwise_lm_head_inputs
@@ -133,14 +134,17 @@ def teachers(pipeline: BlockPipeline, windows: dict[str, torch.Tensor], prints: 
         key = {"model_fingerprint": model_print, "tokens": prints[f"eval:{name}"], "windows": list(w.shape),
                "first_ids": w[:, :2].tolist(), "kind": "lm_head_input and its summary, all window rows"}
         path = Path(cache) / "teacher" / f"{stable_hash(key, 20)}.pt"
-        if (baseline := _cached(path, key)) is not None:
-            found[name] = baseline
-            continue
-        log.info("computing the unquantized model on %s (once; cached in %s)", name, path.parent)
-        found[name] = compute_teacher(pipeline, w, desc=f"baseline {name}")
-        buffer = io.BytesIO()
-        torch.save({"key": key, **found[name].tensors()}, buffer)
-        write_sealed(path, buffer.getvalue())
+
+        def compute(name=name, w=w, key=key, path=path) -> Baseline:
+            log.info("computing the unquantized model on %s (once; cached in %s)", name, path.parent)
+            baseline = compute_teacher(pipeline, w, desc=f"baseline {name}")
+            buffer = io.BytesIO()
+            torch.save({"key": key, **baseline.tensors()}, buffer)
+            write_sealed(path, buffer.getvalue())
+            return baseline
+
+        # jobs starting together on a fresh cache: one computes it, the others wait and then read it (verified)
+        found[name] = computed_once(path, "baseline", f"baseline {name}", lambda: _cached(path, key), compute)
     return found
 
 

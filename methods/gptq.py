@@ -377,20 +377,20 @@ class GPTQ(Method):
     def quantize_blocks(self, pipeline, spec: QuantSpec, calib: torch.Tensor | None) -> QuantizationResult:
         if calib is None or calib.numel() == 0:
             raise ValueError("method=gptq needs calibration data; got none (calib is empty)")
-        layer_stats: dict[str, dict] = {}
-
         budget = int(self.config.output_cache_gb * 2**30)
 
         def step(ctx: BlockContext) -> dict[str, QuantizedWeights]:
             ctx.output_cache = OutputCache(ctx.block, budget)
-            try:
-                artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, layer_stats)
+            try:  # the block's statistics go into its record (a resumed pass hands them back)
+                artifacts = self.quantize_block(ctx, pipeline.layout, spec, pipeline.device, ctx.record)
                 ctx.next_inputs = ctx.forward()  # the next block sees this block quantized
             finally:
                 ctx.output_cache = None
             return artifacts
 
-        artifacts, routing = pipeline.calibrated_pass(step, calib, "gptq", self.config.batch_size)
+        records: dict[str, dict] = {}
+        artifacts, routing = pipeline.calibrated_pass(step, calib, "gptq", self.config.batch_size, records)
+        layer_stats = {name: s for block in records.values() for name, s in block.items()}
         fallbacks = [name for name, s in layer_stats.items() if s.get("fallback")]
         if fallbacks:
             log.warning("gptq: %d routed expert matrices saw fewer than %s of the calibration tokens and were rounded "

@@ -143,3 +143,39 @@ def test_calibration_stream_size_matches_calibration_tokens(text_file, tmp_path)
     with pytest.raises(ValueError, match="calib.seqlen"):
         calibration_tokens("t", cfg, tok, tmp_path, n_samples=2, seqlen=full, seed=3)
 
+
+
+def test_a_datasets_tokens_are_kept_in_the_cache_and_verified(text_file, tmp_path, monkeypatch):
+    """Tokenizing is the costly step of a dataset's tokens: the second job reads them from the cache (keyed by the
+    text and the tokenizer, checksummed); a damaged entry is set aside and the tokens computed again."""
+    import harness.data as data
+
+    calls = []
+    real = data._ids
+    monkeypatch.setattr(data, "_ids", lambda text, tok: calls.append(len(text)) or real(text, tok))
+    cfg = TextSourceConfig(kind="textfile", path=str(text_file))
+    first = calibration_tokens("t", cfg, tiny_tokenizer(), tmp_path, n_samples=4, seqlen=16, seed=0)
+    again = calibration_tokens("t", cfg, tiny_tokenizer(), tmp_path, n_samples=4, seqlen=16, seed=0)
+    assert len(calls) == 1 and torch.equal(first.tokens, again.tokens)  # tokenized once
+    entry, = (tmp_path / "tokens").glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[:-20] + b"x" * 20)  # damaged
+    third = calibration_tokens("t", cfg, tiny_tokenizer(), tmp_path, n_samples=4, seqlen=16, seed=0)
+    assert len(calls) == 2 and torch.equal(first.tokens, third.tokens)
+    assert list(tmp_path.glob("tokens/*.corrupt-*"))  # moved aside, not read as tokens
+
+
+def test_tokens_of_another_tokenizer_or_text_are_other_entries_and_the_preflight_writes_none(text_file, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from harness.data import encode
+
+    encode("the quick brown fox", tiny_tokenizer(), tmp_path)
+    encode("the quick brown dog", tiny_tokenizer(), tmp_path)
+    other = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "the": 1}, unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    ids = encode("the quick brown fox", PreTrainedTokenizerFast(tokenizer_object=other, unk_token="<unk>"), tmp_path)
+    assert ids.tolist() == [1, 0, 0, 0] and len(list((tmp_path / "tokens").glob("*.pt"))) == 3
+    cfg = TextSourceConfig(kind="textfile", path=str(text_file))
+    eval_tokens("t", cfg, tiny_tokenizer(), tmp_path / "fresh", 50, keep=False)
+    assert not (tmp_path / "fresh" / "tokens").exists()

@@ -299,7 +299,7 @@ def test_unknown_task_fails_before_the_model_loads(tiny_model_dir, tmp_path, mon
 def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(tiny_model_dir, text_file, tmp_path):
     import threading
 
-    from harness.runlock import run_lock
+    from harness.locks import run_lock
 
     cfg = make_config(*tiny_run_overrides(tiny_model_dir, text_file, tmp_path, "method=fp"))
     out = run_dir(cfg)
@@ -319,7 +319,7 @@ def test_a_run_in_progress_elsewhere_is_waited_for_not_recomputed(tiny_model_dir
 _RACER = """
 import sys, time
 from pathlib import Path
-from harness.runlock import run_lock
+from harness.locks import run_lock
 out, log = Path(sys.argv[1]), Path(sys.argv[2])
 with run_lock(out, heartbeat_s=0.2, stale_s=5, poll_s=0.05) as waited:
     if not (out / "DONE").exists():
@@ -343,7 +343,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     import os
     import time
 
-    from harness.runlock import HEARTBEAT, lock_path, run_lock
+    from harness.locks import HEARTBEAT, lock_path, run_lock
 
     out, log = tmp_path / "run", tmp_path / "log.txt"
     holder = subprocess.Popen([sys.executable, "-c", _RACER.replace("time.sleep(1.0)", "time.sleep(600)"),

@@ -190,16 +190,18 @@ def run_awq_search(pipeline: BlockPipeline, spec: QuantSpec, calib: torch.Tensor
     routing of the calibration tokens per block with experts)."""
     search = AWQSearch(spec.bits, spec.group_size, spec.symmetric)
     layout = pipeline.layout
-    stats: dict[str, dict] = {}
 
     def step(ctx: BlockContext) -> dict:
         features = capture_features(ctx, layout)
         ctx.next_inputs = features.output  # the reference feeds the next block the full-precision output
-        search.blocks[ctx.prefix], block_stats = search_block(ctx, layout, spec, config, features)
-        stats.update(block_stats)
+        # the search and its stats go into the block's record: a resumed pass hands them back
+        ctx.record["search"], ctx.record["stats"] = search_block(ctx, layout, spec, config, features)
         return {} if on_block is None else on_block(ctx)
 
-    artifacts, routing = pipeline.calibrated_pass(step, calib, desc, config.batch_size)
+    records: dict[str, dict] = {}
+    artifacts, routing = pipeline.calibrated_pass(step, calib, desc, config.batch_size, records)
+    search.blocks.update({prefix: record["search"] for prefix, record in records.items()})
+    stats = {name: s for record in records.values() for name, s in record["stats"].items()}
     fallbacks = [name for name, s in stats.items() if s["fallback"]]
     if fallbacks:
         log.warning("%s: %d routed expert matrices saw fewer than %s of the calibration tokens and were rounded to "

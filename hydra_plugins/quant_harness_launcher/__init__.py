@@ -1,0 +1,1 @@
+"""The harness's Hydra launchers (Hydra instantiates plugins from the `hydra_plugins` namespace only)."""
