@@ -19,7 +19,9 @@ Bandwidth bound: bytes of weights read per decoded token (every stored tensor; t
 also the output matrix, else one row) / the machine's read bandwidth, measured here (torch sum over 1 GiB with the
 same thread count, best of 5). Decode tok/s / bound = the fraction of what the hardware allows.
 
-A benchmark, never a test: on a shared machine every figure is "under load"; the machine and load are printed.
+A benchmark, never a test. Printed with the table: the commit, the machine, each runtime's library versions, and the
+share of the CPUs other processes took during the benchmark (/proc/stat less this process and its workers): above 5 %
+the figures are labelled "under load", not quiet-machine figures.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from analysis.labels import rate_text  # noqa: E402  (the project root is on the path from here)
+
 VENVS = Path(os.environ.get("QUANT_HARNESS_VENVS", "/work/venvs"))
 # reader name -> (worker runtime, venv); None: ours, in this process
 RUNTIMES = {"gguf": ("llamacpp", "llamacpp"), "bitsandbytes": ("transformers", "bnb"),
@@ -54,6 +58,32 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+class OtherWork:
+    """How busy other processes keep the CPUs from construction until `fraction()`: all CPUs' busy time (/proc/stat)
+    less this process's and its finished children's (the runtime workers). The load average is no test of quiet: it
+    still remembers, for minutes, work that has ended."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+        except (OSError, ValueError):
+            return None
+        hz, own = os.sysconf("SC_CLK_TCK"), os.times()
+        busy = (sum(fields) - fields[3] - fields[4]) / hz  # all but idle and iowait, seconds summed over CPUs
+        return time.monotonic(), busy, own.user + own.system + own.children_user + own.children_system
+
+    def fraction(self) -> float | None:
+        now = self._sample()
+        if self.start is None or now is None or now[0] - self.start[0] <= 0:
+            return None
+        others = (now[1] - self.start[1]) - (now[2] - self.start[2])
+        return max(others, 0.0) / ((now[0] - self.start[0]) * (os.cpu_count() or 1))
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -128,7 +158,8 @@ def measure_ours(base: Path, path: Path, args) -> dict:
         for name, run in runs.items():
             times[name].append(run(prompt, steps))
     return {name: {"prefill_tps": args.prompt / statistics.median(t[0] for t in ts),
-                   "decode_tps": args.decode / statistics.median(t[1] for t in ts)} for name, ts in times.items()}
+                   "decode_tps": args.decode / statistics.median(t[1] for t in ts),
+                   "prefill_s": [t[0] for t in ts], "decode_s": [t[1] for t in ts]} for name, ts in times.items()}
 
 
 def measure(label: str, path: Path, args, base_gguf: Path | None) -> dict:
@@ -140,7 +171,7 @@ def measure(label: str, path: Path, args, base_gguf: Path | None) -> dict:
         row["runtime"] = NO_RUNTIME.get(reader.name, "no CPU runtime (carried dequantized: no packed kernel)")
         return row
     if reader.name not in RUNTIMES:
-        row["runtime"] = "ours cpu_int4"
+        row["runtime"] = f"ours cpu_int4 torch {torch.__version__}"
         row.update(measure_ours(args.base, path, args))
         return row
     runtime, venv = RUNTIMES[reader.name]
@@ -158,7 +189,22 @@ def measure(label: str, path: Path, args, base_gguf: Path | None) -> dict:
         row["runtime"] += f": FAILED ({(done.stderr.strip().splitlines() or ['?'])[-1]})"
         return row
     row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    row["runtime"] += " " + " ".join(f"{name} {v}" for name, v in row.pop("versions", {}).items())
     return row
+
+
+QUIET = 0.05  # other work's share of the CPUs below which the machine counts as quiet
+
+
+def _speedups(quantized: dict, baseline: dict) -> str:
+    """Decode speedup over the baseline per repeat (the two alternate, so each repeat is a pair that shared the
+    machine's state): median [min, max]."""
+    ratios = [b / q for q, b in zip(quantized["decode_s"], baseline["decode_s"])]
+    return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+
+
+def _share(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{fraction:.0%}"
 
 
 def main() -> None:
@@ -180,10 +226,16 @@ def main() -> None:
         if not base_gguf.exists():
             subprocess.run([sys.executable, str(ROOT / "scripts/produce/gguf_write.py"), "from-hf", str(args.base),
                             str(base_gguf), "--type", "F32"], check=True)
+    other_work = OtherWork()
+    time.sleep(2.0)
+    before = other_work.fraction()
     bandwidth = read_bandwidth(args.threads)
     load = os.getloadavg()[0]
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, threads {args.threads}, "
-          f"load average {load:.1f}{' (UNDER LOAD: figures are not quiet-machine figures)' if load > 0.5 else ''}; "
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    print(f"commit {commit}; machine: {cpu_name()}, torch's CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{os.cpu_count()} cores, threads {args.threads}, CPUs busy with other work in the "
+          f"2 s before: {_share(before)} (load average {load:.1f}, which remembers ended work); "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt}, decode {args.decode}, median of "
           f"{args.repeats}")
     rows = []
@@ -192,19 +244,23 @@ def main() -> None:
         row["bytes_per_token"] = bytes_per_token(Path(path))
         row["bound_tps"] = bandwidth / row["bytes_per_token"]
         rows.append(row)
-    print("| checkpoint | runtime | prefill tok/s (ckpt / base) | decode tok/s (ckpt / base) | MB read / token | "
-          "decode bound tok/s | fraction of bound |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print("| checkpoint | runtime | prefill tok/s (ckpt / base) | decode tok/s (ckpt / base) | decode speedup, median "
+          "[min, max] of the paired repeats | MB read / token | decode bound tok/s | fraction of bound |")
+    print("|---|---|---|---|---|---:|---:|---:|")
     for row in rows:
         mb = row["bytes_per_token"] / 1e6
         if "quantized" not in row:  # no CPU runtime, a missing venv, or a failure: the runtime column says which
             cell = "no CPU runtime" if row["runtime"].startswith("no CPU runtime") else "–"
-            print(f"| {row['label']} | {row['runtime']} | {cell} | {cell} | {mb:.1f} | {row['bound_tps']:.0f} | – |")
+            print(f"| {row['label']} | {row['runtime']} | {cell} | {cell} | – | {mb:.1f} | {row['bound_tps']:.0f} | – |")
             continue
         q, b = row["quantized"], row["baseline"]
-        print(f"| {row['label']} | {row['runtime']} | {q['prefill_tps']:.0f} / {b['prefill_tps']:.0f} | "
-              f"{q['decode_tps']:.1f} / {b['decode_tps']:.1f} | {mb:.1f} | {row['bound_tps']:.0f} | "
-              f"{q['decode_tps'] / row['bound_tps']:.2f} |")
+        print(f"| {row['label']} | {row['runtime']} | {rate_text(q['prefill_tps'])} / {rate_text(b['prefill_tps'])} | "
+              f"{rate_text(q['decode_tps'])} / {rate_text(b['decode_tps'])} | {_speedups(q, b)} | {mb:.1f} | "
+              f"{row['bound_tps']:.0f} | "
+              f"{rate_text(q['decode_tps'] / row['bound_tps'])} |")
+    busy = other_work.fraction()
+    print(f"CPUs busy with other work during the benchmark: {_share(busy)}"
+          f"{'' if busy is not None and busy < QUIET else ' (UNDER LOAD: figures are not quiet-machine figures)'}")
     if args.csv:
         import csv
 
@@ -212,13 +268,15 @@ def main() -> None:
             writer = csv.writer(f)
             writer.writerow(["label", "format", "runtime", "prefill_tps", "decode_tps", "base_prefill_tps",
                              "base_decode_tps", "bytes_per_token", "bound_tps", "read_bandwidth", "threads",
-                             "prompt", "decode", "load_average"])
+                             "prompt", "decode", "load_average", "other_work", "commit", "cpu", "decode_s",
+                             "base_decode_s"])
             for row in rows:
                 q, b = row.get("quantized", {}), row.get("baseline", {})
                 writer.writerow([row["label"], row["format"], row["runtime"], q.get("prefill_tps"),
                                  q.get("decode_tps"), b.get("prefill_tps"), b.get("decode_tps"),
                                  row["bytes_per_token"], row["bound_tps"], bandwidth, args.threads, args.prompt,
-                                 args.decode, load])
+                                 args.decode, load, busy, commit, cpu_name(), json.dumps(q.get("decode_s")),
+                                 json.dumps(b.get("decode_s"))])
 
 
 if __name__ == "__main__":

@@ -104,6 +104,22 @@ def mlx_model(path: str, threads: int, n_ctx: int, quantized: bool):
 
 
 LOADERS = {"transformers": transformers_model, "quanto": quanto_model, "mlx": mlx_model}
+# what each runtime's figures depend on (those installed in its venv are reported beside them)
+RUNTIME_DISTRIBUTIONS = {"llamacpp": ["llama_cpp_python"],
+                         "transformers": ["torch", "transformers", "bitsandbytes", "torchao"],
+                         "quanto": ["torch", "transformers", "optimum-quanto"], "mlx": ["mlx", "mlx-lm"]}
+
+
+def versions(distributions: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in distributions:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def main() -> None:
@@ -137,7 +153,7 @@ def main() -> None:
                      "decode_tps": args.decode / statistics.median(t[1] for t in ts),
                      "prefill_s": [t[0] for t in ts], "decode_s": [t[1] for t in ts]}
               for name, ts in times.items()}
-    print(json.dumps(result))
+    print(json.dumps({**result, "versions": versions(RUNTIME_DISTRIBUTIONS[args.runtime])}))
 
 
 if __name__ == "__main__":

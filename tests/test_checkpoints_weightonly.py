@@ -89,6 +89,31 @@ def test_the_library_references_are_of_the_files_beside_them():
         assert recorded == hashlib.sha256((GOLDEN / name / "model.safetensors").read_bytes()).hexdigest(), name
 
 
+def test_the_library_reference_of_a_sharded_checkpoint_hashes_its_shards(tmp_path):
+    """HQQ's save_to_safetensors writes shards and an index, no model.safetensors, for a model of more than 5 blocks
+    (SmolLM2-135M: 30): writing the reference beside them must hash the shards the index names, in sorted order
+    (it raised FileNotFoundError on model.safetensors, so the producer failed on the packaged model)."""
+    import hashlib
+    import importlib.util
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "produce" / "check_layout.py"
+    spec = importlib.util.spec_from_file_location("_check_layout", script)
+    check_layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_layout)
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"b": "model-00002-of-00002.safetensors", "a": "model-00001-of-00002.safetensors"}}))
+    check_layout.write_reference(tmp_path, ({"layer": torch.eye(2)}, "lib 1.0", "how"))
+    with safe_open(str(tmp_path / "library_dequantized.safetensors"), "pt") as f:
+        recorded = f.metadata()["source_sha256"]
+    shards = b"".join((tmp_path / f"model-0000{i}-of-00002.safetensors").read_bytes() for i in (1, 2))
+    assert recorded == hashlib.sha256(shards).hexdigest()
+
+
 def test_formats_without_integer_zeros_are_carried_dequantized_and_torchao_int4_packs(base):
     for name in ("bnb-nf4", "mlx-w4g32", "hqq-w4g32", "quanto-qint4"):
         arts = reader_for(GOLDEN / name).read(GOLDEN / name, base).artifacts
