@@ -17,30 +17,16 @@ every token of a draw has one outcome (rate estimated as exactly 0 or 1).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 from scipy import stats as sps
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from analysis import stats
-
-
-def blocks(rng, n: int, mu: float = 2.0, block: int = 64, rho: float = 0.8):
-    e = rng.normal(size=(n, block))
-    x = np.empty_like(e)
-    x[:, 0] = e[:, 0]
-    for t in range(1, block):
-        x[:, t] = rho * x[:, t - 1] + np.sqrt(1 - rho**2) * e[:, t]
-    return (mu + 0.5 * x).sum(axis=1), np.full(n, float(block))
-
-
-def clustered_events(rng, draws: int, n: int, p: float, block: int = 64, rho: float = 0.8) -> np.ndarray:
-    """Event counts per block [draws, n]: a token is an event where an AR(1) latent exceeds its 1 - p quantile."""
-    e = rng.normal(size=(draws, n, block))
-    x = np.empty_like(e)
-    x[..., 0] = e[..., 0]
-    for t in range(1, block):
-        x[..., t] = rho * x[..., t - 1] + np.sqrt(1 - rho**2) * e[..., t]
-    return (x > sps.norm.ppf(1 - p)).sum(axis=-1).astype(float)
+from tests.simulated import clustered_events, correlated_losses
 
 
 def bca(nll, tokens, rng):
@@ -56,7 +42,7 @@ def ppl_coverage(args) -> None:
         rng, boot_rng = np.random.default_rng(7), np.random.default_rng(0)
         hit_t = hit_b = 0
         for _ in range(args.draws):
-            nll, tokens = blocks(rng, n)
+            nll, tokens = correlated_losses(rng, n)
             est = stats.perplexity(nll, tokens)
             hit_t += est.ci_low <= truth <= est.ci_high
             low, high = bca(nll, tokens, boot_rng)

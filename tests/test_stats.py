@@ -11,16 +11,7 @@ from analysis import stats
 from harness.teacher import compute_teacher
 from structure.architectures import layout_for
 from structure.pipeline import BlockPipeline
-
-
-def _correlated_blocks(rng, n_blocks: int, mu: float, block: int = 64, rho: float = 0.8):
-    """Token losses with AR(1) correlation inside each block (mean mu), summed per block."""
-    e = rng.normal(size=(n_blocks, block))
-    x = np.empty_like(e)
-    x[:, 0] = e[:, 0]
-    for t in range(1, block):
-        x[:, t] = rho * x[:, t - 1] + np.sqrt(1 - rho**2) * e[:, t]
-    return (mu + 0.5 * x).sum(axis=1), np.full(n_blocks, block)
+from tests.simulated import clustered_events, correlated_losses
 
 
 @pytest.mark.parametrize("n_blocks", [8, 16, 48])
@@ -30,23 +21,10 @@ def test_block_bootstrap_intervals_cover_the_true_ppl(n_blocks):
     rng, mu, draws = np.random.default_rng(1), 2.0, 1000
     covered = 0
     for _ in range(draws):
-        nll, tokens = _correlated_blocks(rng, n_blocks, mu)
+        nll, tokens = correlated_losses(rng, n_blocks, mu)
         est = stats.perplexity(nll, tokens)
         covered += est.ci_low <= np.exp(mu) <= est.ci_high
     assert covered / draws >= 0.93, covered / draws
-
-
-def _clustered_events(rng, draws: int, n_blocks: int, p: float, block: int = 64, rho: float = 0.8) -> np.ndarray:
-    """Event counts per block [draws, n_blocks]: a token is an event where an AR(1) latent (rho) exceeds its 1 - p
-    quantile, so events (top-1 disagreements) come in runs inside a block, as they would after a bad layer."""
-    from scipy import stats as sps
-
-    e = rng.normal(size=(draws, n_blocks, block))
-    x = np.empty_like(e)
-    x[..., 0] = e[..., 0]
-    for t in range(1, block):
-        x[..., t] = rho * x[..., t - 1] + np.sqrt(1 - rho**2) * e[..., t]
-    return (x > sps.norm.ppf(1 - p)).sum(axis=-1).astype(float)
 
 
 @pytest.mark.parametrize("n_blocks", [8, 16, 48])
@@ -56,7 +34,7 @@ def test_finding4_top1_interval_stays_in_0_1_and_covers_near_the_edges(n_blocks,
     at least 93% of the time near 0, at 1/2 and near 1, with disagreements clustered inside blocks (many draws near
     the edges see no event at all)."""
     rng, draws = np.random.default_rng([n_blocks, int(rate * 1000)]), 600
-    counts = _clustered_events(rng, draws, n_blocks, rate)
+    counts = clustered_events(rng, draws, n_blocks, rate)
     tokens = np.full(n_blocks, 64.0)
     covered = 0
     for c in counts:
