@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random models built from configs (no download), one per supported family."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,13 +76,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    """A tiny llama + tokenizer saved with save_pretrained: loadable as `model=hf model.path=<dir>`."""
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
+def save_with_tokenizer(model, path: Path) -> Path:
+    """`model` and the tiny tokenizer saved with save_pretrained into `path`: loadable as `model=hf model.path=<path>`."""
+    model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny llama + tokenizer: loadable as `model=hf model.path=<dir>`."""
+    return save_with_tokenizer(tiny_model("llama"), tmp_path / "tiny-llama")
 
 
 @pytest.fixture
@@ -133,7 +139,6 @@ def gguf_writer():
     """scripts/produce/gguf_write.py, the producer that writes GGUF files with the `gguf` package (a script, not a
     package: loaded from its path)."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "produce" / "gguf_write.py"
     spec = importlib.util.spec_from_file_location("gguf_write", path)

@@ -18,13 +18,12 @@ SWEEP = [("fp", 4, 32), ("rtn", 4, 32), ("rtn", 3, 32), ("rtn", 2, None), ("gptq
 
 def build_assets(directory: Path) -> tuple[Path, Path]:
     """A tiny llama with peaked outputs (so quantization moves perplexity) and a text corpus; deterministic."""
-    from conftest import random_text, tiny_model, tiny_tokenizer
+    from conftest import random_text, save_with_tokenizer, tiny_model
 
     model_dir, text = directory / "tiny-llama", directory / "corpus.txt"
     model = tiny_model("llama", seed=0, initializer_range=0.3)
     portable_init(model, std=0.3, seed=0)
-    model.save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    save_with_tokenizer(model, model_dir)
     text.write_text(random_text(8000, seed=0))
     return model_dir, text
 

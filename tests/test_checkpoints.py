@@ -17,7 +17,7 @@ from core.spec import DequantizedWeights, QuantizedWeights
 from harness.config import ConfigError
 from harness.run import execute
 from structure.architectures import layout_for
-from tests.conftest import gguf_writer, tiny_model, tiny_tokenizer
+from tests.conftest import gguf_writer, save_with_tokenizer, tiny_model, tiny_tokenizer
 from tests.test_config import make_config
 from tests.test_run import tiny_run_overrides
 
@@ -162,9 +162,7 @@ def test_a_changed_checkpoint_file_is_a_different_run(text_file, tmp_path):
 
 
 def test_a_mismatched_checkpoint_is_refused_before_anything_is_written(text_file, tmp_path):
-    other = tmp_path / "other"
-    tiny_model("llama", intermediate_size=128).save_pretrained(other)
-    tiny_tokenizer().save_pretrained(other)
+    other = save_with_tokenizer(tiny_model("llama", intermediate_size=128), tmp_path / "other")
     cfg = make_config(*tiny_run_overrides(other, text_file, tmp_path, "method=checkpoint",
                                           f"method.path={gguf_file('Q4_0')}"))
     with pytest.raises(ConfigError, match="method.path=.*not a checkpoint of this model"):

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_with_tokenizer, tiny_model, tiny_tokenizer
 from analysis import integrity, results
 from analysis.integrity import IntegrityError
 from harness.models import weights_stamp
@@ -263,9 +263,7 @@ def test_the_same_weights_at_another_path_are_the_same_model(tiny_model_dir, tmp
     prints = [model_fingerprint(load_model(make_config("model=hf", f"model.path={p}").model, "cpu", tmp_path)[0])
               for p in (tiny_model_dir, copy)]
     assert prints[0] == prints[1]  # comparable, and one cache entry serves both
-    other = tmp_path / "other"
-    tiny_model("llama", seed=1).save_pretrained(other)
-    tiny_tokenizer().save_pretrained(other)
+    other = save_with_tokenizer(tiny_model("llama", seed=1), tmp_path / "other")
     assert model_fingerprint(load_model(make_config("model=hf", f"model.path={other}").model, "cpu", tmp_path)[0]) \
         != prints[0]
 

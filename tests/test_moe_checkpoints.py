@@ -21,7 +21,7 @@ from harness.config import ConfigError
 from harness.run import execute
 from kernels.export import as_stored, save_quantized
 from structure.architectures import apply_artifacts, layout_for
-from tests.conftest import MOE_FAMILIES, gguf_writer, tiny_moe_model, tiny_tokenizer
+from tests.conftest import MOE_FAMILIES, gguf_writer, save_with_tokenizer, tiny_moe_model, tiny_tokenizer
 from tests.test_config import make_config
 from tests.test_run import tiny_run_overrides
 
@@ -144,10 +144,7 @@ def test_a_missing_expert_is_refused(tmp_path, mixtral_ckpt):
 
 @pytest.fixture
 def tiny_moe_dir(tmp_path):
-    path = tmp_path / "tiny-mixtral"
-    tiny_moe_model("mixtral").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_with_tokenizer(tiny_moe_model("mixtral"), tmp_path / "tiny-mixtral")
 
 
 def ppl_and_kld(frame):
@@ -175,9 +172,7 @@ def test_an_exported_moe_run_evaluated_as_a_checkpoint_gives_the_same_numbers(ti
 
 
 def test_an_moe_export_of_gpt_oss_is_refused_in_the_preflight(tmp_path, text_file):
-    path = tmp_path / "tiny-gpt-oss"
-    tiny_moe_model("gpt_oss").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    path = save_with_tokenizer(tiny_moe_model("gpt_oss"), tmp_path / "tiny-gpt-oss")
     with pytest.raises(ConfigError, match="export=gptq: gpt_oss checkpoints store the experts fused"):
         execute(make_config(*tiny_run_overrides(path, text_file, tmp_path, "method=rtn", "group_size=16",
                                                 "export=gptq")))

@@ -18,7 +18,7 @@ import torch
 
 from analysis import results
 from analysis.integrity import read_sealed
-from conftest import random_text, tiny_model, tiny_tokenizer
+from conftest import random_text, save_with_tokenizer, tiny_model
 from harness.journal import EVENTS_FILE, STATUS_FILE
 from harness.preemption import RETRY_EXIT, Preempted, StopRequest
 from harness.locks import lock_path
@@ -48,9 +48,8 @@ def _events(job_dir: Path) -> list[dict]:
 
 
 def test_sigusr1_stops_a_run_between_blocks_and_the_same_command_resumes_it(tmp_path):
-    tiny_model("llama", num_hidden_layers=N_BLOCKS, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-               num_key_value_heads=2).save_pretrained(tmp_path / "tiny8")
-    tiny_tokenizer().save_pretrained(tmp_path / "tiny8")
+    save_with_tokenizer(tiny_model("llama", num_hidden_layers=N_BLOCKS, hidden_size=128, intermediate_size=256,
+                                   num_attention_heads=4, num_key_value_heads=2), tmp_path / "tiny8")
     (tmp_path / "corpus.txt").write_text(random_text(8000))
     args = _overrides(tmp_path, "results", "cache")
 

@@ -27,7 +27,7 @@ import torch
 
 from analysis import results
 from analysis.integrity import read_sealed
-from conftest import random_text, tiny_model, tiny_tokenizer
+from conftest import random_text, save_with_tokenizer, tiny_model
 from harness.journal import STATUS_FILE
 from harness.locks import held, lock_path
 from harness.run import execute, run_dir
@@ -73,10 +73,8 @@ N_BLOCKS = 16  # blocks of slack between the first kept block and the end: the t
 def workspace(tmp_path_factory):
     """A tiny N_BLOCKS-block Llama, its tokenizer and a corpus; results and cache directories the sweeps share."""
     root = tmp_path_factory.mktemp("slurm")
-    model = root / f"tiny{N_BLOCKS}"
-    tiny_model("llama", num_hidden_layers=N_BLOCKS, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-               num_key_value_heads=2).save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
+    save_with_tokenizer(tiny_model("llama", num_hidden_layers=N_BLOCKS, hidden_size=128, intermediate_size=256,
+                                   num_attention_heads=4, num_key_value_heads=2), root / f"tiny{N_BLOCKS}")
     (root / "corpus.txt").write_text(random_text(8000))
     return root
 

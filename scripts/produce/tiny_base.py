@@ -35,8 +35,7 @@ def main() -> None:
     out = args.out or ROOT / f"tests/golden/checkpoints/tiny-{args.family.replace('_', '')}"
     builder, overrides = FAMILIES[args.family]
     model = getattr(conftest, builder)(args.family, seed=0, **overrides)
-    model.save_pretrained(out)
-    conftest.tiny_tokenizer().save_pretrained(out)
+    conftest.save_with_tokenizer(model, out)
     import transformers
 
     (out / "PRODUCER.json").write_text(json.dumps({
