@@ -53,6 +53,25 @@ def slurm_ids() -> dict:
             "slurm_restarts": int(env.get("SLURM_RESTART_COUNT", "0") or 0)}
 
 
+@contextlib.contextmanager
+def every(seconds: float, action, name: str):
+    """Call `action()` every `seconds` on a daemon thread while the block runs (a heartbeat); stopped and joined on
+    the way out."""
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(seconds):
+            action()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def note(logger: logging.Logger, event: str, message: str | None, *args, level: int = logging.INFO,
          **fields) -> None:
     """Log `message % args` on `logger` (None: no log line), and record `event` with `fields` in the job's journal."""
@@ -108,23 +127,14 @@ class JobJournal(logging.Handler):
         """While active, the journal records this process's events and its status file has a heartbeat."""
         self.directory.mkdir(parents=True, exist_ok=True)
         JOURNAL.addHandler(self)
-        stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(HEARTBEAT_S):
-                self.acquire()
-                try:
-                    self._write()
-                finally:
-                    self.release()
+            with self.lock:  # the handler's lock: not while an event is being written
+                self._write()
 
-        thread = threading.Thread(target=beat, name="journal-heartbeat", daemon=True)
         try:
             note(logging.getLogger(__name__), "job_start", None, **{k: self.status.get(k) for k in ("job", "run_dir")})
-            thread.start()
-            yield self
+            with every(HEARTBEAT_S, beat, "journal-heartbeat"):
+                yield self
         finally:
-            stop.set()
-            if thread.is_alive():
-                thread.join()
             JOURNAL.removeHandler(self)

@@ -20,14 +20,13 @@ import logging
 import os
 import shutil
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from harness.journal import note, process_start, slurm_ids
+from harness.journal import every, note, process_start, slurm_ids
 
 log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock.d"  # a run's lock: a hidden sibling `.<run>.lock.d`; a cache entry's: a sibling `<entry>.lock.d`
@@ -151,20 +150,15 @@ def held(lock: Path, what: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float
         time.sleep(poll_s)
     if waited:
         note(log, "lock_acquired", None, lock=str(lock), what=what, waited_s=round(time.perf_counter() - since, 3))
-    stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(heartbeat_s):
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(lock / HEARTBEAT)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(lock / HEARTBEAT)
 
-    thread = threading.Thread(target=beat, name="lock-heartbeat", daemon=True)
-    thread.start()
     try:
-        yield waited
+        with every(heartbeat_s, beat, "lock-heartbeat"):
+            yield waited
     finally:
-        stop.set()
-        thread.join()
         _remove(lock, "released")
 
 
