@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from analysis.integrity import load_sealed, read_or_quarantine, save_sealed, verify_manifest, write_manifest
 from harness.identity import stable_hash
-from analysis.integrity import read_or_quarantine, read_sealed, verify_manifest, write_manifest, write_sealed
 from methods.base import QuantizationResult
 from structure.streaming import ArtifactStore
 
@@ -98,9 +97,7 @@ def save_entry(path: Path, key: dict, result: QuantizationResult, meta: dict) ->
     body = {"key": key, "modified": result.modified, "stats": result.stats, "extras": result.extras,
             "routing": result.routing, "meta": meta}
     if not isinstance(result.artifacts, ArtifactStore):
-        buffer = io.BytesIO()
-        torch.save({**body, "artifacts": result.artifacts}, buffer)
-        write_sealed(path, buffer.getvalue())
+        save_sealed(path, {**body, "artifacts": result.artifacts})
         return result
     target = _directory_of(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +137,7 @@ def load_entry(path: Path, key: dict) -> tuple[QuantizationResult, dict] | None:
 def _read_entry(path: Path, directory: Path) -> dict:
     """The verified content of an entry: a sealed file, or a directory checked against its manifest."""
     if path.exists():
-        return torch.load(io.BytesIO(read_sealed(path)), map_location="cpu", weights_only=False)  # our own file
+        return load_sealed(path, weights_only=False)  # our own file
     verify_manifest(directory)
     entry = torch.load(directory / "entry.pt", map_location="cpu", weights_only=False)
     entry["artifacts"] = ArtifactStore(directory / "artifacts")

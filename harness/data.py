@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -25,13 +24,13 @@ import re
 import sysconfig
 import textwrap
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from analysis.integrity import read_or_quarantine, read_sealed, write_sealed
+from analysis.integrity import load_sealed, read_or_quarantine, save_sealed
 from core.registry import Registry
 
 if TYPE_CHECKING:  # the config module validates kinds against SOURCES, so it imports this one, not the reverse
@@ -230,15 +229,13 @@ def encode(text: str, tokenizer, cache_dir: Path | None = None, keep: bool = Tru
     def load() -> torch.Tensor | None:
         if not path.exists():
             return None
-        entry = read_or_quarantine(path, lambda: torch.load(io.BytesIO(read_sealed(path)), weights_only=True))
+        entry = read_or_quarantine(path, lambda: load_sealed(path))
         return entry["ids"] if entry is not None and stable_hash(entry.get("key"), 64) == stable_hash(key, 64) \
             else None
 
     def compute() -> torch.Tensor:
         ids = _ids(text, tokenizer)
-        buffer = io.BytesIO()
-        torch.save({"key": key, "ids": ids}, buffer)
-        write_sealed(path, buffer.getvalue())
+        save_sealed(path, {"key": key, "ids": ids})
         return ids
 
     if not keep:

@@ -15,7 +15,6 @@ there (harness/preemption.py). The directory goes once the quantized weights are
 """
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.integrity import IntegrityError, aside_path, read_sealed, write_sealed
+from analysis.integrity import IntegrityError, aside_path, load_sealed, read_sealed, save_sealed
 from harness.identity import stable_hash
 from harness.journal import note
 from harness.preemption import StopRequest
@@ -37,16 +36,6 @@ INPUTS = "inputs.pt"
 def progress_directory(entry: Path) -> Path:
     """Where the progress of the quantization cache entry `entry` (<hash>.pt) is kept."""
     return entry.with_suffix(".progress")
-
-
-def _save(path: Path, obj) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_sealed(path, buffer.getvalue())
-
-
-def _load(path: Path):
-    return torch.load(io.BytesIO(read_sealed(path)), map_location="cpu", weights_only=False)  # our own, verified
 
 
 class KeptBlocks(Sequence):
@@ -62,7 +51,7 @@ class KeptBlocks(Sequence):
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        stored = _load(self.directory / f"block-{i}.pt")
+        stored = load_sealed(self.directory / f"block-{i}.pt", weights_only=False)  # our own
         if stored.get("key") != self.key or stored.get("index") != i:
             raise IntegrityError(self.directory / f"block-{i}.pt", "holds another quantization's block")
         return FinishedBlock(i, stored["artifacts"], stored["changed"], tuple(stored["from_artifacts"]),
@@ -88,7 +77,7 @@ class PassOnDisk:
     def _resume(self) -> None:
         """Take what is kept, after checking every file of it; set it aside when anything does not match."""
         try:
-            state = _load(self.directory / INPUTS)
+            state = load_sealed(self.directory / INPUTS, weights_only=False)
             if (state.get("key"), state.get("desc"), state.get("n_blocks")) != (self.key, self.desc, self.n_blocks):
                 raise IntegrityError(self.directory / INPUTS, "kept for another quantization or pass")
             done = int(state["done"])
@@ -112,7 +101,7 @@ class PassOnDisk:
              path=str(self.directory))
 
     def keep(self, block: FinishedBlock, next_inputs: torch.Tensor, n_blocks: int) -> None:
-        _save(self.directory / f"block-{block.index}.pt",
+        save_sealed(self.directory / f"block-{block.index}.pt",
               {"key": self.key, "index": block.index, "artifacts": block.artifacts, "changed": block.changed,
                "from_artifacts": list(block.from_artifacts), "record": block.record,
                "routing": block.routing})
@@ -120,7 +109,7 @@ class PassOnDisk:
         last = block.index + 1 == n_blocks
         due = self.every_s is not None and time.monotonic() - self._saved_at >= self.every_s
         if last or due or self.stop.requested:
-            _save(self.directory / INPUTS, {"key": self.key, "desc": self.desc, "n_blocks": n_blocks,
+            save_sealed(self.directory / INPUTS, {"key": self.key, "desc": self.desc, "n_blocks": n_blocks,
                                             "done": block.index + 1, "next_inputs": None if last else next_inputs})
             self._saved_at = time.monotonic()
         if not last:

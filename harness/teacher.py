@@ -23,7 +23,6 @@ below the exact one at k = 32 and still 1.9% below at k = 1024 (benchmarks/kld_t
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,9 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from analysis.integrity import load_sealed, read_or_quarantine, save_sealed
 from harness.identity import stable_hash
 from harness.locks import computed_once
-from analysis.integrity import read_or_quarantine, read_sealed, write_sealed
 from structure.head import at_least_fp32, head_logits, lm_head_input, position_chunks, stats_pieces
 from structure.layerwise import layerwise_lm_head_inputs
 from structure.pipeline import BlockPipeline
@@ -138,9 +137,7 @@ def teachers(pipeline: BlockPipeline, windows: dict[str, torch.Tensor], prints: 
         def compute(name=name, w=w, key=key, path=path) -> Baseline:
             log.info("computing the unquantized model on %s (once; cached in %s)", name, path.parent)
             baseline = compute_teacher(pipeline, w, desc=f"baseline {name}")
-            buffer = io.BytesIO()
-            torch.save({"key": key, **baseline.tensors()}, buffer)
-            write_sealed(path, buffer.getvalue())
+            save_sealed(path, {"key": key, **baseline.tensors()})
             return baseline
 
         # jobs starting together on a fresh cache: one computes it, the others wait and then read it (verified)
@@ -152,8 +149,7 @@ def _cached(path: Path, key: dict) -> Baseline | None:
     """The cached baseline for exactly `key`, verified against its checksum; a damaged entry is moved aside."""
     if not path.exists():
         return None
-    entry = read_or_quarantine(path, lambda: torch.load(io.BytesIO(read_sealed(path)), map_location="cpu",
-                                                        weights_only=True))
+    entry = read_or_quarantine(path, lambda: load_sealed(path))
     if entry is None or stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
         return None
     return Baseline(**{f.name: entry.get(f.name) for f in fields(Baseline)})
