@@ -72,6 +72,16 @@ def every(seconds: float, action, name: str):
         thread.join()
 
 
+def where_text(process: dict) -> str:
+    """'host vm, pid 123, SLURM job 45_1 (requeued 1x)': what a job's status or a lock's owner file records of the
+    process (owner_now, JobJournal), '?' for what it does not say."""
+    parts = [f"host {process.get('host', '?')}", f"pid {process.get('pid', '?')}"]
+    if process.get("slurm_job"):
+        restarts = process.get("slurm_restarts") or 0
+        parts.append(f"SLURM job {process['slurm_job']}" + (f" (requeued {restarts}x)" if restarts else ""))
+    return ", ".join(parts)
+
+
 def note(logger: logging.Logger, event: str, message: str | None, *args, level: int = logging.INFO,
          **fields) -> None:
     """Log `message % args` on `logger` (None: no log line), and record `event` with `fields` in the job's journal."""

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from harness.journal import every, note, process_start, slurm_ids
+from harness.journal import every, note, process_start, slurm_ids, where_text
 
 log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock.d"  # a run's lock: a hidden sibling `.<run>.lock.d`; a cache entry's: a sibling `<entry>.lock.d`
@@ -145,7 +145,7 @@ def held(lock: Path, what: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float
                 continue  # released meanwhile: try again at once
             holder = holder or {}
             note(log, "lock_wait", "%s is being computed by another process (%s): waiting for it", what,
-                 _where(holder), lock=str(lock), what=what, holder=holder)
+                 where_text(holder), lock=str(lock), what=what, holder=holder)
         waited = True
         time.sleep(poll_s)
     if waited:
@@ -160,14 +160,6 @@ def held(lock: Path, what: str, heartbeat_s: float = HEARTBEAT_S, stale_s: float
             yield waited
     finally:
         _remove(lock, "released")
-
-
-def _where(owner: dict) -> str:
-    """'host vm, pid 123, SLURM job 45_1' (what is known of a lock's holder)."""
-    parts = [f"host {owner.get('host', '?')}", f"pid {owner.get('pid', '?')}"]
-    if owner.get("slurm_job"):
-        parts.append(f"SLURM job {owner['slurm_job']}")
-    return ", ".join(parts)
 
 
 def lock_path(out_dir: Path) -> Path:

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from analysis.results import DONE_FILE, FAILED_FILE, check_run
 from analysis.summary import RUN_FILE
-from harness.journal import EVENTS_FILE, HEARTBEAT_S, STATUS_FILE
+from harness.journal import EVENTS_FILE, HEARTBEAT_S, STATUS_FILE, where_text
 from harness.locks import LOCK_SUFFIX, STALE_S, heartbeat_age, local_process_gone, lock_path, read_owner
 from harness.sweep import read_manifest, sweep_jobs
 
@@ -104,14 +104,6 @@ def _alive(status: dict) -> bool:
     return time.time() - float(status.get("updated") or 0) < STALE_AFTER_S
 
 
-def _where(status: dict) -> str:
-    parts = [f"host {status.get('host')}", f"pid {status.get('pid')}"]
-    if status.get("slurm_job"):
-        restarts = status.get("slurm_restarts") or 0
-        parts.append(f"SLURM job {status['slurm_job']}" + (f" (requeued {restarts}x)" if restarts else ""))
-    return ", ".join(parts)
-
-
 def _progress(status: dict) -> str:
     progress = status.get("progress") or {}
     if not progress.get("path"):
@@ -145,20 +137,20 @@ def job_state(status: dict | None, slurm: dict | None) -> tuple[str, str]:
             return "running", f"resuming after: {how}"
         return "stopped", f"{how}; the same command resumes it"
     if _alive(status):
-        where = _where(status)
+        where = where_text(status)
         if slurm is not None and slurm["state"] not in ("RUNNING", "COMPLETING"):
             where += f" (SLURM: {slurm['state'].lower()})"  # e.g. suspended
         if state == "waiting" and status.get("waiting_for"):
             waiting = status["waiting_for"]
             holder = waiting.get("holder") or {}
-            return "waiting", (f"{where}: waiting for {waiting.get('what')} (held by {_where(holder)}; lock "
+            return "waiting", (f"{where}: waiting for {waiting.get('what')} (held by {where_text(holder)}; lock "
                                f"{waiting.get('lock')})")
         return "running", f"{where}; stage {status.get('stage') or 'start'}{_progress(status)}"
     if queued:
-        return "requeued", f"its process ended ({_where(status)}); pending in SLURM ({slurm['reason'] or 'queued'})"
+        return "requeued", f"its process ended ({where_text(status)}); pending in SLURM ({slurm['reason'] or 'queued'})"
     ended = f"; SLURM: {slurm['state']}" if slurm is not None else ""
     log = status.get("submitit_log") or status.get("log")
-    return "failed", f"died without a word ({_where(status)} is gone){ended} (log: {log})"
+    return "failed", f"died without a word ({where_text(status)} is gone){ended} (log: {log})"
 
 
 def sweep_status(sweep_dir: Path, ask_slurm: bool = True) -> list[dict]:
@@ -209,12 +201,12 @@ def results_status(results_dir: Path) -> list[dict]:
             check = check_run(run_dir)
             state, detail = ("done", "") if check.state == "complete" else ("failed", check.reason)
         elif owner is not None and _lock_alive(lock, owner):
-            state, detail = "running", _where(owner)
+            state, detail = "running", where_text(owner)
         elif (run_dir / FAILED_FILE).exists():
             failed = json.loads((run_dir / FAILED_FILE).read_text())
             state, detail = "failed", f"{failed.get('error')} (log: {failed.get('log')})"
         elif owner is not None:
-            state, detail = "failed", f"died holding its lock ({_where(owner)})"
+            state, detail = "failed", f"died holding its lock ({where_text(owner)})"
         rows.append({"run": name, "state": state, "detail": detail})
     return rows
 
@@ -249,7 +241,7 @@ def _event_text(e: dict) -> str | None:
         took = f" ({e['seconds']:.1f} s)" if e.get("seconds") is not None and e.get("action") != "reused" else ""
         return f"{e.get('what')}: {e.get('action')}{took}"
     if kind == "lock_wait":
-        return f"waiting for {e.get('what')} (held by {_where(e.get('holder') or {})})"
+        return f"waiting for {e.get('what')} (held by {where_text(e.get('holder') or {})})"
     if kind == "lock_taken_over":
         return f"took over {e.get('lock')} ({e.get('why')})"
     if kind == "resumed":
