@@ -30,7 +30,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
 from harness.journal import STATUS_FILE
-from harness.sweep import SweepFailed, write_manifest
+from harness.sweep import SweepFailed, set_apart, shared_overrides, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,14 @@ def last_line(text) -> str:
 
 def failure_report(sweep_dir: Path, executor: str, all_overrides: Sequence[Sequence[str]], failed: list) -> str:
     """One entry per failed job: number, the overrides that set it apart, the error's last line, its logs."""
-    common = set.intersection(*(set(o) for o in all_overrides))
+    shared = shared_overrides(all_overrides)
     lines = [f"sweep: {len(all_overrides) - len(failed)} of {len(all_overrides)} jobs finished, {len(failed)} failed:"]
     for number, overrides, job, ret in failed:
-        shown = " ".join(o for o in overrides if o not in common) or " ".join(overrides)
         status = _job_status(sweep_dir / str(number))
         error = status.get("error") or last_line(_error_of(ret))
         logs = [p for p in (status.get("log") or str(sweep_dir / str(number) / "__main__.log"),
                             str(job.paths.stderr)) if p and Path(p).exists()]
-        lines.append(f"  #{number} {shown}: {error}")
+        lines.append(f"  #{number} {set_apart(overrides, shared)}: {error}")
         lines.append(f"      {executor} job {job.job_id}; logs: {', '.join(logs) or '(none written)'}")
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ from analysis.results import DONE_FILE, FAILED_FILE, check_run
 from analysis.summary import RUN_FILE
 from harness.journal import EVENTS_FILE, HEARTBEAT_S, STATUS_FILE, where_text
 from harness.locks import LOCK_SUFFIX, STALE_S, heartbeat_age, local_process_gone, lock_path, read_owner
-from harness.sweep import read_manifest, sweep_jobs
+from harness.sweep import read_manifest, set_apart, shared_overrides, sweep_jobs
 
 STALE_AFTER_S = 4 * HEARTBEAT_S  # a journal not rewritten for this long belongs to a job that is gone
 STATES = ("done", "running", "waiting", "requeued", "stopped", "failed", "not started")
@@ -160,7 +160,7 @@ def sweep_status(sweep_dir: Path, ask_slurm: bool = True) -> list[dict]:
     planned, journals = planned_jobs(sweep_dir), _journals(sweep_dir)
     manifest = {job["num"]: job for job in read_manifest(sweep_dir).get("jobs", [])}
     numbers = sorted(set(planned) | set(journals))
-    common = set.intersection(*(set(o) for o in planned.values())) if planned else set()
+    shared = shared_overrides(planned.values())
     ids = {n: (journals.get(n) or {}).get("slurm_job") or manifest.get(n, {}).get("job_id") for n in numbers}
     slurm = slurm_states([i for i in ids.values() if i]) if ask_slurm else {}
     rows = []
@@ -168,7 +168,7 @@ def sweep_status(sweep_dir: Path, ask_slurm: bool = True) -> list[dict]:
         status = journals.get(n)
         state, detail = job_state(status, slurm.get(str(ids[n])) if ids[n] else None)
         overrides = planned.get(n) or (status or {}).get("overrides") or []
-        rows.append({"job": n, "config": " ".join(o for o in overrides if o not in common) or " ".join(overrides),
+        rows.append({"job": n, "config": set_apart(overrides, shared),
                      "state": state, "detail": detail, "slurm_job": ids[n],
                      "run_dir": (status or {}).get("run_dir") or _run_file(sweep_dir / str(n)),
                      "log": (status or {}).get("log"), "submitit_log": (status or {}).get("submitit_log")

@@ -30,6 +30,16 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
+def shared_overrides(jobs) -> set[str]:
+    """The overrides every job of a sweep has (none when there are no jobs)."""
+    return set.intersection(*(set(o) for o in jobs)) if jobs else set()
+
+
+def set_apart(overrides, shared: set[str]) -> str:
+    """A job's configuration as one line: its overrides less the shared ones (all of them where none is its own)."""
+    return " ".join(o for o in overrides if o not in shared) or " ".join(overrides)
+
+
 def write_manifest(sweep_dir: Path, executor: str, jobs: list[dict]) -> None:
     """Record the jobs a launcher submitted ({num, overrides, job_id, submitit_log}), merged with those of an earlier
     batch of the same sweep."""
