@@ -106,6 +106,20 @@ def load_sealed(path: Path, weights_only: bool = True):
     return torch.load(io.BytesIO(read_sealed(path)), map_location="cpu", weights_only=weights_only)
 
 
+def load_sealed_for(path: Path, key) -> dict | None:
+    """The entry save_sealed wrote at `path` as {"key": key, ...}, if there is one, it matches its checksum (else it
+    is moved aside with a warning) and it was computed for exactly `key` (the same canonical JSON); else None."""
+    if not Path(path).exists():
+        return None
+    entry = read_or_quarantine(path, lambda: load_sealed(path))
+    same = entry is not None and _canonical(entry.get("key")) == _canonical(key)
+    return entry if same else None
+
+
+def _canonical(key) -> str:
+    return json.dumps(key, sort_keys=True, default=str)  # as harness.identity.stable_hash hashes keys
+
+
 def _listing(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from analysis.integrity import load_sealed, read_or_quarantine, save_sealed
+from analysis.integrity import load_sealed_for, save_sealed
 from core.registry import Registry
 
 if TYPE_CHECKING:  # the config module validates kinds against SOURCES, so it imports this one, not the reverse
@@ -227,11 +227,8 @@ def encode(text: str, tokenizer, cache_dir: Path | None = None, keep: bool = Tru
     path = Path(cache_dir) / "tokens" / f"{stable_hash(key, 20)}.pt"
 
     def load() -> torch.Tensor | None:
-        if not path.exists():
-            return None
-        entry = read_or_quarantine(path, lambda: load_sealed(path))
-        return entry["ids"] if entry is not None and stable_hash(entry.get("key"), 64) == stable_hash(key, 64) \
-            else None
+        entry = load_sealed_for(path, key)
+        return None if entry is None else entry["ids"]
 
     def compute() -> torch.Tensor:
         ids = _ids(text, tokenizer)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from analysis.integrity import load_sealed, read_or_quarantine, save_sealed
+from analysis.integrity import load_sealed_for, save_sealed
 from harness.identity import stable_hash
 from harness.locks import computed_once
 from structure.head import at_least_fp32, head_logits, lm_head_input, position_chunks, stats_pieces
@@ -147,9 +147,6 @@ def teachers(pipeline: BlockPipeline, windows: dict[str, torch.Tensor], prints: 
 
 def _cached(path: Path, key: dict) -> Baseline | None:
     """The cached baseline for exactly `key`, verified against its checksum; a damaged entry is moved aside."""
-    if not path.exists():
-        return None
-    entry = read_or_quarantine(path, lambda: load_sealed(path))
-    if entry is None or stable_hash(entry.get("key"), 64) != stable_hash(key, 64):
+    if (entry := load_sealed_for(path, key)) is None:
         return None
     return Baseline(**{f.name: entry.get(f.name) for f in fields(Baseline)})
