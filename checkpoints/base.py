@@ -233,7 +233,7 @@ def load_checkpoint_model(path: str | Path, dtype: torch.dtype = torch.float32, 
     contents = reader_for(path, fmt).read(path, model)
     missing, unexpected = model.load_state_dict({k: t.to(dtype) for k, t in contents.tensors.items()}, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    fused = _fused_by_artifacts(model, contents.artifacts)
+    fused = stored_names(model).whole(contents.artifacts)
     missing = [k for k in missing if k.removesuffix(".weight") not in contents.artifacts and k not in tied
                and k not in fused]
     if missing or unexpected:
@@ -241,12 +241,3 @@ def load_checkpoint_model(path: str | Path, dtype: torch.dtype = torch.float32, 
                               f"{unexpected}")
     apply_artifacts(model, contents.artifacts, dtype)
     return model, contents.artifacts
-
-
-def _fused_by_artifacts(model: nn.Module, artifacts: dict) -> set[str]:
-    """State-dict names of the fused expert parameters whose every expert matrix has an artifact (they are written
-    whole by applying the artifacts)."""
-    by_param: dict[str, list[str]] = {}
-    for matrix, param in stored_names(model).fused.items():
-        by_param.setdefault(param, []).append(matrix)
-    return {param for param, matrices in by_param.items() if all(m in artifacts for m in matrices)}

@@ -48,6 +48,14 @@ class StoredNames:
         matrix_of = {**self.aliases, **{stored: ours for ours, stored in self.matrices.items()}}
         object.__setattr__(self, "_matrix_of", matrix_of)
         object.__setattr__(self, "_tensor_of", {stored: ours for ours, stored in self.tensors.items()})
+        experts_of: dict[str, list[str]] = {}
+        for matrix, param in self.fused.items():
+            experts_of.setdefault(param, []).append(matrix)
+        object.__setattr__(self, "experts_of", experts_of)  # {fused parameter: its expert matrices, in order}
+
+    def whole(self, artifacts) -> set[str]:
+        """The fused parameters every expert matrix of which has an artifact (written whole by the artifacts)."""
+        return {param for param, matrices in self.experts_of.items() if all(m in artifacts for m in matrices)}
 
     def matrix(self, stored: str) -> str:
         """Our matrix name of a stored linear name (a name the table does not rename is ours already)."""
@@ -108,16 +116,12 @@ def assemble_fused(model: nn.Module, weights: dict[str, torch.Tensor], layout: M
     garbage in the others' slices (ValueError naming the first one missing)."""
     layout = layout or layout_for(model)
     names = names or stored_names(model, layout)
-    wanted: dict[str, list[str]] = {}
     for matrix in weights:
         if matrix not in names.fused:
             raise ValueError(f"{matrix} is not an expert matrix of this model")
-        wanted.setdefault(names.fused[matrix], [])
-    for matrix, param in names.fused.items():
-        if param in wanted:
-            wanted[param].append(matrix)
     out = {}
-    for param, matrices in wanted.items():
+    for param in dict.fromkeys(names.fused[matrix] for matrix in weights):  # in the order of `weights`
+        matrices = names.experts_of[param]
         missing = [m for m in matrices if m not in weights]
         if missing:
             raise ValueError(f"{param}: the checkpoint stores {len(matrices) - len(missing)} of its {len(matrices)} "
@@ -159,11 +163,9 @@ def export_names(model: nn.Module, artifacts, layout: ModelLayout | None = None)
     if why is not None:
         raise ValueError(why)
     names = stored_names(model, layout)
-    by_param: dict[str, list[str]] = {}
-    for matrix, param in names.fused.items():
-        by_param.setdefault(param, []).append(matrix)
-    partial = [param for param, matrices in by_param.items() if any(m in artifacts for m in matrices)
-               and not all(m in artifacts for m in matrices)]
+    whole = names.whole(artifacts)
+    partial = [param for param, matrices in names.experts_of.items() if param not in whole
+               and any(m in artifacts for m in matrices)]
     if partial:
         raise ValueError(f"{partial[0]}: some of its experts have no artifact; a fused parameter is exported whole")
     matrices = layout.quantizable_linears(model)
@@ -175,5 +177,5 @@ def export_names(model: nn.Module, artifacts, layout: ModelLayout | None = None)
             for module in (parts.moe.experts.router, *parts.moe.experts.keep):
                 kept.add(names.stored_tensor(f"{prefix}.{module}.weight").removesuffix(".weight"))
     return {"matrices": {name: matrices[name] for name in artifacts if name in matrices},
-            "replaced": {param for param, ms in by_param.items() if all(m in artifacts for m in ms)},
+            "replaced": whole,
             "stored_as": {**names.matrices, **names.tensors}, "unquantized": kept}
