@@ -37,9 +37,9 @@ SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.mem_gb=6", "hydra.launcher.
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    return f"{model}, {os.cpu_count()} CPUs"
+    from harness.provenance import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def load() -> str:

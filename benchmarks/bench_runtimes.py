@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,24 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.labels import rate_text  # noqa: E402  (the project root is on the path from here)
+from analysis.labels import rate_text  # the project root is on the path from here
+from harness.provenance import cpu_model, git_sha
 
 VENVS = Path(os.environ.get("QUANT_HARNESS_VENVS", "/work/venvs"))
 # reader name -> (worker runtime, venv); None: ours, in this process
 RUNTIMES = {"gguf": ("llamacpp", "llamacpp"), "bitsandbytes": ("transformers", "bnb"),
             "torchao": ("transformers", "torchao"), "quanto": ("quanto", "quanto"), "mlx": ("mlx", "mlx")}
 NO_RUNTIME = {"hqq": "no CPU runtime (transformers 5.23 cannot load HQQ; HQQ's loader reads only its pickle format)"}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class OtherWork:
@@ -231,9 +220,8 @@ def main() -> None:
     before = other_work.fraction()
     bandwidth = read_bandwidth(args.threads)
     load = os.getloadavg()[0]
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    print(f"commit {commit}; machine: {cpu_name()}, torch's CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+    commit = git_sha()
+    print(f"commit {commit}; machine: {cpu_model()}, torch's CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{os.cpu_count()} cores, threads {args.threads}, CPUs busy with other work in the "
           f"2 s before: {_share(before)} (load average {load:.1f}, which remembers ended work); "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt}, decode {args.decode}, median of "
@@ -275,7 +263,7 @@ def main() -> None:
                 writer.writerow([row["label"], row["format"], row["runtime"], q.get("prefill_tps"),
                                  q.get("decode_tps"), b.get("prefill_tps"), b.get("decode_tps"),
                                  row["bytes_per_token"], row["bound_tps"], bandwidth, args.threads, args.prompt,
-                                 args.decode, load, busy, commit, cpu_name(), json.dumps(q.get("decode_s")),
+                                 args.decode, load, busy, commit, cpu_model(), json.dumps(q.get("decode_s")),
                                  json.dumps(b.get("decode_s"))])
 
 

@@ -41,20 +41,24 @@ def versions() -> str:
     return json.dumps(found, sort_keys=True)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device | str) -> str:
     """The GPU's name, or the CPU model, torch's CPU kernel family (ATEN_CPU_CAPABILITY picks it; results can differ
     between families), whether bf16 is native, and the thread count (the device column of every row)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     from kernels.cpu_int4 import native_bf16
 
     family = torch.backends.cpu.get_cpu_capability().lower()
