@@ -14,7 +14,6 @@ that are then parsed), never as a separate pass over tensors.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -87,37 +86,6 @@ def read_sealed(path: Path) -> bytes:
     if actual != expected:
         raise IntegrityError(path, f"checksum mismatch (stored {expected[:16]}, content {actual[:16]}): damaged")
     return bytes(payload)
-
-
-def save_sealed(path: Path, obj) -> None:
-    """`obj` written with torch.save into a sealed file (a cache entry of tensors)."""
-    import torch  # here only: the checksums themselves need no torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_sealed(path, buffer.getvalue())
-
-
-def load_sealed(path: Path, weights_only: bool = True):
-    """What save_sealed wrote, on the CPU, once its checksum has matched (IntegrityError otherwise). weights_only=False
-    only for our own files that hold more than tensors and plain containers."""
-    import torch
-
-    return torch.load(io.BytesIO(read_sealed(path)), map_location="cpu", weights_only=weights_only)
-
-
-def load_sealed_for(path: Path, key) -> dict | None:
-    """The entry save_sealed wrote at `path` as {"key": key, ...}, if there is one, it matches its checksum (else it
-    is moved aside with a warning) and it was computed for exactly `key` (the same canonical JSON); else None."""
-    if not Path(path).exists():
-        return None
-    entry = read_or_quarantine(path, lambda: load_sealed(path))
-    same = entry is not None and _canonical(entry.get("key")) == _canonical(key)
-    return entry if same else None
-
-
-def _canonical(key) -> str:
-    return json.dumps(key, sort_keys=True, default=str)  # as harness.identity.stable_hash hashes keys
 
 
 def _listing(directory: Path) -> list[Path]:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from analysis.integrity import load_sealed, read_or_quarantine, save_sealed, verify_manifest, write_manifest
+from analysis.integrity import read_or_quarantine, verify_manifest, write_manifest
 from harness.identity import stable_hash
+from harness.sealed import load_sealed, save_sealed
 from methods.base import QuantizationResult
 from structure.streaming import ArtifactStore
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from analysis.integrity import load_sealed_for, save_sealed
 from core.registry import Registry
+from harness.sealed import load_sealed_for, save_sealed
 
 if TYPE_CHECKING:  # the config module validates kinds against SOURCES, so it imports this one, not the reverse
     from harness.config import TextSourceConfig

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from analysis.integrity import IntegrityError, aside_path, load_sealed, read_sealed, save_sealed
+from analysis.integrity import IntegrityError, aside_path, read_sealed
 from harness.identity import stable_hash
 from harness.journal import note
 from harness.preemption import StopRequest
+from harness.sealed import load_sealed, save_sealed
 from structure.progress import FinishedBlock
 
 log = logging.getLogger(__name__)

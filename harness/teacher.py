@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from analysis.integrity import load_sealed_for, save_sealed
 from harness.identity import stable_hash
 from harness.locks import computed_once
+from harness.sealed import load_sealed_for, save_sealed
 from structure.head import at_least_fp32, head_logits, lm_head_input, position_chunks, stats_pieces
 from structure.layerwise import layerwise_lm_head_inputs
 from structure.pipeline import BlockPipeline
